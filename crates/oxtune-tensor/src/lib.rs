@@ -1,0 +1,1 @@
+pub use candle_core as candle;
