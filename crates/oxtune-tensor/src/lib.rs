@@ -1,1 +1,17 @@
+//! The one crate that imports candle.
+//!
+//! Everything else in oxtune reaches tensors, autograd and CUDA through this crate, so a
+//! candle upgrade (or a patched fork) touches one place. It adds:
+//! - [`device`]: device and dtype selection from user strings (`cpu`, `cuda:1`, `bfloat16`),
+//!   and the CUDA memory-pool setting that keeps freed memory with the process;
+//! - [`ops`]: the ops the models use (RMSNorm, RoPE, softmax), each with a fused path for
+//!   inference and a plain, differentiable reference used whenever gradients flow.
+
+pub mod device;
+pub mod ops;
+
 pub use candle_core as candle;
+pub use candle_nn as nn;
+
+pub use candle_core::{D, DType, Device, IndexOp, Module, Result, Shape, Tensor, Var, WithDType};
+pub use device::{parse_device, parse_dtype, dtype_name};

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Build `oxtune` with the `cuda` feature on a machine without a GPU or CUDA toolkit, for
+# an H100/H200 (sm_90). The result, .gpu/oxtune, links only libc/libm/libgcc_s and loads
+# libcuda, cuBLAS and friends at run time (dlopen), so it runs wherever a CUDA 13 driver and
+# the CUDA 13 libraries are present (set LD_LIBRARY_PATH to them).
+#
+#   scripts/build-cuda.sh            # release build into .gpu/oxtune
+#
+# Steps: (1) nvcc from PyPI pinned to CUDA 13.0 (the driver can only JIT PTX from a toolkit no
+# newer than itself), (2) a copy of candle-core 0.11.1 switched from cudarc's link-time
+# `dynamic-linking` to run-time `dynamic-loading`, applied with `[patch.crates-io]` on the
+# command line (never committed), (3) `cargo build --release --features cuda`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+
+cuda_venv=${OXTUNE_CUDA_VENV:-$HOME/.cache/oxtune-cuda}
+if [ ! -x "$cuda_venv/bin/nvcc-installed" ]; then
+    python3 -m venv "$cuda_venv"
+    "$cuda_venv/bin/pip" install -q nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 \
+        nvidia-nvvm==13.0.88 nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85
+    touch "$cuda_venv/bin/nvcc-installed"
+    chmod +x "$cuda_venv/bin/nvcc-installed"
+fi
+CUDA_ROOT=$("$cuda_venv/bin/python" -c 'import nvidia,os;print(os.path.join(list(nvidia.__path__)[0],"cu13"))')
+ln -sf libcudart.so.13 "$CUDA_ROOT/lib/libcudart.so"   # candle-kernels links -lcudart
+ln -sfn lib "$CUDA_ROOT/lib64"
+export CUDA_ROOT CUDA_HOME=$CUDA_ROOT PATH=$CUDA_ROOT/bin:$PATH
+export CUDA_COMPUTE_CAP=90
+export RUSTFLAGS="-L native=$CUDA_ROOT/lib"
+
+# candle-core with cudarc's dynamic-loading instead of dynamic-linking.
+patched=$root/target/patched/candle-core
+if [ ! -f "$patched/Cargo.toml" ]; then
+    cargo fetch --quiet
+    registry_src=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/candle-core-0.11.1 | head -n 1)
+    mkdir -p "$(dirname "$patched")"
+    cp -r "$registry_src" "$patched"
+    sed -i 's/"dynamic-linking",/"dynamic-loading",/' "$patched/Cargo.toml"
+fi
+
+# Build from a copy of the sources so the patch never touches the checkout's Cargo.lock.
+workspace=$root/target/cuda-workspace
+mkdir -p "$workspace"
+cp -r Cargo.toml Cargo.lock crates "$workspace/"
+(cd "$workspace" && cargo build --release --features cuda -p "${OXTUNE_CUDA_PACKAGE:-oxtune}" \
+    --target-dir "$root/target/cuda" \
+    --config "patch.crates-io.candle-core.path=\"$patched\"")
+[ "${OXTUNE_CUDA_PACKAGE:-oxtune}" = oxtune ] || exit 0
+mkdir -p .gpu
+cp target/cuda/release/oxtune .gpu/oxtune
+echo "built .gpu/oxtune"
