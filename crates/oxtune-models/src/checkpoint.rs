@@ -1,0 +1,145 @@
+//! Safetensors checkpoints: one `model.safetensors`, or shards listed by
+//! `model.safetensors.index.json`, memory-mapped and read tensor by tensor.
+//!
+//! Every failure names the file or the tensor: a missing shard, a corrupt header, a tensor
+//! absent from the checkpoint, a shape that disagrees with config.json.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use oxtune_tensor::candle::safetensors::MmapedSafetensors;
+use oxtune_tensor::{DType, Device, Tensor};
+use serde::Deserialize;
+
+use crate::{Error, Result};
+
+/// The single-file weights name.
+pub const SINGLE_FILE: &str = "model.safetensors";
+/// The index of a sharded checkpoint.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+#[derive(Debug, Deserialize)]
+struct ShardIndex {
+    weight_map: HashMap<String, String>,
+}
+
+/// Memory-mapped checkpoint weights, converted to `dtype` on `device` as they are read.
+pub struct Weights {
+    files: Vec<(PathBuf, MmapedSafetensors)>,
+    /// tensor name -> index into `files`
+    locations: HashMap<String, usize>,
+    dtype: DType,
+    device: Device,
+}
+
+impl std::fmt::Debug for Weights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Weights")
+            .field("files", &self.files.iter().map(|(p, _)| p).collect::<Vec<_>>())
+            .field("tensors", &self.locations.len())
+            .field("dtype", &self.dtype)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Weights {
+    /// Maps the weights of the checkpoint in `dir`.
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let index_path = dir.join(INDEX_FILE);
+        let paths: Vec<PathBuf> = if index_path.is_file() {
+            let index: ShardIndex = crate::error::read_json(&index_path)?;
+            let names: BTreeSet<&String> = index.weight_map.values().collect();
+            names.into_iter().map(|name| dir.join(name)).collect()
+        } else if dir.join(SINGLE_FILE).is_file() {
+            vec![dir.join(SINGLE_FILE)]
+        } else {
+            return Err(Error::MissingFile {
+                path: dir.join(SINGLE_FILE),
+                hint: format!(
+                    "no {SINGLE_FILE} or {INDEX_FILE} in {}; oxtune reads safetensors weights (import a .gguf file with `oxtune export --from_gguf`)",
+                    dir.display()
+                ),
+            });
+        };
+        let mut files = Vec::with_capacity(paths.len());
+        let mut locations = HashMap::new();
+        for path in paths {
+            if !path.is_file() {
+                return Err(Error::MissingFile {
+                    path,
+                    hint: format!("{} lists this shard; copy the complete checkpoint", index_path.display()),
+                });
+            }
+            let mapped = map_file(&path)?;
+            for (name, _) in mapped.tensors() {
+                locations.insert(name, files.len());
+            }
+            files.push((path, mapped));
+        }
+        Ok(Self { files, locations, dtype, device: device.clone() })
+    }
+
+    /// Whether the checkpoint holds `name`.
+    pub fn contains(&self, name: &str) -> bool {
+        self.locations.contains_key(name)
+    }
+
+    /// The dtype tensors are converted to.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The device tensors are placed on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Names of all tensors in the checkpoint.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.locations.keys().map(String::as_str)
+    }
+
+    /// Reads `name`, checks its shape against `shape`, converts it to the load dtype.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let index = *self.locations.get(name).ok_or_else(|| Error::MissingTensor {
+            name: name.into(),
+            location: self.describe(),
+            hint: "the checkpoint does not match its config.json architecture, or a shard is missing".into(),
+        })?;
+        let (path, mapped) = &self.files[index];
+        let view = mapped.get(name).map_err(|e| safetensors_error(path, &e))?;
+        if view.shape() != shape {
+            return Err(Error::ShapeMismatch {
+                name: name.into(),
+                location: path.display().to_string(),
+                expected: shape.to_vec(),
+                got: view.shape().to_vec(),
+            });
+        }
+        let tensor = mapped.load(name, &self.device).map_err(|e| safetensors_error(path, &e))?;
+        Ok(tensor.to_dtype(self.dtype)?)
+    }
+
+    fn describe(&self) -> String {
+        match self.files.as_slice() {
+            [(path, _)] => path.display().to_string(),
+            files => format!(
+                "{} shards ({})",
+                files.len(),
+                files.iter().map(|(p, _)| p.display().to_string()).collect::<Vec<_>>().join(", ")
+            ),
+        }
+    }
+}
+
+fn safetensors_error(path: &Path, error: &dyn std::fmt::Display) -> Error {
+    Error::Safetensors { path: path.to_path_buf(), message: error.to_string() }
+}
+
+#[expect(unsafe_code, reason = "memory-mapping a file is unsafe by nature")]
+fn map_file(path: &Path) -> Result<MmapedSafetensors> {
+    // SAFETY: the mapping is read-only and lives as long as `Weights`; a checkpoint changed on
+    // disk while it is loaded is outside what any loader can guard against (safetensors and
+    // transformers map the same way).
+    unsafe { MmapedSafetensors::new(path) }.map_err(|e| safetensors_error(path, &e))
+}

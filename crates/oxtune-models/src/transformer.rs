@@ -1,0 +1,315 @@
+//! The decoder-only transformer shared by every supported family (see [`crate::families`]
+//! for what each family changes). Blocks appear in forward order: embedding, then
+//! `num_hidden_layers` x (RMSNorm -> attention -> residual, RMSNorm -> SwiGLU MLP ->
+//! residual), final RMSNorm, LM head.
+//!
+//! Letters used in shapes: b = batch, t = new tokens, p = past (cached) tokens, h = heads,
+//! kv_h = key/value heads, d = head_dim, c = hidden_size, v = vocab_size.
+//!
+//! Weight names (`model.layers.{i}.self_attn.q_proj.weight`, …) are those of the Hugging Face
+//! checkpoints, so a missing or mis-shaped tensor is reported under its checkpoint name.
+
+use oxtune_tensor::ops;
+use oxtune_tensor::{DType, Module, Tensor};
+
+use crate::checkpoint::Weights;
+use crate::config::ModelConfig;
+use crate::rope::RotaryEmbedding;
+use crate::Result;
+
+/// A linear layer `y = x W^T + b` with `W`: (out, in).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    inner: oxtune_tensor::nn::Linear,
+}
+
+impl Linear {
+    fn load(weights: &Weights, prefix: &str, in_features: usize, out_features: usize, bias: bool) -> Result<Self> {
+        let weight = weights.get(&format!("{prefix}.weight"), &[out_features, in_features])?;
+        let bias = if bias { Some(weights.get(&format!("{prefix}.bias"), &[out_features])?) } else { None };
+        Ok(Self { inner: oxtune_tensor::nn::Linear::new(weight, bias) })
+    }
+
+    /// The weight, (out, in).
+    pub fn weight(&self) -> &Tensor {
+        self.inner.weight()
+    }
+
+    /// (.., in) -> (.., out)
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        Ok(self.inner.forward(xs)?)
+    }
+}
+
+/// RMSNorm with a learned scale.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn load(weights: &Weights, name: &str, size: usize, eps: f64) -> Result<Self> {
+        Ok(Self { weight: weights.get(&format!("{name}.weight"), &[size])?, eps })
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        Ok(ops::rms_norm(xs, &self.weight, self.eps)?)
+    }
+}
+
+/// Keys and values of the tokens seen so far, one entry per layer.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl KvCache {
+    /// An empty cache for `num_layers` layers.
+    pub fn new(num_layers: usize) -> Self {
+        Self { layers: vec![None; num_layers], len: 0 }
+    }
+
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Forgets everything.
+    pub fn clear(&mut self) {
+        self.layers.iter_mut().for_each(|layer| *layer = None);
+        self.len = 0;
+    }
+
+    /// Appends this step's keys/values for `layer` and returns all of them:
+    /// (b, kv_h, t, d) -> (b, kv_h, p + t, d).
+    fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+        let (k, v) = match self.layers[layer].take() {
+            Some((past_k, past_v)) => (Tensor::cat(&[&past_k, &k], 2)?, Tensor::cat(&[&past_v, &v], 2)?),
+            None => (k, v),
+        };
+        self.layers[layer] = Some((k.clone(), v.clone()));
+        Ok((k, v))
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+    sliding_window: Option<usize>,
+}
+
+impl Attention {
+    fn load(cfg: &ModelConfig, weights: &Weights, prefix: &str) -> Result<Self> {
+        let (c, h, kv_h, d) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        let norm = |name: &str| -> Result<Option<RmsNorm>> {
+            if cfg.qk_norm { Ok(Some(RmsNorm::load(weights, &format!("{prefix}.{name}"), d, cfg.rms_norm_eps)?)) } else { Ok(None) }
+        };
+        Ok(Self {
+            q_proj: Linear::load(weights, &format!("{prefix}.q_proj"), c, h * d, cfg.qkv_bias)?,
+            k_proj: Linear::load(weights, &format!("{prefix}.k_proj"), c, kv_h * d, cfg.qkv_bias)?,
+            v_proj: Linear::load(weights, &format!("{prefix}.v_proj"), c, kv_h * d, cfg.qkv_bias)?,
+            o_proj: Linear::load(weights, &format!("{prefix}.o_proj"), h * d, c, cfg.o_bias)?,
+            q_norm: norm("q_norm")?,
+            k_norm: norm("k_norm")?,
+            num_heads: h,
+            num_kv_heads: kv_h,
+            head_dim: d,
+            sliding_window: cfg.sliding_window,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, rope: &RotaryEmbedding, cache: &mut KvCache, layer: usize) -> Result<Tensor> {
+        let (b, t, _) = xs.dims3()?;
+        let (h, kv_h, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let past = cache.len();
+
+        // 1. Project: (b, t, c) -> (b, t, heads, d)
+        let q = self.q_proj.forward(xs)?.reshape((b, t, h, d))?;
+        let k = self.k_proj.forward(xs)?.reshape((b, t, kv_h, d))?;
+        let v = self.v_proj.forward(xs)?.reshape((b, t, kv_h, d))?;
+
+        // 2. Per-head RMSNorm over d (Qwen3)
+        let q = match &self.q_norm { Some(norm) => norm.forward(&q)?, None => q };
+        let k = match &self.k_norm { Some(norm) => norm.forward(&k)?, None => k };
+
+        // 3. (b, t, heads, d) -> (b, heads, t, d), RoPE at positions past .. past + t
+        let q = q.transpose(1, 2)?.contiguous()?;
+        let k = k.transpose(1, 2)?.contiguous()?;
+        let v = v.transpose(1, 2)?.contiguous()?;
+        let (cos, sin) = rope.tables(past, t)?;
+        let q = ops::rope(&q, &cos, &sin)?;
+        let k = ops::rope(&k, &cos, &sin)?;
+
+        // 4. Append to the cache: (b, kv_h, p + t, d), then share kv heads across groups
+        let (k, v) = cache.append(layer, k, v)?;
+        let k = ops::repeat_kv(&k, h / kv_h)?.contiguous()?;
+        let v = ops::repeat_kv(&v, h / kv_h)?.contiguous()?;
+
+        // 5. Scores (b, h, t, p + t) in f32, masked, softmax, back to the compute dtype
+        #[expect(clippy::cast_precision_loss, reason = "head_dim is small")]
+        let scale = 1.0 / (d as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+        let needs_mask = t > 1 || self.sliding_window.is_some_and(|w| past + t > w);
+        let scores = if needs_mask {
+            let mask = ops::causal_mask(t, past, self.sliding_window, DType::F32, xs.device())?;
+            scores.broadcast_add(&mask)?
+        } else {
+            scores
+        };
+        let probs = ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+
+        // 6. (b, h, t, d) -> (b, t, h * d) -> o_proj
+        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h * d))?;
+        self.o_proj.forward(&out)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn load(cfg: &ModelConfig, weights: &Weights, prefix: &str) -> Result<Self> {
+        let (c, i, bias) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
+        Ok(Self {
+            gate_proj: Linear::load(weights, &format!("{prefix}.gate_proj"), c, i, bias)?,
+            up_proj: Linear::load(weights, &format!("{prefix}.up_proj"), c, i, bias)?,
+            down_proj: Linear::load(weights, &format!("{prefix}.down_proj"), i, c, bias)?,
+        })
+    }
+
+    /// SwiGLU: down(silu(gate(x)) * up(x))
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let gate = ops::silu(&self.gate_proj.forward(xs)?)?;
+        self.down_proj.forward(&(gate * self.up_proj.forward(xs)?)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl DecoderLayer {
+    fn load(cfg: &ModelConfig, weights: &Weights, layer: usize) -> Result<Self> {
+        let prefix = format!("model.layers.{layer}");
+        Ok(Self {
+            input_layernorm: RmsNorm::load(weights, &format!("{prefix}.input_layernorm"), cfg.hidden_size, cfg.rms_norm_eps)?,
+            self_attn: Attention::load(cfg, weights, &format!("{prefix}.self_attn"))?,
+            post_attention_layernorm: RmsNorm::load(weights, &format!("{prefix}.post_attention_layernorm"), cfg.hidden_size, cfg.rms_norm_eps)?,
+            mlp: Mlp::load(cfg, weights, &format!("{prefix}.mlp"))?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, rope: &RotaryEmbedding, cache: &mut KvCache, layer: usize) -> Result<Tensor> {
+        let attention = self.self_attn.forward(&self.input_layernorm.forward(xs)?, rope, cache, layer)?;
+        let xs = (xs + attention)?;
+        let mlp = self.mlp.forward(&self.post_attention_layernorm.forward(&xs)?)?;
+        Ok((xs + mlp)?)
+    }
+}
+
+/// A causal language model of any supported family.
+#[derive(Debug, Clone)]
+pub struct CausalLm {
+    config: ModelConfig,
+    embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    /// `None` when the embeddings are tied.
+    lm_head: Option<Linear>,
+    rope: RotaryEmbedding,
+}
+
+impl CausalLm {
+    /// Builds the model from checkpoint weights, checking every tensor's name and shape.
+    pub fn load(config: &ModelConfig, weights: &Weights) -> Result<Self> {
+        let (c, v) = (config.hidden_size, config.vocab_size);
+        let embed_tokens = weights.get("model.embed_tokens.weight", &[v, c])?;
+        let layers = (0..config.num_hidden_layers)
+            .map(|layer| DecoderLayer::load(config, weights, layer))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::load(weights, "model.norm", c, config.rms_norm_eps)?;
+        // Some tied checkpoints still ship lm_head.weight; untied ones must.
+        let lm_head = if config.tie_word_embeddings && !weights.contains("lm_head.weight") {
+            None
+        } else {
+            Some(Linear::load(weights, "lm_head", c, v, false)?)
+        };
+        let rope = RotaryEmbedding::new(
+            config.head_dim,
+            config.max_position_embeddings,
+            config.rope_theta,
+            &config.rope_scaling,
+            weights.dtype(),
+            weights.device(),
+        )?;
+        Ok(Self { config: config.clone(), embed_tokens, layers, norm, lm_head, rope })
+    }
+
+    /// The configuration the model was built from.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// A fresh, empty KV cache for this model.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.layers.len())
+    }
+
+    /// Final hidden states after the last norm: input_ids (b, t) -> (b, t, c). The tokens
+    /// are placed after those already in `cache`, which grows by t.
+    pub fn forward_hidden(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let c = self.config.hidden_size;
+        let mut xs = self.embed_tokens.index_select(&input_ids.flatten_all()?, 0)?.reshape((b, t, c))?;
+        for (index, layer) in self.layers.iter().enumerate() {
+            xs = layer.forward(&xs, &self.rope, cache, index)?;
+        }
+        cache.len += t;
+        self.norm.forward(&xs)
+    }
+
+    /// Logits for hidden states: (.., c) -> (.., v).
+    pub fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => Ok(hidden.broadcast_matmul(&self.embed_tokens.t()?)?),
+        }
+    }
+
+    /// Logits at every position: input_ids (b, t) -> (b, t, v).
+    pub fn forward(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let hidden = self.forward_hidden(input_ids, cache)?;
+        self.lm_head(&hidden)
+    }
+
+    /// Logits at the last position only, in f32: input_ids (b, t) -> (b, v).
+    pub fn forward_last(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let hidden = self.forward_hidden(input_ids, cache)?;
+        let t = hidden.dim(1)?;
+        let last = hidden.narrow(1, t - 1, 1)?.squeeze(1)?;
+        Ok(self.lm_head(&last)?.to_dtype(DType::F32)?)
+    }
+}
