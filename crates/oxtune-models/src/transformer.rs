@@ -87,6 +87,20 @@ impl KvCache {
         self.len = 0;
     }
 
+    /// Keeps the first `len` positions, dropping the rest (to reuse a shared prompt prefix).
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        if len >= self.len {
+            return Ok(());
+        }
+        for layer in &mut self.layers {
+            if let Some((k, v)) = layer.take() {
+                *layer = if len == 0 { None } else { Some((k.narrow(2, 0, len)?, v.narrow(2, 0, len)?)) };
+            }
+        }
+        self.len = len;
+        Ok(())
+    }
+
     /// Appends this step's keys/values for `layer` and returns all of them:
     /// (b, kv_h, t, d) -> (b, kv_h, p + t, d).
     fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
@@ -271,6 +285,11 @@ impl CausalLm {
     /// The configuration the model was built from.
     pub fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &oxtune_tensor::Device {
+        self.embed_tokens.device()
     }
 
     /// A fresh, empty KV cache for this model.
