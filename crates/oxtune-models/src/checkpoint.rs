@@ -23,6 +23,54 @@ struct ShardIndex {
     weight_map: HashMap<String, String>,
 }
 
+/// Where a model's tensors come from: a checkpoint on disk ([`Weights`]) or random
+/// initialisation ([`RandomWeights`], for benchmarks of a config without its checkpoint).
+pub trait WeightSource {
+    /// The tensor `name`, which must have `shape`, in [`Self::dtype`] on [`Self::device`].
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor>;
+    /// Whether the source holds `name`.
+    fn contains(&self, name: &str) -> bool;
+    fn dtype(&self) -> DType;
+    fn device(&self) -> &Device;
+}
+
+/// Random weights: normal(0, 0.02) matrices and biases, norms at 1, as transformers
+/// initialises a fresh model. Every tensor a model asks for exists.
+#[derive(Debug, Clone)]
+pub struct RandomWeights {
+    dtype: DType,
+    device: Device,
+}
+
+impl RandomWeights {
+    pub fn new(dtype: DType, device: &Device) -> Self {
+        Self { dtype, device: device.clone() }
+    }
+}
+
+impl WeightSource for RandomWeights {
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let tensor = if name.contains("norm") {
+            Tensor::ones(shape, DType::F32, &self.device)?
+        } else {
+            Tensor::randn(0f32, 0.02, shape, &self.device)?
+        };
+        Ok(tensor.to_dtype(self.dtype)?)
+    }
+
+    fn contains(&self, _name: &str) -> bool {
+        true
+    }
+
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+}
+
 /// Memory-mapped checkpoint weights, converted to `dtype` on `device` as they are read.
 pub struct Weights {
     files: Vec<(PathBuf, MmapedSafetensors)>,
@@ -79,28 +127,26 @@ impl Weights {
         Ok(Self { files, locations, dtype, device: device.clone() })
     }
 
-    /// Whether the checkpoint holds `name`.
-    pub fn contains(&self, name: &str) -> bool {
-        self.locations.contains_key(name)
-    }
-
-    /// The dtype tensors are converted to.
-    pub fn dtype(&self) -> DType {
-        self.dtype
-    }
-
-    /// The device tensors are placed on.
-    pub fn device(&self) -> &Device {
-        &self.device
-    }
-
     /// Names of all tensors in the checkpoint.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.locations.keys().map(String::as_str)
     }
 
+    fn describe(&self) -> String {
+        match self.files.as_slice() {
+            [(path, _)] => path.display().to_string(),
+            files => format!(
+                "{} shards ({})",
+                files.len(),
+                files.iter().map(|(p, _)| p.display().to_string()).collect::<Vec<_>>().join(", ")
+            ),
+        }
+    }
+}
+
+impl WeightSource for Weights {
     /// Reads `name`, checks its shape against `shape`, converts it to the load dtype.
-    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let index = *self.locations.get(name).ok_or_else(|| Error::MissingTensor {
             name: name.into(),
             location: self.describe(),
@@ -120,15 +166,17 @@ impl Weights {
         Ok(tensor.to_dtype(self.dtype)?)
     }
 
-    fn describe(&self) -> String {
-        match self.files.as_slice() {
-            [(path, _)] => path.display().to_string(),
-            files => format!(
-                "{} shards ({})",
-                files.len(),
-                files.iter().map(|(p, _)| p.display().to_string()).collect::<Vec<_>>().join(", ")
-            ),
-        }
+
+    fn contains(&self, name: &str) -> bool {
+        self.locations.contains_key(name)
+    }
+
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
     }
 }
 

@@ -4,7 +4,7 @@
 //! Both layouts of the rotary settings are accepted: `rope_theta` + `rope_scaling`
 //! (transformers 4.x) and `rope_parameters` (transformers 5.x).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::Deserialize;
 
@@ -85,8 +85,13 @@ impl ModelConfig {
                 hint: "a Hugging Face model directory holds config.json, the *.safetensors weights and tokenizer.json".into(),
             });
         }
-        let raw: RawConfig = crate::error::read_json(&path)?;
-        Self::from_raw(&raw, &path)
+        Self::from_file(&path)
+    }
+
+    /// Reads a config.json file from any path (e.g. a config without its checkpoint).
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let raw: RawConfig = crate::error::read_json(path)?;
+        Self::from_raw(&raw, path)
     }
 
     /// Validates a parsed `config.json`; `path` is only used in error messages.
@@ -223,11 +228,6 @@ fn rope_settings(raw: &RawConfig, path: &Path) -> Result<(f64, RopeScaling)> {
         }
     };
     Ok((rope_theta, scaling))
-}
-
-/// Where a config came from, for messages.
-pub fn config_path(dir: &Path) -> PathBuf {
-    dir.join("config.json")
 }
 
 #[cfg(test)]

@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 use oxtune_tensor::{DType, Device};
 
 pub use chat_template::{ChatMessage, ChatTemplate};
+pub use checkpoint::{RandomWeights, WeightSource, Weights};
 pub use config::ModelConfig;
 pub use error::{Error, Result};
 pub use generation::GenerationConfig;

@@ -12,7 +12,7 @@
 use oxtune_tensor::ops;
 use oxtune_tensor::{DType, Module, Tensor};
 
-use crate::checkpoint::Weights;
+use crate::checkpoint::WeightSource;
 use crate::config::ModelConfig;
 use crate::rope::RotaryEmbedding;
 use crate::Result;
@@ -24,7 +24,7 @@ pub struct Linear {
 }
 
 impl Linear {
-    fn load(weights: &Weights, prefix: &str, in_features: usize, out_features: usize, bias: bool) -> Result<Self> {
+    fn load(weights: &dyn WeightSource, prefix: &str, in_features: usize, out_features: usize, bias: bool) -> Result<Self> {
         let weight = weights.get(&format!("{prefix}.weight"), &[out_features, in_features])?;
         let bias = if bias { Some(weights.get(&format!("{prefix}.bias"), &[out_features])?) } else { None };
         Ok(Self { inner: oxtune_tensor::nn::Linear::new(weight, bias) })
@@ -49,7 +49,7 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
-    fn load(weights: &Weights, name: &str, size: usize, eps: f64) -> Result<Self> {
+    fn load(weights: &dyn WeightSource, name: &str, size: usize, eps: f64) -> Result<Self> {
         Ok(Self { weight: weights.get(&format!("{name}.weight"), &[size])?, eps })
     }
 
@@ -128,7 +128,7 @@ struct Attention {
 }
 
 impl Attention {
-    fn load(cfg: &ModelConfig, weights: &Weights, prefix: &str) -> Result<Self> {
+    fn load(cfg: &ModelConfig, weights: &dyn WeightSource, prefix: &str) -> Result<Self> {
         let (c, h, kv_h, d) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
         let norm = |name: &str| -> Result<Option<RmsNorm>> {
             if cfg.qk_norm { Ok(Some(RmsNorm::load(weights, &format!("{prefix}.{name}"), d, cfg.rms_norm_eps)?)) } else { Ok(None) }
@@ -201,7 +201,7 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn load(cfg: &ModelConfig, weights: &Weights, prefix: &str) -> Result<Self> {
+    fn load(cfg: &ModelConfig, weights: &dyn WeightSource, prefix: &str) -> Result<Self> {
         let (c, i, bias) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
         Ok(Self {
             gate_proj: Linear::load(weights, &format!("{prefix}.gate_proj"), c, i, bias)?,
@@ -226,7 +226,7 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn load(cfg: &ModelConfig, weights: &Weights, layer: usize) -> Result<Self> {
+    fn load(cfg: &ModelConfig, weights: &dyn WeightSource, layer: usize) -> Result<Self> {
         let prefix = format!("model.layers.{layer}");
         Ok(Self {
             input_layernorm: RmsNorm::load(weights, &format!("{prefix}.input_layernorm"), cfg.hidden_size, cfg.rms_norm_eps)?,
@@ -258,7 +258,7 @@ pub struct CausalLm {
 
 impl CausalLm {
     /// Builds the model from checkpoint weights, checking every tensor's name and shape.
-    pub fn load(config: &ModelConfig, weights: &Weights) -> Result<Self> {
+    pub fn load(config: &ModelConfig, weights: &dyn WeightSource) -> Result<Self> {
         let (c, v) = (config.hidden_size, config.vocab_size);
         let embed_tokens = weights.get("model.embed_tokens.weight", &[v, c])?;
         let layers = (0..config.num_hidden_layers)

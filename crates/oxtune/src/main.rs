@@ -1,1 +1,49 @@
-fn main(){}
+//! `oxtune`: one binary, one subcommand per stage of a model's life.
+//!
+//! `main` parses the command line, runs one subcommand and prints any error once, as the
+//! whole context chain (`{:#}`), returning a non-zero exit code.
+
+mod commands;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Take a large language model from data to a production endpoint.
+#[derive(Debug, Parser)]
+#[command(name = "oxtune", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Chat with a model in the terminal, answer piped input, or run a dataset in batch.
+    Infer(commands::infer::InferArgs),
+    /// Measure speed: decode and prefill tokens/s.
+    #[command(subcommand)]
+    Bench(commands::bench::BenchCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    commands::init_logging();
+    let result = match cli.command {
+        Command::Infer(args) => commands::infer::run(&args),
+        Command::Bench(command) => commands::bench::run(&command),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            if commands::is_broken_pipe(&error) {
+                return ExitCode::SUCCESS;
+            }
+            #[expect(clippy::print_stderr, reason = "the one place errors reach the user")]
+            {
+                eprintln!("error: {error:#}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
