@@ -71,7 +71,11 @@ pub struct Generator<'m> {
 
 impl<'m> Generator<'m> {
     pub fn new(model: &'m LoadedModel) -> Self {
-        Self { model, cache: model.model.new_cache(), cached_tokens: Vec::new() }
+        Self {
+            model,
+            cache: model.model.new_cache(),
+            cached_tokens: Vec::new(),
+        }
     }
 
     /// Forgets the cached conversation.
@@ -92,7 +96,10 @@ impl<'m> Generator<'m> {
         }
         let max_positions = self.model.config.max_position_embeddings;
         if prompt_ids.len() >= max_positions {
-            return Err(Error::PromptTooLong { prompt_tokens: prompt_ids.len(), max_positions });
+            return Err(Error::PromptTooLong {
+                prompt_tokens: prompt_ids.len(),
+                max_positions,
+            });
         }
         let mut sampler = Sampler::new(options.sampling.clone())?;
         let start = Instant::now();
@@ -163,7 +170,12 @@ struct StopWordStream<'s> {
 
 impl<'s> StopWordStream<'s> {
     fn new(stop_words: &'s [String]) -> Self {
-        Self { stop_words, text: String::new(), emitted: 0, stopped: false }
+        Self {
+            stop_words,
+            text: String::new(),
+            emitted: 0,
+            stopped: false,
+        }
     }
 
     /// Adds `piece`; returns true when a stop word was found (text is cut before it).
@@ -179,7 +191,11 @@ impl<'s> StopWordStream<'s> {
             .stop_words
             .iter()
             .filter(|w| !w.is_empty())
-            .filter_map(|w| self.text[search_from..].find(w.as_str()).map(|i| search_from + i))
+            .filter_map(|w| {
+                self.text[search_from..]
+                    .find(w.as_str())
+                    .map(|i| search_from + i)
+            })
             .min();
         if let Some(cut) = found {
             self.text.truncate(cut);
@@ -196,7 +212,12 @@ impl<'s> StopWordStream<'s> {
     fn held_back(&self) -> usize {
         self.stop_words
             .iter()
-            .flat_map(|w| (1..w.len()).rev().filter(|&n| w.is_char_boundary(n)).map(move |n| &w[..n]))
+            .flat_map(|w| {
+                (1..w.len())
+                    .rev()
+                    .filter(|&n| w.is_char_boundary(n))
+                    .map(move |n| &w[..n])
+            })
             .filter(|prefix| self.text.ends_with(prefix))
             .map(str::len)
             .max()
@@ -230,12 +251,18 @@ mod tests {
         let mut out = Vec::new();
         let mut stopped = false;
         for piece in pieces {
-            if stream.push(piece, &mut |t| { out.push(t.to_owned()); Ok(()) })? {
+            if stream.push(piece, &mut |t| {
+                out.push(t.to_owned());
+                Ok(())
+            })? {
                 stopped = true;
                 break;
             }
         }
-        stream.finish(&mut |t| { out.push(t.to_owned()); Ok(()) })?;
+        stream.finish(&mut |t| {
+            out.push(t.to_owned());
+            Ok(())
+        })?;
         Ok((stream.text, out, stopped))
     }
 

@@ -19,11 +19,20 @@ pub enum Error {
     #[error(transparent)]
     Tensor(#[from] oxtune_tensor::candle::Error),
     #[error("invalid sampling setting `{name}` = {value}: {expected}")]
-    InvalidParameter { name: &'static str, value: String, expected: &'static str },
+    InvalidParameter {
+        name: &'static str,
+        value: String,
+        expected: &'static str,
+    },
     #[error("the prompt is empty\nhint: give a non-empty prompt")]
     EmptyPrompt,
-    #[error("the prompt has {prompt_tokens} tokens and the model's context is {max_positions}\nhint: shorten the prompt")]
-    PromptTooLong { prompt_tokens: usize, max_positions: usize },
+    #[error(
+        "the prompt has {prompt_tokens} tokens and the model's context is {max_positions}\nhint: shorten the prompt"
+    )]
+    PromptTooLong {
+        prompt_tokens: usize,
+        max_positions: usize,
+    },
 }
 
 /// `Result` with this crate's [`Error`].

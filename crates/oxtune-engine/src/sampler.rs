@@ -27,7 +27,14 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        Self { temperature: 0.0, top_p: 1.0, top_k: 0, min_p: 0.0, repetition_penalty: 1.0, seed: None }
+        Self {
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            seed: None,
+        }
     }
 }
 
@@ -35,12 +42,40 @@ impl SamplingParams {
     /// Checks every knob's range, naming the one at fault.
     pub fn validate(&self) -> Result<()> {
         let check = |ok: bool, name: &'static str, value: f64, expected: &'static str| {
-            if ok { Ok(()) } else { Err(Error::InvalidParameter { name, value: value.to_string(), expected }) }
+            if ok {
+                Ok(())
+            } else {
+                Err(Error::InvalidParameter {
+                    name,
+                    value: value.to_string(),
+                    expected,
+                })
+            }
         };
-        check(self.temperature >= 0.0 && self.temperature.is_finite(), "temperature", self.temperature, "a number >= 0 (0 = greedy)")?;
-        check(self.top_p > 0.0 && self.top_p <= 1.0, "top_p", self.top_p, "a number in (0, 1]")?;
-        check((0.0..=1.0).contains(&self.min_p), "min_p", self.min_p, "a number in [0, 1]")?;
-        check(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite(), "repetition_penalty", self.repetition_penalty, "a number > 0 (1 = off)")?;
+        check(
+            self.temperature >= 0.0 && self.temperature.is_finite(),
+            "temperature",
+            self.temperature,
+            "a number >= 0 (0 = greedy)",
+        )?;
+        check(
+            self.top_p > 0.0 && self.top_p <= 1.0,
+            "top_p",
+            self.top_p,
+            "a number in (0, 1]",
+        )?;
+        check(
+            (0.0..=1.0).contains(&self.min_p),
+            "min_p",
+            self.min_p,
+            "a number in [0, 1]",
+        )?;
+        check(
+            self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite(),
+            "repetition_penalty",
+            self.repetition_penalty,
+            "a number > 0 (1 = off)",
+        )?;
         Ok(())
     }
 }
@@ -73,17 +108,26 @@ impl Sampler {
         if p.temperature == 0.0 {
             return argmax(logits);
         }
-        #[expect(clippy::cast_possible_truncation, reason = "temperature is a small positive number")]
+        #[expect(
+            clippy::cast_possible_truncation,
+            reason = "temperature is a small positive number"
+        )]
         let temperature = p.temperature as f32;
         // Candidates sorted by logit, best first.
-        let mut candidates: Vec<(u32, f32)> =
-            logits.iter().enumerate().map(|(i, &l)| (index_to_token(i), l / temperature)).collect();
+        let mut candidates: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (index_to_token(i), l / temperature))
+            .collect();
         candidates.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
         if p.top_k > 0 && p.top_k < candidates.len() {
             candidates.truncate(p.top_k);
         }
         let max = candidates.first().map_or(0.0, |c| c.1);
-        let mut probs: Vec<f64> = candidates.iter().map(|c| f64::from(c.1 - max).exp()).collect();
+        let mut probs: Vec<f64> = candidates
+            .iter()
+            .map(|c| f64::from(c.1 - max).exp())
+            .collect();
         let total: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|q| *q /= total);
         if p.top_p < 1.0 {
@@ -123,13 +167,18 @@ fn argmax(logits: &[f32]) -> u32 {
     let best = logits
         .iter()
         .enumerate()
-        .fold((0, f32::NEG_INFINITY), |best, (i, &l)| if l > best.1 { (i, l) } else { best });
+        .fold((0, f32::NEG_INFINITY), |best, (i, &l)| {
+            if l > best.1 { (i, l) } else { best }
+        });
     index_to_token(best.0)
 }
 
 /// transformers' `RepetitionPenaltyLogitsProcessor`: each seen token once.
 fn apply_repetition_penalty(logits: &mut [f32], previous: &[u32], penalty: f64) {
-    #[expect(clippy::cast_possible_truncation, reason = "penalties are small numbers")]
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "penalties are small numbers"
+    )]
     let penalty = penalty as f32;
     let mut seen = std::collections::HashSet::new();
     for &token in previous {
@@ -137,7 +186,11 @@ fn apply_repetition_penalty(logits: &mut [f32], previous: &[u32], penalty: f64) 
             continue;
         }
         if let Some(logit) = logits.get_mut(token as usize) {
-            *logit = if *logit > 0.0 { *logit / penalty } else { *logit * penalty };
+            *logit = if *logit > 0.0 {
+                *logit / penalty
+            } else {
+                *logit * penalty
+            };
         }
     }
 }
@@ -162,21 +215,36 @@ mod tests {
         let mut logits = [2.0, -1.0, 3.0];
         apply_repetition_penalty(&mut logits, &[0, 1, 0], 2.0);
         assert_eq!(logits, [1.0, -2.0, 3.0]);
-        let mut s = sampler(SamplingParams { repetition_penalty: 4.0, ..SamplingParams::default() })?;
+        let mut s = sampler(SamplingParams {
+            repetition_penalty: 4.0,
+            ..SamplingParams::default()
+        })?;
         assert_eq!(s.sample(&mut [3.0, 1.0], &[0]), 1);
         Ok(())
     }
 
     #[test]
     fn same_seed_same_draws() -> Result<()> {
-        let params = SamplingParams { temperature: 1.0, seed: Some(7), ..SamplingParams::default() };
+        let params = SamplingParams {
+            temperature: 1.0,
+            seed: Some(7),
+            ..SamplingParams::default()
+        };
         let logits: Vec<f32> = (0..50).map(|i| (i % 7) as f32 * 0.3).collect();
         let draw = |params: SamplingParams| -> Result<Vec<u32>> {
             let mut s = sampler(params)?;
-            Ok((0..20).map(|_| s.sample(&mut logits.clone(), &[])).collect())
+            Ok((0..20)
+                .map(|_| s.sample(&mut logits.clone(), &[]))
+                .collect())
         };
         assert_eq!(draw(params.clone())?, draw(params.clone())?);
-        assert_ne!(draw(params.clone())?, draw(SamplingParams { seed: Some(8), ..params })?);
+        assert_ne!(
+            draw(params.clone())?,
+            draw(SamplingParams {
+                seed: Some(8),
+                ..params
+            })?
+        );
         Ok(())
     }
 
@@ -184,9 +252,24 @@ mod tests {
     fn top_k_top_p_and_min_p_restrict_the_candidates() -> Result<()> {
         let logits = [5.0, 4.9, 0.0, -1.0];
         for params in [
-            SamplingParams { temperature: 1.0, top_k: 2, seed: Some(1), ..SamplingParams::default() },
-            SamplingParams { temperature: 1.0, top_p: 0.9, seed: Some(1), ..SamplingParams::default() },
-            SamplingParams { temperature: 1.0, min_p: 0.5, seed: Some(1), ..SamplingParams::default() },
+            SamplingParams {
+                temperature: 1.0,
+                top_k: 2,
+                seed: Some(1),
+                ..SamplingParams::default()
+            },
+            SamplingParams {
+                temperature: 1.0,
+                top_p: 0.9,
+                seed: Some(1),
+                ..SamplingParams::default()
+            },
+            SamplingParams {
+                temperature: 1.0,
+                min_p: 0.5,
+                seed: Some(1),
+                ..SamplingParams::default()
+            },
         ] {
             let mut s = sampler(params.clone())?;
             for _ in 0..200 {
@@ -194,17 +277,29 @@ mod tests {
                 assert!(token < 2, "{params:?} drew {token}");
             }
         }
-        let mut s = sampler(SamplingParams { temperature: 1.0, top_p: 0.01, seed: Some(3), ..SamplingParams::default() })?;
-        assert_eq!(s.sample(&mut logits.clone(), &[]), 0, "top_p keeps at least the best token");
+        let mut s = sampler(SamplingParams {
+            temperature: 1.0,
+            top_p: 0.01,
+            seed: Some(3),
+            ..SamplingParams::default()
+        })?;
+        assert_eq!(
+            s.sample(&mut logits.clone(), &[]),
+            0,
+            "top_p keeps at least the best token"
+        );
         Ok(())
     }
 
     #[test]
     fn out_of_range_settings_are_named() {
-        let message = Sampler::new(SamplingParams { top_p: 1.5, ..SamplingParams::default() })
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
+        let message = Sampler::new(SamplingParams {
+            top_p: 1.5,
+            ..SamplingParams::default()
+        })
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
         assert!(message.contains("`top_p` = 1.5"), "{message}");
     }
 }

@@ -33,7 +33,10 @@ pub struct ChatMessage {
 
 impl ChatMessage {
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Self { role: role.into(), content: content.into() }
+        Self {
+            role: role.into(),
+            content: content.into(),
+        }
     }
 }
 
@@ -52,8 +55,11 @@ impl ChatTemplate {
     pub fn load(dir: &Path, special_tokens: &SpecialTokens) -> Result<Option<Self>> {
         let special_tokens = special_tokens.clone();
         let config_path = dir.join(TOKENIZER_CONFIG);
-        let config: serde_json::Value =
-            if config_path.is_file() { crate::error::read_json(&config_path)? } else { serde_json::Value::Null };
+        let config: serde_json::Value = if config_path.is_file() {
+            crate::error::read_json(&config_path)?
+        } else {
+            serde_json::Value::Null
+        };
         let jinja_path = dir.join("chat_template.jinja");
         if jinja_path.is_file() {
             let source = crate::error::read_to_string(&jinja_path)?;
@@ -63,8 +69,13 @@ impl ChatTemplate {
             None | Some(serde_json::Value::Null) => return Ok(None),
             Some(serde_json::Value::String(source)) => source.clone(),
             Some(serde_json::Value::Array(named)) => {
-                let default = named.iter().find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"));
-                match default.and_then(|t| t.get("template")).and_then(|t| t.as_str()) {
+                let default = named
+                    .iter()
+                    .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"));
+                match default
+                    .and_then(|t| t.get("template"))
+                    .and_then(|t| t.as_str())
+                {
                     Some(source) => source.to_owned(),
                     None => {
                         return Err(Error::Config {
@@ -83,7 +94,12 @@ impl ChatTemplate {
                 });
             }
         };
-        Self::new(&source, special_tokens, &format!("{} (key chat_template)", config_path.display())).map(Some)
+        Self::new(
+            &source,
+            special_tokens,
+            &format!("{} (key chat_template)", config_path.display()),
+        )
+        .map(Some)
     }
 
     /// Compiles `source`; `source_file` names it in error messages.
@@ -99,8 +115,13 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
-        env.add_template_owned(TEMPLATE_NAME, source.to_owned()).map_err(|e| template_error(source_file, &e))?;
-        Ok(Self { env, special_tokens, source_file: source_file.to_owned() })
+        env.add_template_owned(TEMPLATE_NAME, source.to_owned())
+            .map_err(|e| template_error(source_file, &e))?;
+        Ok(Self {
+            env,
+            special_tokens,
+            source_file: source_file.to_owned(),
+        })
     }
 
     /// Renders `messages`; `add_generation_prompt` appends the assistant turn's opening.
@@ -115,7 +136,10 @@ impl ChatTemplate {
         add_generation_prompt: bool,
         tools: Option<&serde_json::Value>,
     ) -> Result<String> {
-        let template = self.env.get_template(TEMPLATE_NAME).map_err(|e| template_error(&self.source_file, &e))?;
+        let template = self
+            .env
+            .get_template(TEMPLATE_NAME)
+            .map_err(|e| template_error(&self.source_file, &e))?;
         let special = &self.special_tokens;
         let context = minijinja::context! {
             messages => Value::from(Serde(messages)),
@@ -126,7 +150,9 @@ impl ChatTemplate {
             unk_token => special.unk_token.clone(),
             pad_token => special.pad_token.clone(),
         };
-        template.render(context).map_err(|e| template_error(&self.source_file, &e))
+        template
+            .render(context)
+            .map_err(|e| template_error(&self.source_file, &e))
     }
 }
 
@@ -141,14 +167,22 @@ fn template_error(source_file: &str, error: &minijinja::Error) -> Error {
         source = inner.source();
     }
     if error.kind() != ErrorKind::InvalidOperation {
-        message.push_str("\nhint: fix the chat_template in tokenizer_config.json (or chat_template.jinja)");
+        message.push_str(
+            "\nhint: fix the chat_template in tokenizer_config.json (or chat_template.jinja)",
+        );
     }
-    Error::Template { source_file: source_file.to_owned(), message }
+    Error::Template {
+        source_file: source_file.to_owned(),
+        message,
+    }
 }
 
 /// `raise_exception(message)`: the template refuses the conversation.
 fn raise_exception(message: String) -> std::result::Result<Value, minijinja::Error> {
-    Err(minijinja::Error::new(ErrorKind::InvalidOperation, format!("the template raised: {message}")))
+    Err(minijinja::Error::new(
+        ErrorKind::InvalidOperation,
+        format!("the template raised: {message}"),
+    ))
 }
 
 /// `strftime_now(format)`: the local date and time, formatted like Python's strftime.
@@ -174,7 +208,8 @@ fn write_python_json(
     level: usize,
     sort_keys: bool,
 ) -> std::result::Result<(), minijinja::Error> {
-    let to_json = |e: serde_json::Error| minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string());
+    let to_json =
+        |e: serde_json::Error| minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string());
     let newline = |out: &mut String, level: usize| {
         if let Some(width) = indent {
             out.push('\n');
@@ -192,7 +227,8 @@ fn write_python_json(
                 out.push_str(&serde_json::to_string(&float).map_err(to_json)?);
             }
         },
-        ValueKind::String => out.push_str(&serde_json::to_string(value.as_str().unwrap_or_default()).map_err(to_json)?),
+        ValueKind::String => out
+            .push_str(&serde_json::to_string(value.as_str().unwrap_or_default()).map_err(to_json)?),
         ValueKind::Seq | ValueKind::Iterable => {
             let items: Vec<Value> = value.try_iter()?.collect();
             if items.is_empty() {
@@ -243,7 +279,14 @@ mod tests {
     use super::*;
 
     fn template(source: &str) -> Result<ChatTemplate> {
-        ChatTemplate::new(source, SpecialTokens { bos_token: Some("<s>".into()), ..SpecialTokens::default() }, "test")
+        ChatTemplate::new(
+            source,
+            SpecialTokens {
+                bos_token: Some("<s>".into()),
+                ..SpecialTokens::default()
+            },
+            "test",
+        )
     }
 
     #[test]
@@ -259,22 +302,39 @@ mod tests {
 
     #[test]
     fn python_string_methods_and_special_tokens() -> Result<()> {
-        let t = template("{{ bos_token }}{% for m in messages %}{{ m.content.strip().upper() }}{% endfor %}")?;
-        assert_eq!(t.render(&[ChatMessage::new("user", "  hi ")], false)?, "<s>HI");
+        let t = template(
+            "{{ bos_token }}{% for m in messages %}{{ m.content.strip().upper() }}{% endfor %}",
+        )?;
+        assert_eq!(
+            t.render(&[ChatMessage::new("user", "  hi ")], false)?,
+            "<s>HI"
+        );
         Ok(())
     }
 
     #[test]
     fn raise_exception_surfaces_the_template_message() -> Result<()> {
-        let t = template("{% if messages[0].role != 'user' %}{{ raise_exception('Conversation must start with user') }}{% endif %}ok")?;
-        let message = t.render(&[ChatMessage::new("assistant", "x")], false).err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(message.contains("Conversation must start with user"), "{message}");
+        let t = template(
+            "{% if messages[0].role != 'user' %}{{ raise_exception('Conversation must start with user') }}{% endif %}ok",
+        )?;
+        let message = t
+            .render(&[ChatMessage::new("assistant", "x")], false)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            message.contains("Conversation must start with user"),
+            "{message}"
+        );
         Ok(())
     }
 
     #[test]
     fn syntax_errors_name_the_source_and_line() {
-        let message = template("line one\n{% for m in messages %}{{ m.content }").err().map(|e| e.to_string()).unwrap_or_default();
+        let message = template("line one\n{% for m in messages %}{{ m.content }")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(message.contains("chat template from test"), "{message}");
         assert!(message.contains("line 2"), "{message}");
     }

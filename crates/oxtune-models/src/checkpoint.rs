@@ -44,7 +44,10 @@ pub struct RandomWeights {
 
 impl RandomWeights {
     pub fn new(dtype: DType, device: &Device) -> Self {
-        Self { dtype, device: device.clone() }
+        Self {
+            dtype,
+            device: device.clone(),
+        }
     }
 }
 
@@ -83,7 +86,10 @@ pub struct Weights {
 impl std::fmt::Debug for Weights {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Weights")
-            .field("files", &self.files.iter().map(|(p, _)| p).collect::<Vec<_>>())
+            .field(
+                "files",
+                &self.files.iter().map(|(p, _)| p).collect::<Vec<_>>(),
+            )
             .field("tensors", &self.locations.len())
             .field("dtype", &self.dtype)
             .finish_non_exhaustive()
@@ -115,7 +121,10 @@ impl Weights {
             if !path.is_file() {
                 return Err(Error::MissingFile {
                     path,
-                    hint: format!("{} lists this shard; copy the complete checkpoint", index_path.display()),
+                    hint: format!(
+                        "{} lists this shard; copy the complete checkpoint",
+                        index_path.display()
+                    ),
                 });
             }
             let mapped = map_file(&path)?;
@@ -124,7 +133,12 @@ impl Weights {
             }
             files.push((path, mapped));
         }
-        Ok(Self { files, locations, dtype, device: device.clone() })
+        Ok(Self {
+            files,
+            locations,
+            dtype,
+            device: device.clone(),
+        })
     }
 
     /// Names of all tensors in the checkpoint.
@@ -138,7 +152,11 @@ impl Weights {
             files => format!(
                 "{} shards ({})",
                 files.len(),
-                files.iter().map(|(p, _)| p.display().to_string()).collect::<Vec<_>>().join(", ")
+                files
+                    .iter()
+                    .map(|(p, _)| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         }
     }
@@ -162,10 +180,11 @@ impl WeightSource for Weights {
                 got: view.shape().to_vec(),
             });
         }
-        let tensor = mapped.load(name, &self.device).map_err(|e| safetensors_error(path, &e))?;
+        let tensor = mapped
+            .load(name, &self.device)
+            .map_err(|e| safetensors_error(path, &e))?;
         Ok(tensor.to_dtype(self.dtype)?)
     }
-
 
     fn contains(&self, name: &str) -> bool {
         self.locations.contains_key(name)
@@ -181,7 +200,10 @@ impl WeightSource for Weights {
 }
 
 fn safetensors_error(path: &Path, error: &dyn std::fmt::Display) -> Error {
-    Error::Safetensors { path: path.to_path_buf(), message: error.to_string() }
+    Error::Safetensors {
+        path: path.to_path_buf(),
+        message: error.to_string(),
+    }
 }
 
 #[expect(unsafe_code, reason = "memory-mapping a file is unsafe by nature")]

@@ -101,11 +101,12 @@ impl ModelConfig {
             key: key.into(),
             message: message.into(),
         };
-        let architecture = raw
-            .architectures
-            .first()
-            .cloned()
-            .ok_or_else(|| key_error("architectures", "missing; expected e.g. [\"LlamaForCausalLM\"]"))?;
+        let architecture = raw.architectures.first().cloned().ok_or_else(|| {
+            key_error(
+                "architectures",
+                "missing; expected e.g. [\"LlamaForCausalLM\"]",
+            )
+        })?;
         let family = Family::from_architecture(&architecture).ok_or_else(|| {
             Error::UnsupportedArchitecture {
                 path: path.to_path_buf(),
@@ -114,7 +115,9 @@ impl ModelConfig {
             }
         })?;
         let required = |value: Option<usize>, key: &str| {
-            value.filter(|v| *v > 0).ok_or_else(|| key_error(key, "missing or zero"))
+            value
+                .filter(|v| *v > 0)
+                .ok_or_else(|| key_error(key, "missing or zero"))
         };
         let hidden_size = required(raw.hidden_size, "hidden_size")?;
         let num_attention_heads = required(raw.num_attention_heads, "num_attention_heads")?;
@@ -122,21 +125,34 @@ impl ModelConfig {
         if num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
             return Err(key_error(
                 "num_key_value_heads",
-                &format!("{num_key_value_heads} does not divide num_attention_heads {num_attention_heads}"),
+                &format!(
+                    "{num_key_value_heads} does not divide num_attention_heads {num_attention_heads}"
+                ),
             ));
         }
         let head_dim = match raw.head_dim {
             Some(d) => d,
             None if hidden_size % num_attention_heads == 0 => hidden_size / num_attention_heads,
-            None => return Err(key_error("head_dim", "missing, and hidden_size is not a multiple of num_attention_heads")),
+            None => {
+                return Err(key_error(
+                    "head_dim",
+                    "missing, and hidden_size is not a multiple of num_attention_heads",
+                ));
+            }
         };
         if head_dim % 2 != 0 {
-            return Err(key_error("head_dim", &format!("{head_dim} is odd; rotary embeddings need an even head_dim")));
+            return Err(key_error(
+                "head_dim",
+                &format!("{head_dim} is odd; rotary embeddings need an even head_dim"),
+            ));
         }
         if let Some(act) = raw.hidden_act.as_deref()
             && act != "silu"
         {
-            return Err(key_error("hidden_act", &format!("`{act}` is not supported; the supported families use `silu`")));
+            return Err(key_error(
+                "hidden_act",
+                &format!("`{act}` is not supported; the supported families use `silu`"),
+            ));
         }
         let (rope_theta, rope_scaling) = rope_settings(raw, path)?;
         let features = family.features(raw);
@@ -168,10 +184,13 @@ impl ModelConfig {
 
     /// Number of parameters, counting tied embeddings once.
     pub fn num_parameters(&self) -> usize {
-        let attention = self.hidden_size * self.head_dim * (2 * self.num_attention_heads + 2 * self.num_key_value_heads);
+        let attention = self.hidden_size
+            * self.head_dim
+            * (2 * self.num_attention_heads + 2 * self.num_key_value_heads);
         let mlp = 3 * self.hidden_size * self.intermediate_size;
         let per_layer = attention + mlp + 2 * self.hidden_size;
-        let embeddings = self.vocab_size * self.hidden_size * if self.tie_word_embeddings { 1 } else { 2 };
+        let embeddings =
+            self.vocab_size * self.hidden_size * if self.tie_word_embeddings { 1 } else { 2 };
         self.num_hidden_layers * per_layer + embeddings + self.hidden_size
     }
 }
@@ -193,8 +212,15 @@ fn rope_settings(raw: &RawConfig, path: &Path) -> Result<(f64, RopeScaling)> {
         (_, Some(s)) if s.is_object() => (Some(s), "rope_scaling"),
         _ => (None, "rope_scaling"),
     };
-    let number = |name: &str| parameters.and_then(|p| p.get(name)).and_then(serde_json::Value::as_f64);
-    let rope_theta = raw.rope_theta.or_else(|| number("rope_theta")).unwrap_or(10_000.0);
+    let number = |name: &str| {
+        parameters
+            .and_then(|p| p.get(name))
+            .and_then(serde_json::Value::as_f64)
+    };
+    let rope_theta = raw
+        .rope_theta
+        .or_else(|| number("rope_theta"))
+        .unwrap_or(10_000.0);
     let Some(parameters) = parameters else {
         return Ok((rope_theta, RopeScaling::Default));
     };
@@ -211,19 +237,27 @@ fn rope_settings(raw: &RawConfig, path: &Path) -> Result<(f64, RopeScaling)> {
     let field = |name: &str| number(name).ok_or_else(|| missing(name));
     let scaling = match rope_type {
         "default" => RopeScaling::Default,
-        "linear" => RopeScaling::Linear { factor: field("factor")? },
+        "linear" => RopeScaling::Linear {
+            factor: field("factor")?,
+        },
         "llama3" => RopeScaling::Llama3 {
             factor: field("factor")?,
             low_freq_factor: field("low_freq_factor")?,
             high_freq_factor: field("high_freq_factor")?,
-            #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "a context length")]
+            #[expect(
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss,
+                reason = "a context length"
+            )]
             original_max_position_embeddings: field("original_max_position_embeddings")? as usize,
         },
         other => {
             return Err(Error::Config {
                 path: path.to_path_buf(),
                 key: format!("{key}.rope_type"),
-                message: format!("`{other}` is not supported yet; supported: default, linear, llama3"),
+                message: format!(
+                    "`{other}` is not supported yet; supported: default, linear, llama3"
+                ),
             });
         }
     };
@@ -235,7 +269,10 @@ mod tests {
     use super::*;
 
     fn parse(json: &str) -> Result<ModelConfig> {
-        let raw: RawConfig = serde_json::from_str(json).map_err(|source| Error::Json { path: "config.json".into(), source })?;
+        let raw: RawConfig = serde_json::from_str(json).map_err(|source| Error::Json {
+            path: "config.json".into(),
+            source,
+        })?;
         ModelConfig::from_raw(&raw, Path::new("config.json"))
     }
 
@@ -257,7 +294,9 @@ mod tests {
         assert_eq!(old, new);
         assert_eq!(new.rope_theta, 500_000.0);
         assert!(matches!(new.rope_scaling, RopeScaling::Llama3 { factor, .. } if factor == 8.0));
-        let plain = parse(&format!(r#"{{"architectures": ["Qwen3ForCausalLM"], {BASE}, "rope_parameters": {{"rope_type": "default", "rope_theta": 1000000.0}}}}"#))?;
+        let plain = parse(&format!(
+            r#"{{"architectures": ["Qwen3ForCausalLM"], {BASE}, "rope_parameters": {{"rope_type": "default", "rope_theta": 1000000.0}}}}"#
+        ))?;
         assert_eq!(plain.rope_theta, 1_000_000.0);
         assert_eq!(plain.rope_scaling, RopeScaling::Default);
         assert!(plain.qk_norm);
@@ -266,9 +305,13 @@ mod tests {
 
     #[test]
     fn family_features() -> Result<()> {
-        let qwen2 = parse(&format!(r#"{{"architectures": ["Qwen2ForCausalLM"], {BASE}}}"#))?;
+        let qwen2 = parse(&format!(
+            r#"{{"architectures": ["Qwen2ForCausalLM"], {BASE}}}"#
+        ))?;
         assert!(qwen2.qkv_bias && !qwen2.o_bias && !qwen2.qk_norm);
-        let mistral = parse(&format!(r#"{{"architectures": ["MistralForCausalLM"], {BASE}, "sliding_window": 4096}}"#))?;
+        let mistral = parse(&format!(
+            r#"{{"architectures": ["MistralForCausalLM"], {BASE}, "sliding_window": 4096}}"#
+        ))?;
         assert_eq!(mistral.sliding_window, Some(4096));
         assert_eq!(mistral.head_dim, 16);
         Ok(())
@@ -276,16 +319,38 @@ mod tests {
 
     #[test]
     fn errors_name_the_key_and_what_is_supported() {
-        let message = |json: String| parse(&json).err().map(|e| e.to_string()).unwrap_or_default();
-        let unknown = message(format!(r#"{{"architectures": ["GPTNeoXForCausalLM"], {BASE}}}"#));
-        assert!(unknown.contains("architecture `GPTNeoXForCausalLM` is not supported"), "{unknown}");
+        let message = |json: String| {
+            parse(&json)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        let unknown = message(format!(
+            r#"{{"architectures": ["GPTNeoXForCausalLM"], {BASE}}}"#
+        ));
+        assert!(
+            unknown.contains("architecture `GPTNeoXForCausalLM` is not supported"),
+            "{unknown}"
+        );
         assert!(unknown.contains("LlamaForCausalLM"), "{unknown}");
-        let three_kv_heads = BASE.replace("\"num_key_value_heads\": 2", "\"num_key_value_heads\": 3");
-        let heads = message(format!(r#"{{"architectures": ["LlamaForCausalLM"], {three_kv_heads}}}"#));
+        let three_kv_heads =
+            BASE.replace("\"num_key_value_heads\": 2", "\"num_key_value_heads\": 3");
+        let heads = message(format!(
+            r#"{{"architectures": ["LlamaForCausalLM"], {three_kv_heads}}}"#
+        ));
         assert!(heads.contains("key `num_key_value_heads`"), "{heads}");
-        let rope = message(format!(r#"{{"architectures": ["LlamaForCausalLM"], {BASE}, "rope_scaling": {{"rope_type": "yarn", "factor": 4.0}}}}"#));
-        assert!(rope.contains("key `rope_scaling.rope_type`: `yarn` is not supported yet"), "{rope}");
-        let missing = message(r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": 64}"#.into());
-        assert!(missing.contains("key `num_attention_heads`: missing"), "{missing}");
+        let rope = message(format!(
+            r#"{{"architectures": ["LlamaForCausalLM"], {BASE}, "rope_scaling": {{"rope_type": "yarn", "factor": 4.0}}}}"#
+        ));
+        assert!(
+            rope.contains("key `rope_scaling.rope_type`: `yarn` is not supported yet"),
+            "{rope}"
+        );
+        let missing =
+            message(r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": 64}"#.into());
+        assert!(
+            missing.contains("key `num_attention_heads`: missing"),
+            "{missing}"
+        );
     }
 }

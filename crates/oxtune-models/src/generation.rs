@@ -4,8 +4,8 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::config::token_ids;
 use crate::Result;
+use crate::config::token_ids;
 
 /// Sampling defaults a checkpoint ships with. Fields absent from the file are `None`.
 #[derive(Debug, Clone, Default, PartialEq)]

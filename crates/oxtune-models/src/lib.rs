@@ -52,7 +52,14 @@ impl LoadedModel {
         let generation = GenerationConfig::load(dir)?;
         let weights = checkpoint::Weights::load(dir, dtype, device)?;
         let model = CausalLm::load(&config, &weights)?;
-        Ok(Self { dir: dir.to_path_buf(), config, model, tokenizer, chat_template, generation })
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            config,
+            model,
+            tokenizer,
+            chat_template,
+            generation,
+        })
     }
 
     /// The token ids that end a reply: generation_config.json's, else config.json's, else the
@@ -65,6 +72,8 @@ impl LoadedModel {
             return self.config.eos_token_ids.clone();
         }
         let eos = self.tokenizer.special_tokens().eos_token.as_deref();
-        eos.and_then(|token| self.tokenizer.token_to_id(token)).into_iter().collect()
+        eos.and_then(|token| self.tokenizer.token_to_id(token))
+            .into_iter()
+            .collect()
     }
 }

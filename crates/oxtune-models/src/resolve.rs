@@ -50,19 +50,30 @@ impl SearchPaths {
     /// `$OXTUNE_MODELS_FILE` or `~/.config/oxtune/models.yaml`; `$HF_HUB_CACHE`,
     /// `$HF_HOME/hub` or `~/.cache/huggingface/hub`.
     pub fn from_env() -> Self {
-        let env = |key: &str| std::env::var_os(key).filter(|v| !v.is_empty()).map(PathBuf::from);
+        let env = |key: &str| {
+            std::env::var_os(key)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        };
         let home = env("HOME");
         let registry_file = env("OXTUNE_MODELS_FILE")
             .or_else(|| home.as_ref().map(|h| h.join(".config/oxtune/models.yaml")));
         let hf_hub_cache = env("HF_HUB_CACHE")
             .or_else(|| env("HF_HOME").map(|h| h.join("hub")))
             .or_else(|| home.map(|h| h.join(".cache/huggingface/hub")));
-        Self { registry_file, hf_hub_cache }
+        Self {
+            registry_file,
+            hf_hub_cache,
+        }
     }
 }
 
 /// Resolves `model` (a path or a name) or, when it is absent, `model_type` (a name).
-pub fn resolve(model: Option<&str>, model_type: Option<&str>, search: &SearchPaths) -> Result<ModelSource> {
+pub fn resolve(
+    model: Option<&str>,
+    model_type: Option<&str>,
+    search: &SearchPaths,
+) -> Result<ModelSource> {
     let Some(spec) = model.or(model_type) else {
         return Err(Error::ModelNotFound {
             spec: String::new(),
@@ -84,7 +95,10 @@ pub fn resolve(model: Option<&str>, model_type: Option<&str>, search: &SearchPat
             return from_path(&target)?.ok_or_else(|| Error::ModelNotFound {
                 spec: spec.into(),
                 searched: format!("  {} (listed in {})", target.display(), registry.display()),
-                hint: format!("the registry entry for `{spec}` points to a path without a checkpoint; fix {}", registry.display()),
+                hint: format!(
+                    "the registry entry for `{spec}` points to a path without a checkpoint; fix {}",
+                    registry.display()
+                ),
             });
         }
     }
@@ -107,7 +121,11 @@ pub fn resolve(model: Option<&str>, model_type: Option<&str>, search: &SearchPat
 }
 
 fn from_path(path: &Path) -> Result<Option<ModelSource>> {
-    if path.is_file() && path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+    if path.is_file()
+        && path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    {
         return Ok(Some(ModelSource::Gguf(path.to_path_buf())));
     }
     if !path.is_dir() {
@@ -116,10 +134,16 @@ fn from_path(path: &Path) -> Result<Option<ModelSource>> {
     if path.join("config.json").is_file() {
         return Ok(Some(ModelSource::Directory(path.to_path_buf())));
     }
-    let entries = std::fs::read_dir(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+    let entries = std::fs::read_dir(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let ggufs: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")))
+        .filter(|p| {
+            p.extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+        })
         .collect();
     match ggufs.as_slice() {
         [one] => Ok(Some(ModelSource::Gguf(one.clone()))),
@@ -128,7 +152,11 @@ fn from_path(path: &Path) -> Result<Option<ModelSource>> {
             hint: format!(
                 "{} is a directory but not a Hugging Face model directory{}",
                 path.display(),
-                if ggufs.is_empty() { String::new() } else { "; it holds several .gguf files: pass one of them".into() }
+                if ggufs.is_empty() {
+                    String::new()
+                } else {
+                    "; it holds several .gguf files: pass one of them".into()
+                }
             ),
         }),
     }
@@ -139,14 +167,19 @@ fn registry_lookup(registry: &Path, name: &str) -> Result<Option<PathBuf>> {
         return Ok(None);
     }
     let text = crate::error::read_to_string(registry)?;
-    let entries: BTreeMap<String, String> = serde_saphyr::from_str(&text).map_err(|e| Error::Config {
-        path: registry.to_path_buf(),
-        key: "(file)".into(),
-        message: format!("{e}\nhint: the models registry is a YAML map of `name: path` lines"),
-    })?;
+    let entries: BTreeMap<String, String> =
+        serde_saphyr::from_str(&text).map_err(|e| Error::Config {
+            path: registry.to_path_buf(),
+            key: "(file)".into(),
+            message: format!("{e}\nhint: the models registry is a YAML map of `name: path` lines"),
+        })?;
     Ok(entries.get(name).map(|target| {
         let target = PathBuf::from(target);
-        if target.is_relative() { registry.parent().unwrap_or(Path::new(".")).join(target) } else { target }
+        if target.is_relative() {
+            registry.parent().unwrap_or(Path::new(".")).join(target)
+        } else {
+            target
+        }
     }))
 }
 
@@ -164,7 +197,11 @@ fn hf_snapshot(repo: &Path) -> Option<PathBuf> {
         .filter(|p| p.join("config.json").is_file())
         .collect();
     candidates.sort();
-    if candidates.len() == 1 { candidates.pop() } else { None }
+    if candidates.len() == 1 {
+        candidates.pop()
+    } else {
+        None
+    }
 }
 
 #[cfg(test)]
@@ -186,15 +223,24 @@ mod tests {
         write(&registry, "qwen3-7b-chat: ../models/tiny\n")?;
         let cache = root.path().join("hub");
         write(&cache.join("models--Qwen--Qwen3-8B/refs/main"), "abc123\n")?;
-        write(&cache.join("models--Qwen--Qwen3-8B/snapshots/abc123/config.json"), "{}")?;
-        let search = SearchPaths { registry_file: Some(registry), hf_hub_cache: Some(cache.clone()) };
+        write(
+            &cache.join("models--Qwen--Qwen3-8B/snapshots/abc123/config.json"),
+            "{}",
+        )?;
+        let search = SearchPaths {
+            registry_file: Some(registry),
+            hf_hub_cache: Some(cache.clone()),
+        };
 
         let by_path = resolve(Some(model_dir.to_str().unwrap_or_default()), None, &search)?;
         assert_eq!(by_path, ModelSource::Directory(model_dir.clone()));
         let by_name = resolve(None, Some("qwen3-7b-chat"), &search)?;
         assert_eq!(by_name.path().canonicalize()?, model_dir.canonicalize()?);
         let by_repo = resolve(Some("Qwen/Qwen3-8B"), None, &search)?;
-        assert_eq!(by_repo, ModelSource::Directory(cache.join("models--Qwen--Qwen3-8B/snapshots/abc123")));
+        assert_eq!(
+            by_repo,
+            ModelSource::Directory(cache.join("models--Qwen--Qwen3-8B/snapshots/abc123"))
+        );
         Ok(())
     }
 
@@ -205,8 +251,14 @@ mod tests {
             registry_file: Some(root.path().join("models.yaml")),
             hf_hub_cache: Some(root.path().join("hub")),
         };
-        let message = resolve(Some("Qwen/Qwen3-8B"), None, &search).err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(message.contains("model `Qwen/Qwen3-8B` not found"), "{message}");
+        let message = resolve(Some("Qwen/Qwen3-8B"), None, &search)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            message.contains("model `Qwen/Qwen3-8B` not found"),
+            "{message}"
+        );
         assert!(message.contains("models registry"), "{message}");
         assert!(message.contains("models--Qwen--Qwen3-8B"), "{message}");
         assert!(message.contains("hint: pass --model"), "{message}");

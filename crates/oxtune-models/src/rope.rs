@@ -76,16 +76,24 @@ impl RotaryEmbedding {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        #[expect(clippy::cast_possible_truncation, reason = "transformers keeps inv_freq in f32")]
-        let inv_freq: Vec<f32> =
-            inverse_frequencies(head_dim, theta, scaling).into_iter().map(|f| f as f32).collect();
+        #[expect(
+            clippy::cast_possible_truncation,
+            reason = "transformers keeps inv_freq in f32"
+        )]
+        let inv_freq: Vec<f32> = inverse_frequencies(head_dim, theta, scaling)
+            .into_iter()
+            .map(|f| f as f32)
+            .collect();
         let half = inv_freq.len();
         let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
         #[expect(clippy::cast_precision_loss, reason = "positions are far below 2^24")]
         let positions: Vec<f32> = (0..max_positions).map(|p| p as f32).collect();
         let positions = Tensor::from_vec(positions, (max_positions, 1), device)?;
         let angles = positions.matmul(&inv_freq)?;
-        Ok(Self { cos: angles.cos()?.to_dtype(dtype)?, sin: angles.sin()?.to_dtype(dtype)? })
+        Ok(Self {
+            cos: angles.cos()?.to_dtype(dtype)?,
+            sin: angles.sin()?.to_dtype(dtype)?,
+        })
     }
 
     /// The tables for positions `start .. start + len`.
@@ -98,7 +106,10 @@ impl RotaryEmbedding {
             ))
             .into());
         }
-        Ok((self.cos.narrow(0, start, len)?, self.sin.narrow(0, start, len)?))
+        Ok((
+            self.cos.narrow(0, start, len)?,
+            self.sin.narrow(0, start, len)?,
+        ))
     }
 }
 
@@ -116,8 +127,14 @@ mod tests {
         };
         let plain = inverse_frequencies(128, 500_000.0, &RopeScaling::Default);
         let scaled = inverse_frequencies(128, 500_000.0, &scaling);
-        assert!((scaled[0] - plain[0]).abs() < 1e-12, "highest frequency unchanged");
+        assert!(
+            (scaled[0] - plain[0]).abs() < 1e-12,
+            "highest frequency unchanged"
+        );
         let last = plain.len() - 1;
-        assert!((scaled[last] - plain[last] / 8.0).abs() < 1e-15, "lowest frequency divided");
+        assert!(
+            (scaled[last] - plain[last] / 8.0).abs() < 1e-15,
+            "lowest frequency divided"
+        );
     }
 }

@@ -35,15 +35,21 @@ impl Tokenizer {
                 hint: "oxtune reads the fast-tokenizer file tokenizer.json; save the tokenizer with transformers' save_pretrained, or import a .gguf with `oxtune export --from_gguf`".into(),
             });
         }
-        let inner = tokenizers::Tokenizer::from_file(&path)
-            .map_err(|e| Error::Tokenizer { path: path.clone(), message: e.to_string() })?;
+        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| Error::Tokenizer {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
         let config_path = dir.join(TOKENIZER_CONFIG);
         let special_tokens = if config_path.is_file() {
             SpecialTokens::from_config(&crate::error::read_json(&config_path)?)
         } else {
             SpecialTokens::default()
         };
-        Ok(Self { inner, special_tokens, path })
+        Ok(Self {
+            inner,
+            special_tokens,
+            path,
+        })
     }
 
     /// The special-token strings of `tokenizer_config.json`.
@@ -58,13 +64,18 @@ impl Tokenizer {
 
     /// Token ids of `text`; `add_special_tokens` applies the post-processor (e.g. BOS).
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
-        let encoding = self.inner.encode(text, add_special_tokens).map_err(|e| Error::Tokenize(e.to_string()))?;
+        let encoding = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(|e| Error::Tokenize(e.to_string()))?;
         Ok(encoding.get_ids().to_vec())
     }
 
     /// Text of `ids`.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
-        self.inner.decode(ids, skip_special_tokens).map_err(|e| Error::Tokenize(e.to_string()))
+        self.inner
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| Error::Tokenize(e.to_string()))
     }
 
     /// The id of a token string (special or not).
@@ -80,7 +91,9 @@ impl Tokenizer {
     /// An incremental detokenizer: feed ids one at a time, get text as soon as it is whole
     /// (multi-byte characters split across tokens come out once complete).
     pub fn decode_stream(&self, skip_special_tokens: bool) -> DecodeStream<'_> {
-        DecodeStream { inner: self.inner.decode_stream(skip_special_tokens) }
+        DecodeStream {
+            inner: self.inner.decode_stream(skip_special_tokens),
+        }
     }
 }
 
@@ -92,7 +105,9 @@ pub struct DecodeStream<'a> {
 impl DecodeStream<'_> {
     /// Adds one token; returns the text it completes, if any.
     pub fn step(&mut self, id: u32) -> Result<Option<String>> {
-        self.inner.step(id).map_err(|e| Error::Tokenize(e.to_string()))
+        self.inner
+            .step(id)
+            .map_err(|e| Error::Tokenize(e.to_string()))
     }
 }
 

@@ -12,10 +12,10 @@
 use oxtune_tensor::ops;
 use oxtune_tensor::{DType, Module, Tensor};
 
+use crate::Result;
 use crate::checkpoint::WeightSource;
 use crate::config::ModelConfig;
 use crate::rope::RotaryEmbedding;
-use crate::Result;
 
 /// A linear layer `y = x W^T + b` with `W`: (out, in).
 #[derive(Debug, Clone)]
@@ -24,10 +24,22 @@ pub struct Linear {
 }
 
 impl Linear {
-    fn load(weights: &dyn WeightSource, prefix: &str, in_features: usize, out_features: usize, bias: bool) -> Result<Self> {
+    fn load(
+        weights: &dyn WeightSource,
+        prefix: &str,
+        in_features: usize,
+        out_features: usize,
+        bias: bool,
+    ) -> Result<Self> {
         let weight = weights.get(&format!("{prefix}.weight"), &[out_features, in_features])?;
-        let bias = if bias { Some(weights.get(&format!("{prefix}.bias"), &[out_features])?) } else { None };
-        Ok(Self { inner: oxtune_tensor::nn::Linear::new(weight, bias) })
+        let bias = if bias {
+            Some(weights.get(&format!("{prefix}.bias"), &[out_features])?)
+        } else {
+            None
+        };
+        Ok(Self {
+            inner: oxtune_tensor::nn::Linear::new(weight, bias),
+        })
     }
 
     /// The weight, (out, in).
@@ -50,7 +62,10 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     fn load(weights: &dyn WeightSource, name: &str, size: usize, eps: f64) -> Result<Self> {
-        Ok(Self { weight: weights.get(&format!("{name}.weight"), &[size])?, eps })
+        Ok(Self {
+            weight: weights.get(&format!("{name}.weight"), &[size])?,
+            eps,
+        })
     }
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
@@ -68,7 +83,10 @@ pub struct KvCache {
 impl KvCache {
     /// An empty cache for `num_layers` layers.
     pub fn new(num_layers: usize) -> Self {
-        Self { layers: vec![None; num_layers], len: 0 }
+        Self {
+            layers: vec![None; num_layers],
+            len: 0,
+        }
     }
 
     /// Number of cached positions.
@@ -94,7 +112,11 @@ impl KvCache {
         }
         for layer in &mut self.layers {
             if let Some((k, v)) = layer.take() {
-                *layer = if len == 0 { None } else { Some((k.narrow(2, 0, len)?, v.narrow(2, 0, len)?)) };
+                *layer = if len == 0 {
+                    None
+                } else {
+                    Some((k.narrow(2, 0, len)?, v.narrow(2, 0, len)?))
+                };
             }
         }
         self.len = len;
@@ -105,7 +127,10 @@ impl KvCache {
     /// (b, kv_h, t, d) -> (b, kv_h, p + t, d).
     fn append(&mut self, layer: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
         let (k, v) = match self.layers[layer].take() {
-            Some((past_k, past_v)) => (Tensor::cat(&[&past_k, &k], 2)?, Tensor::cat(&[&past_v, &v], 2)?),
+            Some((past_k, past_v)) => (
+                Tensor::cat(&[&past_k, &k], 2)?,
+                Tensor::cat(&[&past_v, &v], 2)?,
+            ),
             None => (k, v),
         };
         self.layers[layer] = Some((k.clone(), v.clone()));
@@ -129,14 +154,40 @@ struct Attention {
 
 impl Attention {
     fn load(cfg: &ModelConfig, weights: &dyn WeightSource, prefix: &str) -> Result<Self> {
-        let (c, h, kv_h, d) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim);
+        let (c, h, kv_h, d) = (
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
         let norm = |name: &str| -> Result<Option<RmsNorm>> {
-            if cfg.qk_norm { Ok(Some(RmsNorm::load(weights, &format!("{prefix}.{name}"), d, cfg.rms_norm_eps)?)) } else { Ok(None) }
+            if cfg.qk_norm {
+                Ok(Some(RmsNorm::load(
+                    weights,
+                    &format!("{prefix}.{name}"),
+                    d,
+                    cfg.rms_norm_eps,
+                )?))
+            } else {
+                Ok(None)
+            }
         };
         Ok(Self {
             q_proj: Linear::load(weights, &format!("{prefix}.q_proj"), c, h * d, cfg.qkv_bias)?,
-            k_proj: Linear::load(weights, &format!("{prefix}.k_proj"), c, kv_h * d, cfg.qkv_bias)?,
-            v_proj: Linear::load(weights, &format!("{prefix}.v_proj"), c, kv_h * d, cfg.qkv_bias)?,
+            k_proj: Linear::load(
+                weights,
+                &format!("{prefix}.k_proj"),
+                c,
+                kv_h * d,
+                cfg.qkv_bias,
+            )?,
+            v_proj: Linear::load(
+                weights,
+                &format!("{prefix}.v_proj"),
+                c,
+                kv_h * d,
+                cfg.qkv_bias,
+            )?,
             o_proj: Linear::load(weights, &format!("{prefix}.o_proj"), h * d, c, cfg.o_bias)?,
             q_norm: norm("q_norm")?,
             k_norm: norm("k_norm")?,
@@ -147,7 +198,13 @@ impl Attention {
         })
     }
 
-    fn forward(&self, xs: &Tensor, rope: &RotaryEmbedding, cache: &mut KvCache, layer: usize) -> Result<Tensor> {
+    fn forward(
+        &self,
+        xs: &Tensor,
+        rope: &RotaryEmbedding,
+        cache: &mut KvCache,
+        layer: usize,
+    ) -> Result<Tensor> {
         let (b, t, _) = xs.dims3()?;
         let (h, kv_h, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let past = cache.len();
@@ -158,8 +215,14 @@ impl Attention {
         let v = self.v_proj.forward(xs)?.reshape((b, t, kv_h, d))?;
 
         // 2. Per-head RMSNorm over d (Qwen3)
-        let q = match &self.q_norm { Some(norm) => norm.forward(&q)?, None => q };
-        let k = match &self.k_norm { Some(norm) => norm.forward(&k)?, None => k };
+        let q = match &self.q_norm {
+            Some(norm) => norm.forward(&q)?,
+            None => q,
+        };
+        let k = match &self.k_norm {
+            Some(norm) => norm.forward(&k)?,
+            None => k,
+        };
 
         // 3. (b, t, heads, d) -> (b, heads, t, d), RoPE at positions past .. past + t
         let q = q.transpose(1, 2)?.contiguous()?;
@@ -229,17 +292,37 @@ impl DecoderLayer {
     fn load(cfg: &ModelConfig, weights: &dyn WeightSource, layer: usize) -> Result<Self> {
         let prefix = format!("model.layers.{layer}");
         Ok(Self {
-            input_layernorm: RmsNorm::load(weights, &format!("{prefix}.input_layernorm"), cfg.hidden_size, cfg.rms_norm_eps)?,
+            input_layernorm: RmsNorm::load(
+                weights,
+                &format!("{prefix}.input_layernorm"),
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+            )?,
             self_attn: Attention::load(cfg, weights, &format!("{prefix}.self_attn"))?,
-            post_attention_layernorm: RmsNorm::load(weights, &format!("{prefix}.post_attention_layernorm"), cfg.hidden_size, cfg.rms_norm_eps)?,
+            post_attention_layernorm: RmsNorm::load(
+                weights,
+                &format!("{prefix}.post_attention_layernorm"),
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+            )?,
             mlp: Mlp::load(cfg, weights, &format!("{prefix}.mlp"))?,
         })
     }
 
-    fn forward(&self, xs: &Tensor, rope: &RotaryEmbedding, cache: &mut KvCache, layer: usize) -> Result<Tensor> {
-        let attention = self.self_attn.forward(&self.input_layernorm.forward(xs)?, rope, cache, layer)?;
+    fn forward(
+        &self,
+        xs: &Tensor,
+        rope: &RotaryEmbedding,
+        cache: &mut KvCache,
+        layer: usize,
+    ) -> Result<Tensor> {
+        let attention =
+            self.self_attn
+                .forward(&self.input_layernorm.forward(xs)?, rope, cache, layer)?;
         let xs = (xs + attention)?;
-        let mlp = self.mlp.forward(&self.post_attention_layernorm.forward(&xs)?)?;
+        let mlp = self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&xs)?)?;
         Ok((xs + mlp)?)
     }
 }
@@ -279,7 +362,14 @@ impl CausalLm {
             weights.dtype(),
             weights.device(),
         )?;
-        Ok(Self { config: config.clone(), embed_tokens, layers, norm, lm_head, rope })
+        Ok(Self {
+            config: config.clone(),
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope,
+        })
     }
 
     /// The configuration the model was built from.
@@ -302,7 +392,10 @@ impl CausalLm {
     pub fn forward_hidden(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         let c = self.config.hidden_size;
-        let mut xs = self.embed_tokens.index_select(&input_ids.flatten_all()?, 0)?.reshape((b, t, c))?;
+        let mut xs = self
+            .embed_tokens
+            .index_select(&input_ids.flatten_all()?, 0)?
+            .reshape((b, t, c))?;
         for (index, layer) in self.layers.iter().enumerate() {
             xs = layer.forward(&xs, &self.rope, cache, index)?;
         }

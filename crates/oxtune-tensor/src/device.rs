@@ -70,10 +70,13 @@ mod cuda {
     //! cudarc allocates from the device's default memory pool, whose release threshold is 0:
     //! at every synchronize freed memory goes back to the driver and the next allocation maps
     //! it again. Raising the threshold keeps it in the pool (a 512 MiB copy: 0.82 ms -> 0.27 ms).
-    #![expect(unsafe_code, reason = "two CUDA driver calls on the default memory pool")]
+    #![expect(
+        unsafe_code,
+        reason = "two CUDA driver calls on the default memory pool"
+    )]
 
-    use candle_core::cuda_backend::cudarc::driver::sys;
     use candle_core::Result;
+    use candle_core::cuda_backend::cudarc::driver::sys;
 
     pub(super) fn keep_freed_memory(ordinal: usize) -> Result<()> {
         let ordinal = i32::try_from(ordinal).map_err(candle_core::Error::wrap)?;
@@ -112,9 +115,15 @@ mod tests {
         assert!(matches!(parse_device("cpu")?, Device::Cpu));
         assert_eq!(parse_dtype("bfloat16")?, DType::BF16);
         assert_eq!(dtype_name(parse_dtype("fp16")?), "float16");
-        let error = parse_device("tpu:0").err().map(|e| e.to_string()).unwrap_or_default();
+        let error = parse_device("tpu:0")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(error.contains("unknown device `tpu:0`"), "{error}");
-        let error = parse_dtype("float8").err().map(|e| e.to_string()).unwrap_or_default();
+        let error = parse_dtype("float8")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(error.contains("hint: pass float32"), "{error}");
         Ok(())
     }

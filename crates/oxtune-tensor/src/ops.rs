@@ -18,7 +18,10 @@ pub fn rms_norm(xs: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     if xs.track_op() || weight.track_op() {
         return rms_norm_reference(xs, weight, eps);
     }
-    #[expect(clippy::cast_possible_truncation, reason = "eps is a small f32 constant in configs")]
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "eps is a small f32 constant in configs"
+    )]
     let eps = eps as f32;
     candle_nn::ops::rms_norm(&xs.contiguous()?, weight, eps)
 }
@@ -26,11 +29,17 @@ pub fn rms_norm(xs: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 /// The differentiable reference for [`rms_norm`].
 pub fn rms_norm_reference(xs: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = xs.dtype();
-    let internal = if matches!(dtype, DType::F64) { DType::F64 } else { DType::F32 };
+    let internal = if matches!(dtype, DType::F64) {
+        DType::F64
+    } else {
+        DType::F32
+    };
     let xs = xs.to_dtype(internal)?;
     let variance = xs.sqr()?.mean_keepdim(D::Minus1)?;
     let normed = xs.broadcast_mul(&(variance + eps)?.sqrt()?.recip()?)?;
-    normed.to_dtype(dtype)?.broadcast_mul(&weight.to_dtype(dtype)?)
+    normed
+        .to_dtype(dtype)?
+        .broadcast_mul(&weight.to_dtype(dtype)?)
 }
 
 /// Rotary position embedding in the "rotate half" layout used by Hugging Face Llama, Qwen
@@ -47,8 +56,12 @@ pub fn rope(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 /// The differentiable reference for [`rope`]: `x * cos + rotate_half(x) * sin`.
 pub fn rope_reference(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let half = xs.dim(D::Minus1)? / 2;
-    let cos = Tensor::cat(&[cos, cos], D::Minus1)?.unsqueeze(0)?.unsqueeze(0)?;
-    let sin = Tensor::cat(&[sin, sin], D::Minus1)?.unsqueeze(0)?.unsqueeze(0)?;
+    let cos = Tensor::cat(&[cos, cos], D::Minus1)?
+        .unsqueeze(0)?
+        .unsqueeze(0)?;
+    let sin = Tensor::cat(&[sin, sin], D::Minus1)?
+        .unsqueeze(0)?
+        .unsqueeze(0)?;
     let first = xs.narrow(D::Minus1, 0, half)?;
     let second = xs.narrow(D::Minus1, half, half)?;
     let rotated = Tensor::cat(&[&second.neg()?, &first], D::Minus1)?;
@@ -147,7 +160,9 @@ mod tests {
         let sin = Tensor::randn(0f32, 1.0, (3, 2), &device)?;
         let out = rms_norm(xs.as_tensor(), weight.as_tensor(), 1e-6)?;
         let out = softmax_last_dim(&rope(&out, &cos, &sin)?)?;
-        let grads = (out * Tensor::randn(0f32, 1.0, (1, 2, 3, 4), &device)?)?.sum_all()?.backward()?;
+        let grads = (out * Tensor::randn(0f32, 1.0, (1, 2, 3, 4), &device)?)?
+            .sum_all()?
+            .backward()?;
         for var in [&xs, &weight] {
             let grad = grads.get(var.as_tensor());
             assert!(grad.is_some(), "a parameter got no gradient");
@@ -162,10 +177,14 @@ mod tests {
         let weight = Tensor::new(&[1.1f64, 0.9, -0.5, 1.3], &device)?;
         let probe = Tensor::new(&[[0.2f64, -0.4, 1.0, 0.5]], &device)?;
         let loss = |x: &Tensor| -> Result<f64> {
-            (rms_norm_reference(x, &weight, 1e-6)? * &probe)?.sum_all()?.to_scalar::<f64>()
+            (rms_norm_reference(x, &weight, 1e-6)? * &probe)?
+                .sum_all()?
+                .to_scalar::<f64>()
         };
         let var = Var::from_tensor(&base)?;
-        let grads = (rms_norm(var.as_tensor(), &weight, 1e-6)? * &probe)?.sum_all()?.backward()?;
+        let grads = (rms_norm(var.as_tensor(), &weight, 1e-6)? * &probe)?
+            .sum_all()?
+            .backward()?;
         let analytic: Vec<f64> = grads
             .get(var.as_tensor())
             .ok_or_else(|| candle_core::Error::Msg("no gradient".into()))?
@@ -180,7 +199,10 @@ mod tests {
             let plus = Tensor::from_vec(plus, (1, 4), &device)?;
             let minus = Tensor::from_vec(minus, (1, 4), &device)?;
             let numeric = (loss(&plus)? - loss(&minus)?) / (2.0 * h);
-            assert!((numeric - analytic).abs() < 1e-6, "element {i}: {numeric} vs {analytic}");
+            assert!(
+                (numeric - analytic).abs() < 1e-6,
+                "element {i}: {numeric} vs {analytic}"
+            );
         }
         Ok(())
     }
@@ -189,8 +211,10 @@ mod tests {
     fn causal_mask_respects_past_and_window() -> Result<()> {
         let mask = causal_mask(2, 3, Some(2), DType::F32, &Device::Cpu)?.to_vec2::<f32>()?;
         // query at position 3 sees positions 2 and 3; query at position 4 sees 3 and 4
-        let visible: Vec<Vec<bool>> =
-            mask.iter().map(|row| row.iter().map(|v| *v == 0.0).collect()).collect();
+        let visible: Vec<Vec<bool>> = mask
+            .iter()
+            .map(|row| row.iter().map(|v| *v == 0.0).collect())
+            .collect();
         assert_eq!(visible[0], [false, false, true, true, false]);
         assert_eq!(visible[1], [false, false, false, true, true]);
         Ok(())

@@ -9,5 +9,11 @@ pub const ARCHITECTURE: &str = "LlamaForCausalLM";
 
 pub fn features(raw: &RawConfig) -> Features {
     let bias = raw.attention_bias.unwrap_or(false);
-    Features { qkv_bias: bias, o_bias: bias, qk_norm: false, sliding_window: None, tied_by_default: false }
+    Features {
+        qkv_bias: bias,
+        o_bias: bias,
+        qk_norm: false,
+        sliding_window: None,
+        tied_by_default: false,
+    }
 }

@@ -11,8 +11,12 @@ pub mod qwen3;
 use crate::config::RawConfig;
 
 /// The architectures (`config.json` `architectures[0]`) oxtune can load.
-pub const SUPPORTED: &[&str] =
-    &[llama::ARCHITECTURE, mistral::ARCHITECTURE, qwen2::ARCHITECTURE, qwen3::ARCHITECTURE];
+pub const SUPPORTED: &[&str] = &[
+    llama::ARCHITECTURE,
+    mistral::ARCHITECTURE,
+    qwen2::ARCHITECTURE,
+    qwen3::ARCHITECTURE,
+];
 
 /// A model family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

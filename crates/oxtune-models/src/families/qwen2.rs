@@ -8,6 +8,16 @@ use crate::config::RawConfig;
 pub const ARCHITECTURE: &str = "Qwen2ForCausalLM";
 
 pub fn features(raw: &RawConfig) -> Features {
-    let sliding_window = if raw.use_sliding_window.unwrap_or(false) { raw.sliding_window } else { None };
-    Features { qkv_bias: true, o_bias: false, qk_norm: false, sliding_window, tied_by_default: false }
+    let sliding_window = if raw.use_sliding_window.unwrap_or(false) {
+        raw.sliding_window
+    } else {
+        None
+    };
+    Features {
+        qkv_bias: true,
+        o_bias: false,
+        qk_norm: false,
+        sliding_window,
+        tied_by_default: false,
+    }
 }

@@ -9,6 +9,16 @@ pub const ARCHITECTURE: &str = "Qwen3ForCausalLM";
 
 pub fn features(raw: &RawConfig) -> Features {
     let bias = raw.attention_bias.unwrap_or(false);
-    let sliding_window = if raw.use_sliding_window.unwrap_or(false) { raw.sliding_window } else { None };
-    Features { qkv_bias: bias, o_bias: bias, qk_norm: true, sliding_window, tied_by_default: false }
+    let sliding_window = if raw.use_sliding_window.unwrap_or(false) {
+        raw.sliding_window
+    } else {
+        None
+    };
+    Features {
+        qkv_bias: bias,
+        o_bias: bias,
+        qk_norm: true,
+        sliding_window,
+        tied_by_default: false,
+    }
 }

@@ -75,7 +75,8 @@ fn bench_infer(args: &BenchInferArgs) -> anyhow::Result<()> {
     };
     let config = model.config().clone();
     anyhow::ensure!(
-        args.prompt_tokens >= 1 && args.prompt_tokens + args.max_new_tokens < config.max_position_embeddings,
+        args.prompt_tokens >= 1
+            && args.prompt_tokens + args.max_new_tokens < config.max_position_embeddings,
         "--prompt_tokens {} + --max_new_tokens {} must be between 1 and the model's context ({})",
         args.prompt_tokens,
         args.max_new_tokens,
@@ -83,7 +84,9 @@ fn bench_infer(args: &BenchInferArgs) -> anyhow::Result<()> {
     );
     let vocab = u32::try_from(config.vocab_size)?;
     #[expect(clippy::cast_possible_truncation, reason = "ids below vocab_size")]
-    let prompt: Vec<u32> = (0..args.prompt_tokens).map(|i| ((i as u64 * 7919 + 13) % u64::from(vocab)) as u32).collect();
+    let prompt: Vec<u32> = (0..args.prompt_tokens)
+        .map(|i| ((i as u64 * 7919 + 13) % u64::from(vocab)) as u32)
+        .collect();
 
     let mut best: Option<(f64, f64)> = None;
     for repeat in 0..=args.repeats {
@@ -95,8 +98,10 @@ fn bench_infer(args: &BenchInferArgs) -> anyhow::Result<()> {
     }
     let (prefill_seconds, decode_seconds) = best.context("--repeats must be at least 1")?;
     #[expect(clippy::cast_precision_loss, reason = "token counts for rates")]
-    let (prefill_rate, decode_rate) =
-        (args.prompt_tokens as f64 / prefill_seconds, args.max_new_tokens as f64 / decode_seconds);
+    let (prefill_rate, decode_rate) = (
+        args.prompt_tokens as f64 / prefill_seconds,
+        args.max_new_tokens as f64 / decode_seconds,
+    );
     let bytes_per_token = decode_bytes(&config) * dtype.size_in_bytes();
     let bandwidth = args.bandwidth_gb_s.or(device.is_cuda().then_some(4260.0));
     #[expect(clippy::cast_precision_loss, reason = "byte counts for a rate")]
@@ -126,20 +131,29 @@ fn bench_infer(args: &BenchInferArgs) -> anyhow::Result<()> {
         args.max_new_tokens,
     );
     if let Some(bound) = bound {
-        table.push_str(&format!("bandwidth bound  {bound:.1} tokens/s -> {:.1} % reached\n", 100.0 * decode_rate / bound));
+        table.push_str(&format!(
+            "bandwidth bound  {bound:.1} tokens/s -> {:.1} % reached\n",
+            100.0 * decode_rate / bound
+        ));
     }
     #[expect(clippy::print_stdout, reason = "the report is the command's output")]
     {
         print!("{table}");
     }
     if let Some(path) = &args.output_json {
-        std::fs::write(path, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
 }
 
 /// Seconds for the prefill (to the first token) and for `new_tokens` greedy decode steps.
-fn run_once(model: &CausalLm, prompt: &[u32], new_tokens: usize, device: &Device) -> anyhow::Result<(f64, f64)> {
+fn run_once(
+    model: &CausalLm,
+    prompt: &[u32],
+    new_tokens: usize,
+    device: &Device,
+) -> anyhow::Result<(f64, f64)> {
     let mut cache = model.new_cache();
     let start = Instant::now();
     let input = Tensor::new(prompt, device)?.unsqueeze(0)?;
@@ -148,7 +162,9 @@ fn run_once(model: &CausalLm, prompt: &[u32], new_tokens: usize, device: &Device
     let prefill = start.elapsed().as_secs_f64();
     let start = Instant::now();
     for _ in 0..new_tokens {
-        next = model.forward_last(&next.unsqueeze(0)?, &mut cache)?.argmax(D::Minus1)?;
+        next = model
+            .forward_last(&next.unsqueeze(0)?, &mut cache)?
+            .argmax(D::Minus1)?;
     }
     let _: Vec<u32> = next.to_vec1()?;
     Ok((prefill, start.elapsed().as_secs_f64()))
@@ -157,6 +173,10 @@ fn run_once(model: &CausalLm, prompt: &[u32], new_tokens: usize, device: &Device
 /// Weights read per decoded token: all but the input-embedding lookup.
 fn decode_bytes(config: &ModelConfig) -> usize {
     let embedding = config.vocab_size * config.hidden_size;
-    let lm_head_separate = if config.tie_word_embeddings { embedding } else { 0 };
+    let lm_head_separate = if config.tie_word_embeddings {
+        embedding
+    } else {
+        0
+    };
     config.num_parameters() - embedding + lm_head_separate
 }

@@ -76,20 +76,40 @@ pub fn run(args: &InferArgs) -> anyhow::Result<()> {
     let model = args.model.load()?;
     let options = generate_options(args, &model);
     if let (Some(dataset), Some(result_path)) = (&args.val_dataset, &args.result_path) {
-        return run_dataset(&model, &options, args.system.as_deref(), dataset, result_path);
+        return run_dataset(
+            &model,
+            &options,
+            args.system.as_deref(),
+            dataset,
+            result_path,
+        );
     }
     if std::io::stdin().is_terminal() {
         run_interactive(&model, &options, args)
     } else {
         let mut input = String::new();
-        std::io::stdin().read_to_string(&mut input).context("reading stdin")?;
+        std::io::stdin()
+            .read_to_string(&mut input)
+            .context("reading stdin")?;
         if input.trim().is_empty() {
-            bail!("stdin is empty\nhint: pipe a question in (`echo 'Hi' | oxtune infer ...`) or run in a terminal for a chat");
+            bail!(
+                "stdin is empty\nhint: pipe a question in (`echo 'Hi' | oxtune infer ...`) or run in a terminal for a chat"
+            );
         }
-        let messages = conversation(args.system.as_deref(), vec![ChatMessage::new("user", input.trim_end())]);
+        let messages = conversation(
+            args.system.as_deref(),
+            vec![ChatMessage::new("user", input.trim_end())],
+        );
         let mut generator = Generator::new(&model);
         let mut stdout = std::io::stdout().lock();
-        let generation = answer(&model, &mut generator, &messages, &options, args.stream, &mut stdout)?;
+        let generation = answer(
+            &model,
+            &mut generator,
+            &messages,
+            &options,
+            args.stream,
+            &mut stdout,
+        )?;
         if !args.stream {
             stdout.write_all(generation.text.as_bytes())?;
         }
@@ -104,7 +124,11 @@ fn generate_options(args: &InferArgs, model: &LoadedModel) -> GenerateOptions {
     let sampling_by_default = defaults.do_sample.unwrap_or(false);
     let temperature = args
         .temperature
-        .or(if sampling_by_default { defaults.temperature.or(Some(1.0)) } else { None })
+        .or(if sampling_by_default {
+            defaults.temperature.or(Some(1.0))
+        } else {
+            None
+        })
         .unwrap_or(0.0);
     GenerateOptions {
         max_new_tokens: args.max_new_tokens,
@@ -113,7 +137,10 @@ fn generate_options(args: &InferArgs, model: &LoadedModel) -> GenerateOptions {
             top_p: args.top_p.or(defaults.top_p).unwrap_or(1.0),
             top_k: args.top_k.or(defaults.top_k).unwrap_or(0),
             min_p: args.min_p.or(defaults.min_p).unwrap_or(0.0),
-            repetition_penalty: args.repetition_penalty.or(defaults.repetition_penalty).unwrap_or(1.0),
+            repetition_penalty: args
+                .repetition_penalty
+                .or(defaults.repetition_penalty)
+                .unwrap_or(1.0),
             seed: args.seed,
         },
         stop_words: args.stop_words.clone(),
@@ -125,7 +152,9 @@ fn generate_options(args: &InferArgs, model: &LoadedModel) -> GenerateOptions {
 /// models without a template, the contents joined (with the tokenizer's special tokens).
 fn prompt_ids(model: &LoadedModel, messages: &[ChatMessage]) -> anyhow::Result<Vec<u32>> {
     Ok(match &model.chat_template {
-        Some(template) => model.tokenizer.encode(&template.render(messages, true)?, false)?,
+        Some(template) => model
+            .tokenizer
+            .encode(&template.render(messages, true)?, false)?,
         None => {
             let text: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
             model.tokenizer.encode(&text.join("\n"), true)?
@@ -134,7 +163,11 @@ fn prompt_ids(model: &LoadedModel, messages: &[ChatMessage]) -> anyhow::Result<V
 }
 
 fn conversation(system: Option<&str>, turns: Vec<ChatMessage>) -> Vec<ChatMessage> {
-    system.map(|s| ChatMessage::new("system", s)).into_iter().chain(turns).collect()
+    system
+        .map(|s| ChatMessage::new("system", s))
+        .into_iter()
+        .chain(turns)
+        .collect()
 }
 
 fn answer(
@@ -149,7 +182,10 @@ fn answer(
     let mut write_error = None;
     let generation = generator.generate(&ids, options, &mut |piece| {
         if stream && write_error.is_none() {
-            write_error = out.write_all(piece.as_bytes()).and_then(|()| out.flush()).err();
+            write_error = out
+                .write_all(piece.as_bytes())
+                .and_then(|()| out.flush())
+                .err();
         }
         Ok(())
     })?;
@@ -161,7 +197,11 @@ fn answer(
 
 const HELP: &str = "commands: /reset (new conversation), /system TEXT (set the system prompt and reset), /help, /exit";
 
-fn run_interactive(model: &LoadedModel, options: &GenerateOptions, args: &InferArgs) -> anyhow::Result<()> {
+fn run_interactive(
+    model: &LoadedModel,
+    options: &GenerateOptions,
+    args: &InferArgs,
+) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout().lock();
     let stdin = std::io::stdin();
     let mut system = args.system.clone();
@@ -177,7 +217,10 @@ fn run_interactive(model: &LoadedModel, options: &GenerateOptions, args: &InferA
             return Ok(());
         }
         let line = line.trim();
-        match line.split_once(' ').map_or((line, ""), |(command, rest)| (command, rest.trim())) {
+        match line
+            .split_once(' ')
+            .map_or((line, ""), |(command, rest)| (command, rest.trim()))
+        {
             ("", _) => continue,
             ("/exit" | "/quit", _) => return Ok(()),
             ("/help", _) => writeln!(stdout, "{HELP}")?,
@@ -190,13 +233,24 @@ fn run_interactive(model: &LoadedModel, options: &GenerateOptions, args: &InferA
                 system = (!text.is_empty()).then(|| text.to_owned());
                 turns.clear();
                 generator.reset();
-                writeln!(stdout, "(system prompt {}; conversation reset)", if system.is_some() { "set" } else { "cleared" })?;
+                writeln!(
+                    stdout,
+                    "(system prompt {}; conversation reset)",
+                    if system.is_some() { "set" } else { "cleared" }
+                )?;
             }
             _ => {
                 turns.push(ChatMessage::new("user", line));
                 let messages = conversation(system.as_deref(), turns.clone());
                 write!(stdout, ">>> ")?;
-                let generation = answer(model, &mut generator, &messages, options, args.stream, &mut stdout)?;
+                let generation = answer(
+                    model,
+                    &mut generator,
+                    &messages,
+                    options,
+                    args.stream,
+                    &mut stdout,
+                )?;
                 if !args.stream {
                     write!(stdout, "{}", generation.text)?;
                 }
@@ -214,7 +268,12 @@ struct Row {
 }
 
 fn parse_row(value: &serde_json::Value, system: Option<&str>) -> Result<Row, String> {
-    let text = |key: &str| value.get(key).and_then(serde_json::Value::as_str).map(str::to_owned);
+    let text = |key: &str| {
+        value
+            .get(key)
+            .and_then(serde_json::Value::as_str)
+            .map(str::to_owned)
+    };
     let row_system = text("system");
     let system = system.map(str::to_owned).or(row_system);
     if let Some(messages) = value.get("messages") {
@@ -234,12 +293,18 @@ fn parse_row(value: &serde_json::Value, system: Option<&str>) -> Result<Row, Str
     }
     let (query, labels) = if let Some(instruction) = text("instruction") {
         let input = text("input").unwrap_or_default();
-        let query = if input.is_empty() { instruction } else { format!("{instruction}\n{input}") };
+        let query = if input.is_empty() {
+            instruction
+        } else {
+            format!("{instruction}\n{input}")
+        };
         (query, text("output"))
     } else if let Some(query) = text("query") {
         (query, text("response"))
     } else {
-        return Err("expected `messages`, `instruction` (alpaca) or `query` (query/response)".into());
+        return Err(
+            "expected `messages`, `instruction` (alpaca) or `query` (query/response)".into(),
+        );
     };
     let mut turns = Vec::new();
     if let Some(history) = value.get("history").and_then(serde_json::Value::as_array) {
@@ -251,7 +316,10 @@ fn parse_row(value: &serde_json::Value, system: Option<&str>) -> Result<Row, Str
         }
     }
     turns.push(ChatMessage::new("user", query));
-    Ok(Row { messages: conversation(system.as_deref(), turns), labels })
+    Ok(Row {
+        messages: conversation(system.as_deref(), turns),
+        labels,
+    })
 }
 
 fn run_dataset(
@@ -261,7 +329,8 @@ fn run_dataset(
     dataset: &Path,
     result_path: &Path,
 ) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(dataset).with_context(|| format!("reading {}", dataset.display()))?;
+    let text = std::fs::read_to_string(dataset)
+        .with_context(|| format!("reading {}", dataset.display()))?;
     let mut rows = Vec::new();
     for (index, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -274,20 +343,36 @@ fn run_dataset(
         rows.push(row);
     }
     if rows.is_empty() {
-        bail!("{}: no rows\nhint: the dataset is jsonl, one JSON object per line", dataset.display());
+        bail!(
+            "{}: no rows\nhint: the dataset is jsonl, one JSON object per line",
+            dataset.display()
+        );
     }
     let progress = indicatif::ProgressBar::new(rows.len() as u64).with_style(
-        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} rows [{elapsed_precise}<{eta_precise}] {msg}")?,
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} rows [{elapsed_precise}<{eta_precise}] {msg}",
+        )?,
     );
-    let directory = result_path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(directory).with_context(|| format!("creating {}", directory.display()))?;
+    let directory = result_path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(directory)
+        .with_context(|| format!("creating {}", directory.display()))?;
     let mut output = tempfile::NamedTempFile::new_in(directory)
         .with_context(|| format!("creating a temporary file in {}", directory.display()))?;
     let mut generator = Generator::new(model);
     let mut generated_tokens = 0;
     for row in &rows {
         generator.reset();
-        let generation = answer(model, &mut generator, &row.messages, options, false, &mut std::io::sink())?;
+        let generation = answer(
+            model,
+            &mut generator,
+            &row.messages,
+            options,
+            false,
+            &mut std::io::sink(),
+        )?;
         generated_tokens += generation.token_ids.len();
         let record = serde_json::json!({
             "messages": row.messages,
@@ -307,7 +392,9 @@ fn run_dataset(
         progress.set_message(format!("{rate:.1} tokens/s"));
     }
     output.as_file().sync_all()?;
-    output.persist(result_path).with_context(|| format!("writing {}", result_path.display()))?;
+    output
+        .persist(result_path)
+        .with_context(|| format!("writing {}", result_path.display()))?;
     progress.finish_and_clear();
     tracing::info!(rows = rows.len(), path = %result_path.display(), "wrote answers");
     Ok(())
@@ -323,18 +410,32 @@ mod tests {
             &serde_json::json!({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}),
             Some("be brief"),
         )?;
-        assert_eq!(messages.messages, [ChatMessage::new("system", "be brief"), ChatMessage::new("user", "hi")]);
+        assert_eq!(
+            messages.messages,
+            [
+                ChatMessage::new("system", "be brief"),
+                ChatMessage::new("user", "hi")
+            ]
+        );
         assert_eq!(messages.labels.as_deref(), Some("hello"));
 
-        let alpaca = parse_row(&serde_json::json!({"instruction": "写PRD", "input": "登录", "output": "1. 概述"}), None)?;
+        let alpaca = parse_row(
+            &serde_json::json!({"instruction": "写PRD", "input": "登录", "output": "1. 概述"}),
+            None,
+        )?;
         assert_eq!(alpaca.messages, [ChatMessage::new("user", "写PRD\n登录")]);
         assert_eq!(alpaca.labels.as_deref(), Some("1. 概述"));
 
-        let query = parse_row(&serde_json::json!({"query": "q2", "history": [["q1", "a1"]], "system": "s"}), None)?;
+        let query = parse_row(
+            &serde_json::json!({"query": "q2", "history": [["q1", "a1"]], "system": "s"}),
+            None,
+        )?;
         assert_eq!(query.messages.len(), 4);
         assert_eq!(query.messages[0], ChatMessage::new("system", "s"));
 
-        let bad = parse_row(&serde_json::json!({"text": "x"}), None).err().unwrap_or_default();
+        let bad = parse_row(&serde_json::json!({"text": "x"}), None)
+            .err()
+            .unwrap_or_default();
         assert!(bad.contains("expected `messages`"), "{bad}");
         Ok(())
     }

@@ -58,7 +58,8 @@ impl ModelArgs {
             ModelSource::Gguf(file) => gguf_cache_dir(file, dtype)?,
         };
         tracing::info!(model = %dir.display(), ?device, ?dtype, "loading");
-        LoadedModel::load(&dir, &device, dtype).with_context(|| format!("loading {}", source.path().display()))
+        LoadedModel::load(&dir, &device, dtype)
+            .with_context(|| format!("loading {}", source.path().display()))
     }
 }
 
@@ -70,12 +71,18 @@ fn gguf_cache_dir(file: &std::path::Path, _dtype: DType) -> anyhow::Result<PathB
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,oxtune=info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
 }
 
 /// Whether the error chain holds a broken pipe (`oxtune infer | head` is a success).
 pub fn is_broken_pipe(error: &anyhow::Error) -> bool {
     error.chain().any(|cause| {
-        cause.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
     })
 }

@@ -1,0 +1,186 @@
+//! Parity with Hugging Face transformers on the tiny fixture models of
+//! `tests/fixtures/` (made by `tools/make_fixtures.py`): f32 CPU logits within 1e-4,
+//! identical greedy continuations, byte-identical chat templates and template tokenization.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, ensure};
+use oxtune_models::{ChatMessage, KvCache, LoadedModel};
+use oxtune_tensor::{D, DType, Device, Tensor};
+use serde::Deserialize;
+
+const LOGITS_TOLERANCE: f32 = 1e-4;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(name)
+}
+
+#[derive(Deserialize)]
+struct Reference {
+    greedy: Vec<Greedy>,
+    templates: Vec<TemplateCase>,
+    template_token_ids: TemplateTokens,
+}
+
+#[derive(Deserialize)]
+struct Greedy {
+    prompt_ids: Vec<u32>,
+    output_ids: Vec<u32>,
+}
+
+#[derive(Deserialize)]
+struct TemplateCase {
+    messages: Vec<ChatMessage>,
+    add_generation_prompt: bool,
+    rendered: String,
+}
+
+#[derive(Deserialize)]
+struct TemplateTokens {
+    rendered: String,
+    ids: Vec<u32>,
+}
+
+fn load(name: &str) -> anyhow::Result<(LoadedModel, Reference)> {
+    let dir = fixture(name);
+    let model = LoadedModel::load(&dir, &Device::Cpu, DType::F32)?;
+    let text =
+        std::fs::read_to_string(dir.join("reference.json")).context("reading reference.json")?;
+    Ok((model, serde_json::from_str(&text)?))
+}
+
+/// Max |a - b| with the position and the first values side by side on failure (llm.c style).
+fn check_close(name: &str, ours: &Tensor, theirs: &Tensor, tolerance: f32) -> anyhow::Result<()> {
+    ensure!(
+        ours.dims() == theirs.dims(),
+        "{name}: shape {:?} vs {:?}",
+        ours.dims(),
+        theirs.dims()
+    );
+    let ours: Vec<f32> = ours.flatten_all()?.to_vec1()?;
+    let theirs: Vec<f32> = theirs.flatten_all()?.to_vec1()?;
+    let (worst, max_diff) = ours
+        .iter()
+        .zip(&theirs)
+        .map(|(a, b)| (a - b).abs())
+        .enumerate()
+        .fold(
+            (0, 0f32),
+            |acc, (i, d)| if d > acc.1 { (i, d) } else { acc },
+        );
+    ensure!(
+        max_diff <= tolerance,
+        "{name}: max |diff| {max_diff:e} at flat index {worst} > {tolerance:e}\n  ours:   {:?}\n  theirs: {:?}",
+        &ours[..5.min(ours.len())],
+        &theirs[..5.min(theirs.len())]
+    );
+    Ok(())
+}
+
+fn logits_match(name: &str) -> anyhow::Result<()> {
+    let (model, _) = load(name)?;
+    let tensors = oxtune_tensor::candle::safetensors::load(
+        fixture(name).join("reference.safetensors"),
+        &Device::Cpu,
+    )?;
+    let input_ids = tensors
+        .get("input_ids")
+        .context("input_ids")?
+        .to_dtype(DType::U32)?;
+    let expected = tensors.get("logits").context("logits")?;
+    let logits = model
+        .model
+        .forward(&input_ids, &mut model.model.new_cache())?;
+    check_close(
+        &format!("{name} logits"),
+        &logits,
+        expected,
+        LOGITS_TOLERANCE,
+    )?;
+
+    // The same logits come out when the sequence is fed in two chunks through the KV cache.
+    let (_, t) = input_ids.dims2()?;
+    let first = input_ids.narrow(1, 0, t / 2)?;
+    let second = input_ids.narrow(1, t / 2, t - t / 2)?;
+    let mut cache: KvCache = model.model.new_cache();
+    let head = model.model.forward(&first, &mut cache)?;
+    let tail = model.model.forward(&second, &mut cache)?;
+    check_close(
+        &format!("{name} cached logits"),
+        &Tensor::cat(&[head, tail], 1)?,
+        expected,
+        LOGITS_TOLERANCE,
+    )
+}
+
+fn greedy_matches(name: &str) -> anyhow::Result<()> {
+    let (model, reference) = load(name)?;
+    for case in &reference.greedy {
+        let mut cache = model.model.new_cache();
+        let mut input = Tensor::new(case.prompt_ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+        let mut output = Vec::new();
+        for _ in 0..case.output_ids.len() {
+            let next: u32 = model
+                .model
+                .forward_last(&input, &mut cache)?
+                .argmax(D::Minus1)?
+                .squeeze(0)?
+                .to_scalar()?;
+            output.push(next);
+            input = Tensor::new(&[next], &Device::Cpu)?.unsqueeze(0)?;
+        }
+        ensure!(
+            output == case.output_ids,
+            "{name} greedy:\n  ours:   {output:?}\n  theirs: {:?}",
+            case.output_ids
+        );
+    }
+    Ok(())
+}
+
+fn templates_match(name: &str) -> anyhow::Result<()> {
+    let (model, reference) = load(name)?;
+    let template = model
+        .chat_template
+        .as_ref()
+        .context("the fixture has a chat template")?;
+    for case in &reference.templates {
+        let rendered = template.render(&case.messages, case.add_generation_prompt)?;
+        ensure!(
+            rendered == case.rendered,
+            "{name} template (add_generation_prompt={}):\n--- ours\n{rendered}\n--- transformers\n{}",
+            case.add_generation_prompt,
+            case.rendered
+        );
+    }
+    let ids = model
+        .tokenizer
+        .encode(&reference.template_token_ids.rendered, false)?;
+    ensure!(
+        ids == reference.template_token_ids.ids,
+        "{name} template tokens:\n  ours:   {ids:?}\n  theirs: {:?}",
+        reference.template_token_ids.ids
+    );
+    Ok(())
+}
+
+macro_rules! parity_tests {
+    ($($module:ident => $fixture:literal),* $(,)?) => {$(
+        mod $module {
+            #[test]
+            fn logits() -> anyhow::Result<()> { super::logits_match($fixture) }
+            #[test]
+            fn greedy() -> anyhow::Result<()> { super::greedy_matches($fixture) }
+            #[test]
+            fn chat_template() -> anyhow::Result<()> { super::templates_match($fixture) }
+        }
+    )*};
+}
+
+parity_tests! {
+    llama => "tiny-llama",
+    qwen2 => "tiny-qwen2",
+    qwen3 => "tiny-qwen3",
+}
