@@ -21,7 +21,16 @@ fn fixture(name: &str) -> PathBuf {
 struct Reference {
     greedy: Vec<Greedy>,
     templates: Vec<TemplateCase>,
+    templates_with_tools: Vec<ToolsCase>,
     template_token_ids: TemplateTokens,
+}
+
+#[derive(Deserialize)]
+struct ToolsCase {
+    messages: Vec<ChatMessage>,
+    tools: serde_json::Value,
+    add_generation_prompt: bool,
+    rendered: String,
 }
 
 #[derive(Deserialize)]
