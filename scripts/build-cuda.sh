@@ -4,7 +4,7 @@
 # libcuda, cuBLAS and friends at run time (dlopen), so it runs wherever a CUDA 13 driver and
 # the CUDA 13 libraries are present (set LD_LIBRARY_PATH to them).
 #
-#   scripts/build-cuda.sh            # release build into .gpu/oxtune
+#   scripts/build-cuda.sh            # release builds: .gpu/oxtune and .gpu/parity (test)
 #
 # Steps: (1) nvcc from PyPI pinned to CUDA 13.0 (the driver can only JIT PTX from a toolkit no
 # newer than itself), (2) a copy of candle-core 0.11.1 switched from cudarc's link-time
@@ -41,12 +41,18 @@ fi
 
 # Build from a copy of the sources so the patch never touches the checkout's Cargo.lock.
 workspace=$root/target/cuda-workspace
+rm -rf "$workspace"
 mkdir -p "$workspace"
 cp -r Cargo.toml Cargo.lock crates "$workspace/"
-(cd "$workspace" && cargo build --release --features cuda -p "${OXTUNE_CUDA_PACKAGE:-oxtune}" \
-    --target-dir "$root/target/cuda" \
-    --config "patch.crates-io.candle-core.path=\"$patched\"")
-[ "${OXTUNE_CUDA_PACKAGE:-oxtune}" = oxtune ] || exit 0
+cargo_cuda() {
+    (cd "$workspace" && cargo "$@" --release --features cuda --target-dir "$root/target/cuda" \
+        --config "patch.crates-io.candle-core.path=\"$patched\"")
+}
+cargo_cuda build -p oxtune
 mkdir -p .gpu
 cp target/cuda/release/oxtune .gpu/oxtune
-echo "built .gpu/oxtune"
+# The transformers parity test, run on the GPU with OXTUNE_TEST_DEVICE=cuda (see its docs).
+parity=$(cargo_cuda test -p oxtune-models --test parity --no-run --message-format=json \
+    | python3 -c 'import json,sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable")][-1])')
+cp "$parity" .gpu/parity
+echo "built .gpu/oxtune and .gpu/parity"

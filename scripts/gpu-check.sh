@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# On an H100/H200 machine with the CUDA 13 libraries: the transformers parity test on the
+# GPU (f32 and bf16) and the first decode-speed measurements. Expects the binaries of
+# scripts/build-cuda.sh in .gpu/ and the demo model in models/. Results go to $OUT (or
+# ./gpu-results).
+#
+#   scripts/gpu-check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-gpu-results}
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+
+export OXTUNE_FIXTURES=$PWD/tests/fixtures RUST_BACKTRACE=1
+echo "== parity on cuda, float32"
+OXTUNE_TEST_DEVICE=cuda .gpu/parity --test-threads 1 2>&1 | tee "$out/parity-f32.txt"
+echo "== parity on cuda, bfloat16"
+OXTUNE_TEST_DEVICE=cuda OXTUNE_TEST_DTYPE=bfloat16 .gpu/parity --test-threads 1 2>&1 | tee "$out/parity-bf16.txt"
+
+bench() {
+    local name=$1; shift
+    echo "== bench infer: $name"
+    .gpu/oxtune bench infer --device cuda "$@" --output_json "$out/bench-$name.json" 2>&1 | tee -a "$out/bench.txt"
+}
+if [ -f models/SmolLM2-135M-Instruct/config.json ]; then
+    echo "== demo model answers on cuda"
+    echo "What is the capital of France?" | .gpu/oxtune infer --model models/SmolLM2-135M-Instruct --device cuda --max_new_tokens 40 2>&1 | tee "$out/demo-answer.txt"
+    bench smollm2-135m --model models/SmolLM2-135M-Instruct --prompt_tokens 512 --max_new_tokens 256
+fi
+bench qwen3-0.6b --config tools/bench/configs/qwen3-0.6b.json --prompt_tokens 512 --max_new_tokens 256
+bench qwen3-8b --config tools/bench/configs/qwen3-8b.json --prompt_tokens 512 --max_new_tokens 128 --repeats 2
