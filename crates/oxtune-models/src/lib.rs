@@ -28,7 +28,7 @@ pub use error::{Error, Result};
 pub use generation::GenerationConfig;
 pub use resolve::{ModelSource, SearchPaths};
 pub use tokenizer::Tokenizer;
-pub use transformer::{CausalLm, KvCache};
+pub use transformer::{BatchLayout, CausalLm, KvCache};
 
 /// Everything needed to run a checkpoint.
 #[derive(Debug)]

@@ -62,8 +62,8 @@ pub fn inverse_frequencies(head_dim: usize, theta: f64, scaling: &RopeScaling) -
 /// Precomputed `cos` and `sin` tables, (max_positions, head_dim / 2).
 #[derive(Debug, Clone)]
 pub struct RotaryEmbedding {
-    cos: Tensor,
-    sin: Tensor,
+    pub(crate) cos: Tensor,
+    pub(crate) sin: Tensor,
 }
 
 impl RotaryEmbedding {

@@ -138,6 +138,80 @@ impl KvCache {
     }
 }
 
+/// How attention sees context in one forward call; built once and shared by every layer.
+struct AttentionContext<'a> {
+    /// RoPE tables for the new tokens: (t, d/2), or (b, t, d/2) when rows differ.
+    cos: Tensor,
+    sin: Tensor,
+    /// Additive mask broadcastable to (b, h, t, p + t); `None` when every key is visible.
+    mask: Option<Tensor>,
+    /// Keys/values of earlier tokens (inference); `None` in training.
+    cache: Option<&'a mut KvCache>,
+}
+
+/// Positions and visibility of a training batch, for [`CausalLm::forward_batch`].
+#[derive(Debug, Clone)]
+pub struct BatchLayout {
+    /// (b, t) u32: each token's position within its own sample.
+    positions: Tensor,
+    /// (b, 1, t, t) f32 additive mask: causal within a sample, nothing across samples.
+    mask: Tensor,
+}
+
+impl BatchLayout {
+    /// Layout of rows made of consecutive samples. `sample_lengths[row]` lists the lengths of
+    /// the samples packed into that row; positions after them (padding up to `t`) each form a
+    /// sample of one token, so they see only themselves and never produce NaNs.
+    /// `sliding_window` is the model's (`ModelConfig::sliding_window`).
+    pub fn packed(
+        sample_lengths: &[Vec<usize>],
+        t: usize,
+        sliding_window: Option<usize>,
+        device: &oxtune_tensor::Device,
+    ) -> Result<Self> {
+        let mut positions = Vec::with_capacity(sample_lengths.len() * t);
+        let mut segments = Vec::with_capacity(sample_lengths.len());
+        for lengths in sample_lengths {
+            let used: usize = lengths.iter().sum();
+            if used > t {
+                return Err(oxtune_tensor::candle::Error::Msg(format!(
+                    "samples of {used} tokens do not fit a row of {t}"
+                ))
+                .into());
+            }
+            let mut row = Vec::with_capacity(t);
+            for (sample, &length) in lengths
+                .iter()
+                .chain(std::iter::repeat_n(&1, t - used))
+                .enumerate()
+            {
+                let sample = u32::try_from(sample).map_err(oxtune_tensor::candle::Error::wrap)?;
+                for position in 0..length {
+                    positions
+                        .push(u32::try_from(position).map_err(oxtune_tensor::candle::Error::wrap)?);
+                    row.push(sample);
+                }
+            }
+            segments.push(row);
+        }
+        Ok(Self {
+            positions: Tensor::from_vec(positions, (sample_lengths.len(), t), device)?,
+            mask: ops::packed_causal_mask(&segments, sliding_window, DType::F32, device)?,
+        })
+    }
+
+    /// One sample per row (plain causal attention), padded at the end to `t`.
+    pub fn unpacked(
+        lengths: &[usize],
+        t: usize,
+        sliding_window: Option<usize>,
+        device: &oxtune_tensor::Device,
+    ) -> Result<Self> {
+        let rows: Vec<Vec<usize>> = lengths.iter().map(|&length| vec![length]).collect();
+        Self::packed(&rows, t, sliding_window, device)
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Attention {
     q_proj: Linear,
@@ -149,7 +223,6 @@ struct Attention {
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
-    sliding_window: Option<usize>,
 }
 
 impl Attention {
@@ -194,20 +267,17 @@ impl Attention {
             num_heads: h,
             num_kv_heads: kv_h,
             head_dim: d,
-            sliding_window: cfg.sliding_window,
         })
     }
 
     fn forward(
         &self,
         xs: &Tensor,
-        rope: &RotaryEmbedding,
-        cache: &mut KvCache,
+        context: &mut AttentionContext<'_>,
         layer: usize,
     ) -> Result<Tensor> {
         let (b, t, _) = xs.dims3()?;
         let (h, kv_h, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let past = cache.len();
 
         // 1. Project: (b, t, c) -> (b, t, heads, d)
         let q = self.q_proj.forward(xs)?.reshape((b, t, h, d))?;
@@ -224,16 +294,18 @@ impl Attention {
             None => k,
         };
 
-        // 3. (b, t, heads, d) -> (b, heads, t, d), RoPE at positions past .. past + t
+        // 3. (b, t, heads, d) -> (b, heads, t, d), RoPE at each token's position
         let q = q.transpose(1, 2)?.contiguous()?;
         let k = k.transpose(1, 2)?.contiguous()?;
         let v = v.transpose(1, 2)?.contiguous()?;
-        let (cos, sin) = rope.tables(past, t)?;
-        let q = ops::rope(&q, &cos, &sin)?;
-        let k = ops::rope(&k, &cos, &sin)?;
+        let q = ops::rope(&q, &context.cos, &context.sin)?;
+        let k = ops::rope(&k, &context.cos, &context.sin)?;
 
         // 4. Append to the cache: (b, kv_h, p + t, d), then share kv heads across groups
-        let (k, v) = cache.append(layer, k, v)?;
+        let (k, v) = match context.cache.as_deref_mut() {
+            Some(cache) => cache.append(layer, k, v)?,
+            None => (k, v),
+        };
         let k = ops::repeat_kv(&k, h / kv_h)?.contiguous()?;
         let v = ops::repeat_kv(&v, h / kv_h)?.contiguous()?;
 
@@ -241,12 +313,9 @@ impl Attention {
         #[expect(clippy::cast_precision_loss, reason = "head_dim is small")]
         let scale = 1.0 / (d as f64).sqrt();
         let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
-        let needs_mask = t > 1 || self.sliding_window.is_some_and(|w| past + t > w);
-        let scores = if needs_mask {
-            let mask = ops::causal_mask(t, past, self.sliding_window, DType::F32, xs.device())?;
-            scores.broadcast_add(&mask)?
-        } else {
-            scores
+        let scores = match &context.mask {
+            Some(mask) => scores.broadcast_add(mask)?,
+            None => scores,
         };
         let probs = ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
 
@@ -312,13 +381,12 @@ impl DecoderLayer {
     fn forward(
         &self,
         xs: &Tensor,
-        rope: &RotaryEmbedding,
-        cache: &mut KvCache,
+        context: &mut AttentionContext<'_>,
         layer: usize,
     ) -> Result<Tensor> {
         let attention =
             self.self_attn
-                .forward(&self.input_layernorm.forward(xs)?, rope, cache, layer)?;
+                .forward(&self.input_layernorm.forward(xs)?, context, layer)?;
         let xs = (xs + attention)?;
         let mlp = self
             .mlp
@@ -390,6 +458,65 @@ impl CausalLm {
     /// Final hidden states after the last norm: input_ids (b, t) -> (b, t, c). The tokens
     /// are placed after those already in `cache`, which grows by t.
     pub fn forward_hidden(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let t = input_ids.dim(1)?;
+        let past = cache.len();
+        let (cos, sin) = self.rope.tables(past, t)?;
+        let window = self.config.sliding_window;
+        let mask = if t > 1 || window.is_some_and(|w| past + t > w) {
+            Some(ops::causal_mask(
+                t,
+                past,
+                window,
+                DType::F32,
+                input_ids.device(),
+            )?)
+        } else {
+            None
+        };
+        let hidden = self.run_layers(
+            input_ids,
+            &mut AttentionContext {
+                cos,
+                sin,
+                mask,
+                cache: Some(&mut *cache),
+            },
+        )?;
+        cache.len += t;
+        Ok(hidden)
+    }
+
+    /// Logits of a training batch without a cache: input_ids (b, t) -> (b, t, v), with each
+    /// token's position and visibility given by `layout` (packed samples never see each other).
+    pub fn forward_batch(&self, input_ids: &Tensor, layout: &BatchLayout) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let half = self.config.head_dim / 2;
+        let positions = layout.positions.flatten_all()?;
+        let cos = self
+            .rope
+            .cos
+            .index_select(&positions, 0)?
+            .reshape((b, t, half))?;
+        let sin = self
+            .rope
+            .sin
+            .index_select(&positions, 0)?
+            .reshape((b, t, half))?;
+        let mask = Some(layout.mask.clone());
+        let hidden = self.run_layers(
+            input_ids,
+            &mut AttentionContext {
+                cos,
+                sin,
+                mask,
+                cache: None,
+            },
+        )?;
+        self.lm_head(&hidden)
+    }
+
+    /// Embedding, every decoder layer, final norm: (b, t) -> (b, t, c).
+    fn run_layers(&self, input_ids: &Tensor, context: &mut AttentionContext<'_>) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         let c = self.config.hidden_size;
         let mut xs = self
@@ -397,9 +524,8 @@ impl CausalLm {
             .index_select(&input_ids.flatten_all()?, 0)?
             .reshape((b, t, c))?;
         for (index, layer) in self.layers.iter().enumerate() {
-            xs = layer.forward(&xs, &self.rope, cache, index)?;
+            xs = layer.forward(&xs, context, index)?;
         }
-        cache.len += t;
         self.norm.forward(&xs)
     }
 

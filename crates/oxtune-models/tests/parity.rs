@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, ensure};
-use oxtune_models::{ChatMessage, KvCache, LoadedModel};
+use oxtune_models::{BatchLayout, ChatMessage, KvCache, LoadedModel};
 use oxtune_tensor::{D, DType, Device, Tensor};
 use serde::Deserialize;
 
@@ -96,7 +96,7 @@ fn check_close(name: &str, ours: &Tensor, theirs: &Tensor, tolerance: f32) -> an
         ours.dims(),
         theirs.dims()
     );
-    let ours: Vec<f32> = ours.flatten_all()?.to_vec1()?;
+    let ours: Vec<f32> = ours.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     let theirs: Vec<f32> = theirs.flatten_all()?.to_vec1()?;
     let (worst, max_diff) = ours
         .iter()
@@ -118,27 +118,25 @@ fn check_close(name: &str, ours: &Tensor, theirs: &Tensor, tolerance: f32) -> an
 
 fn logits_match(name: &str) -> anyhow::Result<()> {
     let (model, _) = load(name)?;
+    let (device, dtype) = target()?;
     let tensors = oxtune_tensor::candle::safetensors::load(
         fixture(name).join("reference.safetensors"),
-        &Device::Cpu,
+        &device,
     )?;
     let input_ids = tensors
         .get("input_ids")
         .context("input_ids")?
         .to_dtype(DType::U32)?;
     let expected = tensors.get("logits").context("logits")?;
+    let scale: f32 = expected.abs()?.flatten_all()?.max(0)?.to_scalar()?;
+    let tolerance = tolerance(dtype, scale);
     let logits = model
         .model
         .forward(&input_ids, &mut model.model.new_cache())?;
-    check_close(
-        &format!("{name} logits"),
-        &logits,
-        expected,
-        LOGITS_TOLERANCE,
-    )?;
+    check_close(&format!("{name} logits"), &logits, expected, tolerance)?;
 
     // The same logits come out when the sequence is fed in two chunks through the KV cache.
-    let (_, t) = input_ids.dims2()?;
+    let (b, t) = input_ids.dims2()?;
     let first = input_ids.narrow(1, 0, t / 2)?;
     let second = input_ids.narrow(1, t / 2, t - t / 2)?;
     let mut cache: KvCache = model.model.new_cache();
@@ -148,7 +146,31 @@ fn logits_match(name: &str) -> anyhow::Result<()> {
         &format!("{name} cached logits"),
         &Tensor::cat(&[head, tail], 1)?,
         expected,
-        LOGITS_TOLERANCE,
+        tolerance,
+    )?;
+
+    // The training forward (no cache, explicit layout) gives them too ...
+    let window = model.config.sliding_window;
+    let layout = BatchLayout::unpacked(&vec![t; b], t, window, &device)?;
+    check_close(
+        &format!("{name} batch logits"),
+        &model.model.forward_batch(&input_ids, &layout)?,
+        expected,
+        tolerance,
+    )?;
+
+    // ... and so does packing both rows into one: attention never crosses the samples.
+    let packed_ids = Tensor::cat(&[input_ids.get(0)?, input_ids.get(1)?], 0)?.unsqueeze(0)?;
+    let layout = BatchLayout::packed(&[vec![t, t]], 2 * t, window, &device)?;
+    let packed = model
+        .model
+        .forward_batch(&packed_ids, &layout)?
+        .reshape(expected.dims())?;
+    check_close(
+        &format!("{name} packed logits"),
+        &packed,
+        expected,
+        tolerance,
     )
 }
 
@@ -193,6 +215,18 @@ fn templates_match(name: &str) -> anyhow::Result<()> {
             rendered == case.rendered,
             "{name} template (add_generation_prompt={}):\n--- ours\n{rendered}\n--- transformers\n{}",
             case.add_generation_prompt,
+            case.rendered
+        );
+    }
+    for case in &reference.templates_with_tools {
+        let rendered = template.render_with_tools(
+            &case.messages,
+            case.add_generation_prompt,
+            Some(&case.tools),
+        )?;
+        ensure!(
+            rendered == case.rendered,
+            "{name} template with tools:\n--- ours\n{rendered}\n--- transformers\n{}",
             case.rendered
         );
     }

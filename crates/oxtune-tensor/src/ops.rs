@@ -45,7 +45,8 @@ pub fn rms_norm_reference(xs: &Tensor, weight: &Tensor, eps: f64) -> Result<Tens
 /// Rotary position embedding in the "rotate half" layout used by Hugging Face Llama, Qwen
 /// and Mistral checkpoints.
 ///
-/// `xs`: (b, h, t, d); `cos`, `sin`: (t, d/2) for the positions of `xs`.
+/// `xs`: (b, h, t, d); `cos`, `sin`: (t, d/2) shared by the batch, or (b, t, d/2) per row
+/// (packed samples restart their positions).
 pub fn rope(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if xs.track_op() {
         return rope_reference(xs, cos, sin);
@@ -56,12 +57,16 @@ pub fn rope(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 /// The differentiable reference for [`rope`]: `x * cos + rotate_half(x) * sin`.
 pub fn rope_reference(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let half = xs.dim(D::Minus1)? / 2;
-    let cos = Tensor::cat(&[cos, cos], D::Minus1)?
-        .unsqueeze(0)?
-        .unsqueeze(0)?;
-    let sin = Tensor::cat(&[sin, sin], D::Minus1)?
-        .unsqueeze(0)?
-        .unsqueeze(0)?;
+    // (t, d/2) -> (1, 1, t, d); (b, t, d/2) -> (b, 1, t, d)
+    let per_head = |table: &Tensor| -> Result<Tensor> {
+        let full = Tensor::cat(&[table, table], D::Minus1)?;
+        if full.rank() == 2 {
+            full.unsqueeze(0)?.unsqueeze(0)
+        } else {
+            full.unsqueeze(1)
+        }
+    };
+    let (cos, sin) = (per_head(cos)?, per_head(sin)?);
     let first = xs.narrow(D::Minus1, 0, half)?;
     let second = xs.narrow(D::Minus1, half, half)?;
     let rotated = Tensor::cat(&[&second.neg()?, &first], D::Minus1)?;
@@ -124,6 +129,38 @@ pub fn causal_mask(
     Tensor::from_vec(mask, (new_tokens, total), device)?.to_dtype(dtype)
 }
 
+/// Additive attention mask for rows of packed samples: (b, 1, t, t), 0 where query i may
+/// look at key j (same sample, j <= i) and -inf elsewhere. `segments[row][position]` is the
+/// sample a token belongs to; give each padding token a segment of its own.
+/// `sliding_window` limits how far back a query looks (Mistral).
+pub fn packed_causal_mask(
+    segments: &[Vec<u32>],
+    sliding_window: Option<usize>,
+    dtype: DType,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    let b = segments.len();
+    let t = segments.first().map_or(0, Vec::len);
+    let mut mask = Vec::with_capacity(b * t * t);
+    for row in segments {
+        if row.len() != t {
+            candle_core::bail!(
+                "packed_causal_mask: rows of different lengths ({} and {t})",
+                row.len()
+            );
+        }
+        for i in 0..t {
+            for j in 0..t {
+                let visible = j <= i
+                    && row[i] == row[j]
+                    && sliding_window.is_none_or(|window| i - j < window);
+                mask.push(if visible { 0f32 } else { f32::NEG_INFINITY });
+            }
+        }
+    }
+    Tensor::from_vec(mask, (b, 1, t, t), device)?.to_dtype(dtype)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -145,6 +182,14 @@ mod tests {
         let sin = Tensor::randn(0f32, 1.0, (5, 4), &device)?;
         let fused = rope(&xs, &cos, &sin)?;
         assert!(max_abs_diff(&fused, &rope_reference(&xs, &cos, &sin)?)? < 1e-5);
+
+        let cos = Tensor::randn(0f32, 1.0, (2, 5, 4), &device)?;
+        let sin = Tensor::randn(0f32, 1.0, (2, 5, 4), &device)?;
+        let fused = rope(&xs, &cos, &sin)?;
+        assert!(
+            max_abs_diff(&fused, &rope_reference(&xs, &cos, &sin)?)? < 1e-5,
+            "per-row tables"
+        );
 
         let fused = softmax_last_dim(&xs)?;
         assert!(max_abs_diff(&fused, &softmax_reference(&xs)?)? < 1e-6);
@@ -204,6 +249,20 @@ mod tests {
                 "element {i}: {numeric} vs {analytic}"
             );
         }
+        Ok(())
+    }
+
+    #[test]
+    fn packed_mask_keeps_samples_apart() -> Result<()> {
+        let mask = packed_causal_mask(&[vec![0, 0, 1, 1]], None, DType::F32, &Device::Cpu)?;
+        let rows = mask.squeeze(0)?.squeeze(0)?.to_vec2::<f32>()?;
+        let visible: Vec<Vec<bool>> = rows
+            .iter()
+            .map(|r| r.iter().map(|v| *v == 0.0).collect())
+            .collect();
+        assert_eq!(visible[1], [true, true, false, false]);
+        assert_eq!(visible[2], [false, false, true, false]);
+        assert_eq!(visible[3], [false, false, true, true]);
         Ok(())
     }
 
