@@ -17,10 +17,20 @@ use crate::checkpoint::WeightSource;
 use crate::config::ModelConfig;
 use crate::rope::RotaryEmbedding;
 
-/// A linear layer `y = x W^T + b` with `W`: (out, in).
+/// What a tuner puts into a linear layer (LoRA, DoRA, …): given the input and the frozen base
+/// layer, it returns the adapted layer's output. The model code never knows which tuner is
+/// in use.
+pub trait Adapter: std::fmt::Debug + Send + Sync {
+    /// (.., in) -> (.., out)
+    fn forward(&self, xs: &Tensor, base: &Linear) -> Result<Tensor>;
+}
+
+/// A linear layer `y = x W^T + b` with `W`: (out, in), optionally adapted by a tuner.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    inner: oxtune_tensor::nn::Linear,
+    weight: Tensor,
+    bias: Option<Tensor>,
+    adapter: Option<std::sync::Arc<dyn Adapter>>,
 }
 
 impl Linear {
@@ -38,18 +48,49 @@ impl Linear {
             None
         };
         Ok(Self {
-            inner: oxtune_tensor::nn::Linear::new(weight, bias),
+            weight,
+            bias,
+            adapter: None,
         })
     }
 
     /// The weight, (out, in).
     pub fn weight(&self) -> &Tensor {
-        self.inner.weight()
+        &self.weight
     }
 
+    /// The bias, (out,), if the layer has one.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// The adapter, if a tuner attached one.
+    pub fn adapter(&self) -> Option<&std::sync::Arc<dyn Adapter>> {
+        self.adapter.as_ref()
+    }
+
+    /// Attaches (or with `None`, removes) an adapter.
+    pub fn set_adapter(&mut self, adapter: Option<std::sync::Arc<dyn Adapter>>) {
+        self.adapter = adapter;
+    }
+
+    /// The weight and bias tensors, for replacing them (trainable copies, merged weights).
+    pub fn tensors_mut(&mut self) -> (&mut Tensor, Option<&mut Tensor>) {
+        (&mut self.weight, self.bias.as_mut())
+    }
+
+    /// The adapted output when an adapter is attached, else the base output.
     /// (.., in) -> (.., out)
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        Ok(self.inner.forward(xs)?)
+        match &self.adapter {
+            Some(adapter) => adapter.forward(xs, self),
+            None => self.base_forward(xs),
+        }
+    }
+
+    /// `x W^T + b`, ignoring any adapter.
+    pub fn base_forward(&self, xs: &Tensor) -> Result<Tensor> {
+        Ok(oxtune_tensor::nn::Linear::new(self.weight.clone(), self.bias.clone()).forward(xs)?)
     }
 }
 
@@ -61,6 +102,11 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
+    /// The scale, for replacing it (trainable copies).
+    pub fn weight_mut(&mut self) -> &mut Tensor {
+        &mut self.weight
+    }
+
     fn load(weights: &dyn WeightSource, name: &str, size: usize, eps: f64) -> Result<Self> {
         Ok(Self {
             weight: weights.get(&format!("{name}.weight"), &[size])?,
@@ -357,6 +403,44 @@ struct DecoderLayer {
     mlp: Mlp,
 }
 
+/// A block's attention and MLP linear layers, and its q/k norms (Qwen3), under their names
+/// relative to the block.
+#[expect(clippy::type_complexity, reason = "two named lists of borrows")]
+fn block_parts<'a>(
+    attention: &'a mut Attention,
+    mlp: &'a mut Mlp,
+) -> (
+    Vec<(&'static str, &'a mut Linear)>,
+    Vec<(&'static str, &'a mut RmsNorm)>,
+) {
+    let Attention {
+        q_proj,
+        k_proj,
+        v_proj,
+        o_proj,
+        q_norm,
+        k_norm,
+        ..
+    } = attention;
+    let linears = vec![
+        ("self_attn.q_proj", q_proj),
+        ("self_attn.k_proj", k_proj),
+        ("self_attn.v_proj", v_proj),
+        ("self_attn.o_proj", o_proj),
+        ("mlp.gate_proj", &mut mlp.gate_proj),
+        ("mlp.up_proj", &mut mlp.up_proj),
+        ("mlp.down_proj", &mut mlp.down_proj),
+    ];
+    let norms = [
+        ("self_attn.q_norm", q_norm.as_mut()),
+        ("self_attn.k_norm", k_norm.as_mut()),
+    ]
+    .into_iter()
+    .filter_map(|(name, norm)| norm.map(|norm| (name, norm)))
+    .collect();
+    (linears, norms)
+}
+
 impl DecoderLayer {
     fn load(cfg: &ModelConfig, weights: &dyn WeightSource, layer: usize) -> Result<Self> {
         let prefix = format!("model.layers.{layer}");
@@ -448,6 +532,64 @@ impl CausalLm {
     /// The device the weights live on.
     pub fn device(&self) -> &oxtune_tensor::Device {
         self.embed_tokens.device()
+    }
+
+    /// Every linear layer under its Hugging Face module name (`model.layers.0.self_attn.q_proj`,
+    /// …, `lm_head` when untied), in checkpoint order.
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::new();
+        for (index, layer) in self.layers.iter_mut().enumerate() {
+            let prefix = format!("model.layers.{index}");
+            for (name, linear) in block_parts(&mut layer.self_attn, &mut layer.mlp).0 {
+                out.push((format!("{prefix}.{name}"), linear));
+            }
+        }
+        if let Some(head) = &mut self.lm_head {
+            out.push(("lm_head".to_owned(), head));
+        }
+        out
+    }
+
+    /// Every weight tensor under its checkpoint name (`model.norm.weight`, …), for full
+    /// fine-tuning (replace each by a trainable copy) and for saving.
+    pub fn parameters_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+        let mut out: Vec<(String, &mut Tensor)> = vec![(
+            "model.embed_tokens.weight".to_owned(),
+            &mut self.embed_tokens,
+        )];
+        for (index, layer) in self.layers.iter_mut().enumerate() {
+            let prefix = format!("model.layers.{index}");
+            let DecoderLayer {
+                input_layernorm,
+                self_attn,
+                post_attention_layernorm,
+                mlp,
+            } = layer;
+            out.push((
+                format!("{prefix}.input_layernorm.weight"),
+                input_layernorm.weight_mut(),
+            ));
+            out.push((
+                format!("{prefix}.post_attention_layernorm.weight"),
+                post_attention_layernorm.weight_mut(),
+            ));
+            let (linears, norms) = block_parts(self_attn, mlp);
+            for (name, norm) in norms {
+                out.push((format!("{prefix}.{name}.weight"), norm.weight_mut()));
+            }
+            for (name, linear) in linears {
+                let (weight, bias) = linear.tensors_mut();
+                out.push((format!("{prefix}.{name}.weight"), weight));
+                if let Some(bias) = bias {
+                    out.push((format!("{prefix}.{name}.bias"), bias));
+                }
+            }
+        }
+        out.push(("model.norm.weight".to_owned(), self.norm.weight_mut()));
+        if let Some(head) = &mut self.lm_head {
+            out.push(("lm_head.weight".to_owned(), head.tensors_mut().0));
+        }
+        out
     }
 
     /// A fresh, empty KV cache for this model.
