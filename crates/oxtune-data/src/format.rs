@@ -338,13 +338,11 @@ fn check_order(roles: &[(usize, Role)], field: &str, ends_with_assistant: bool, 
             problems.push(Problem::warning(format!("{field}[{index}]"), format!("two {} turns in a row", first.name())));
         }
     }
-    if ends_with_assistant {
-        if let Some(&(index, last)) = roles.last() {
-            if last != Role::Assistant {
+    if ends_with_assistant
+        && let Some(&(index, last)) = roles.last()
+            && last != Role::Assistant {
                 problems.push(Problem::error(format!("{field}[{index}]"), format!("the last turn is {}, so there is no answer to learn; end with an assistant turn", last.name())));
             }
-        }
-    }
 }
 
 fn check_messages(row: &Map<String, Value>, key: &str, ends_with_assistant: bool, problems: &mut Vec<Problem>) {

@@ -288,11 +288,10 @@ pub fn parse_record(path: &Path, headers: &[String], record: &RawRecord) -> Resu
 
 fn csv_cell_value(cell: &str) -> Value {
     let trimmed = cell.trim_start();
-    if trimmed.starts_with('[') || trimmed.starts_with('{') {
-        if let Ok(value @ (Value::Array(_) | Value::Object(_))) = serde_json::from_str::<Value>(cell) {
+    if (trimmed.starts_with('[') || trimmed.starts_with('{'))
+        && let Ok(value @ (Value::Array(_) | Value::Object(_))) = serde_json::from_str::<Value>(cell) {
             return value;
         }
-    }
     Value::String(cell.to_owned())
 }
 
@@ -314,11 +313,10 @@ fn csv_error(path: &Path, error: &csv::Error) -> Error {
 }
 
 fn strip_bom_first(mut headers: Vec<String>) -> Vec<String> {
-    if let Some(first) = headers.first_mut() {
-        if let Some(stripped) = first.strip_prefix('\u{feff}') {
+    if let Some(first) = headers.first_mut()
+        && let Some(stripped) = first.strip_prefix('\u{feff}') {
             *first = stripped.to_owned();
         }
-    }
     headers
 }
 

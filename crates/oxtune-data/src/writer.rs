@@ -96,7 +96,7 @@ pub struct RecordWriter {
 
 enum Sink {
     Text(AtomicFile),
-    Csv(csv::Writer<AtomicFile>),
+    Csv(Box<csv::Writer<AtomicFile>>),
 }
 
 impl RecordWriter {
@@ -116,7 +116,7 @@ impl RecordWriter {
             if let Some(headers) = headers {
                 writer.write_record(headers).map_err(|e| Error::write(path, e.into()))?;
             }
-            Sink::Csv(writer)
+            Sink::Csv(Box::new(writer))
         } else {
             if kind == FileKind::Json {
                 file.write_all(b"[").map_err(|e| Error::write(path, e))?;

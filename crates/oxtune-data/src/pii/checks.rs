@@ -21,7 +21,7 @@ pub fn luhn_valid(digits: &[u8]) -> bool {
             }
         })
         .sum();
-    sum % 10 == 0
+    sum.is_multiple_of(10)
 }
 
 /// The check character (`0`-`9` or `X`) of the first 17 digits of an 18-digit ID number.
@@ -43,7 +43,7 @@ pub fn province_code_valid(code: &[u8]) -> bool {
 
 /// Whether `year`-`month`-`day` is a calendar date.
 pub fn date_valid(year: u32, month: u32, day: u32) -> bool {
-    let leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
+    let leap = (year.is_multiple_of(4) && !year.is_multiple_of(100)) || year.is_multiple_of(400);
     let days = match month {
         1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
         4 | 6 | 9 | 11 => 30,

@@ -85,6 +85,12 @@ pub struct MobilePhone {
     re: Regex,
 }
 
+impl Default for MobilePhone {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl MobilePhone {
     pub fn new() -> Self {
         Self { re: builtin(r"(?:(?:\+|00)86[ -]?|\(\+?86\) ?)?1\d{2}(?:[ -]?\d{4}){2}") }
@@ -125,6 +131,12 @@ pub struct Landline {
     re: Regex,
 }
 
+impl Default for Landline {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Landline {
     pub fn new() -> Self {
         Self {
@@ -161,6 +173,12 @@ pub struct Email {
     re: Regex,
 }
 
+impl Default for Email {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Email {
     pub fn new() -> Self {
         Self { re: builtin(r"[A-Za-z0-9](?:[A-Za-z0-9._%+-]{0,62}[A-Za-z0-9_%+-])?@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,24}") }
@@ -188,6 +206,12 @@ impl Detector for Email {
 /// MOD 11-2 check character, or the legacy 15 digits with province code and birth date.
 pub struct IdCard {
     re: Regex,
+}
+
+impl Default for IdCard {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl IdCard {
@@ -236,6 +260,12 @@ pub struct BankCard {
     re: Regex,
 }
 
+impl Default for BankCard {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl BankCard {
     pub fn new() -> Self {
         Self { re: builtin(r"\d{4}[ -]\d{6}[ -]\d{5}|\d{4}(?:[ -]\d{4}){2,3}(?:[ -]\d{1,4})?|\d{15,19}") }
@@ -253,11 +283,10 @@ impl Detector for BankCard {
             // A trailing short group may be a neighbouring number ("…7894 2张"): try without it.
             let mut end = m.end();
             let mut candidates = vec![end];
-            if let Some(last_separator) = m.as_str().rfind([' ', '-']) {
-                if m.as_str().len() - last_separator - 1 < 4 || digits_of(m.as_str()).len() > 16 {
+            if let Some(last_separator) = m.as_str().rfind([' ', '-'])
+                && (m.as_str().len() - last_separator - 1 < 4 || digits_of(m.as_str()).len() > 16) {
                     candidates.push(m.start() + last_separator);
                 }
-            }
             let mut look_alike = None;
             for candidate_end in candidates {
                 if !stands_alone(text, m.start(), candidate_end) {
@@ -287,6 +316,12 @@ impl Detector for BankCard {
 /// broadcast addresses are look-alikes.
 pub struct Ipv4 {
     re: Regex,
+}
+
+impl Default for Ipv4 {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Ipv4 {
@@ -337,6 +372,12 @@ pub struct Ipv6 {
     re: Regex,
 }
 
+impl Default for Ipv6 {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Ipv6 {
     pub fn new() -> Self {
         Self { re: builtin(r"[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?:\d{1,3}(?:\.\d{1,3}){3})?") }
@@ -371,6 +412,12 @@ impl Detector for Ipv6 {
 /// five characters with at least three digits, or the six-character new-energy forms.
 pub struct VehiclePlate {
     re: Regex,
+}
+
+impl Default for VehiclePlate {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl VehiclePlate {
@@ -420,6 +467,12 @@ const SECRET_PARAMETERS: &[&str] = &[
     "ticket", "code", "x-amz-signature", "x-amz-security-token", "access_key", "accesskey", "private_token",
 ];
 
+impl Default for UrlToken {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl UrlToken {
     pub fn new() -> Self {
         Self { re: builtin(r"(?i:https?|ftp|wss?)://[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]+") }
@@ -445,15 +498,14 @@ impl Detector for UrlToken {
                 let authority_start = scheme_end + 3;
                 let authority_end = url[authority_start..].find(['/', '?', '#']).map_or(url.len(), |i| authority_start + i);
                 let authority = &url[authority_start..authority_end];
-                if let Some(at) = authority.rfind('@') {
-                    if let Some(colon) = authority[..at].find(':') {
+                if let Some(at) = authority.rfind('@')
+                    && let Some(colon) = authority[..at].find(':') {
                         let start = base + authority_start + colon + 1;
                         let end = base + authority_start + at;
                         if end > start {
                             hits.findings.push(finding(start, end, PiiKind::UrlToken, "password in URL"));
                         }
                     }
-                }
             }
             // ?name=value&… and #name=value
             let Some(query_start) = url.find(['?', '#']) else { continue };
@@ -477,6 +529,12 @@ impl Detector for UrlToken {
 pub struct Secret {
     patterns: Vec<(Regex, &'static str)>,
     assignment: Regex,
+}
+
+impl Default for Secret {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Secret {

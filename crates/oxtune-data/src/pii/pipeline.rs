@@ -190,22 +190,20 @@ fn write_scrubbed(scanned: Scanned, writer: &mut RecordWriter, report: &mut Scru
     match (record.body, object) {
         (RawBody::Csv(mut cells), _) => {
             for (location, text) in changed {
-                if let Location::Cell(index) = location {
-                    if let Some(cell) = cells.get_mut(index) {
+                if let Location::Cell(index) = location
+                    && let Some(cell) = cells.get_mut(index) {
                         *cell = text;
                     }
-                }
             }
             writer.write_raw(&RawBody::Csv(cells))
         }
         (RawBody::Json(_), Some(object)) => {
             let mut value = Value::Object(object);
             for (location, text) in changed {
-                if let Location::Pointer(pointer) = location {
-                    if let Some(slot) = value.pointer_mut(&pointer) {
+                if let Location::Pointer(pointer) = location
+                    && let Some(slot) = value.pointer_mut(&pointer) {
                         *slot = Value::String(text);
                     }
-                }
             }
             match value {
                 Value::Object(object) => writer.write_object(&object),
