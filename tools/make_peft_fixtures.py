@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -165,16 +166,26 @@ def forward_loss(model, batch: dict, labels_check: bool = True):
     return logits, loss
 
 
+NO_DECAY_PATTERNS = [re.compile(p) for p in ("bias", "layernorm", "rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")]
+
+
+def no_decay(name: str) -> bool:
+    """transformers' Trainer rule (trainer_pt_utils.get_parameter_names with its forbidden
+    layer names), which ms-swift and oxtune follow: no weight decay for biases and norm
+    weights; everything else, DoRA magnitude vectors and embeddings included, decays."""
+    module = name.lower().removesuffix(".weight")
+    return any(p.search(module) for p in NO_DECAY_PATTERNS)
+
+
 def param_groups(named_params):
-    """oxtune's trainer rule: decay for ndim >= 2, no decay for ndim < 2 (norms, biases,
-    DoRA magnitude vectors). Empty groups are left out."""
-    decay = [p for _, p in named_params if p.ndim >= 2]
-    no_decay = [p for _, p in named_params if p.ndim < 2]
+    """Decay / no-decay groups by `no_decay`. Empty groups are left out."""
+    decay = [p for n, p in named_params if not no_decay(n)]
+    no_decay_params = [p for n, p in named_params if no_decay(n)]
     groups = []
     if decay:
         groups.append({"params": decay, "weight_decay": ADAMW["weight_decay"]})
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+    if no_decay_params:
+        groups.append({"params": no_decay_params, "weight_decay": 0.0})
     return groups
 
 
@@ -203,7 +214,7 @@ def params_of(named, prefix: str) -> dict:
     return {f"{prefix}.{n}": p.detach().clone().contiguous() for n, p in named}
 
 
-def check_adamw(initial: dict, ref: dict, no_decay: set, steps: int) -> float:
+def check_adamw(initial: dict, ref: dict, no_decay_set: set, steps: int) -> float:
     """Re-implement torch.optim.AdamW (the formula in the README) from the recorded
     gradients and compare with the recorded parameters. initial: name -> tensor."""
     lr, (b1, b2), eps, wd = ADAMW["lr"], ADAMW["betas"], ADAMW["eps"], ADAMW["weight_decay"]
@@ -214,7 +225,7 @@ def check_adamw(initial: dict, ref: dict, no_decay: set, steps: int) -> float:
         v = torch.zeros_like(p)
         for t in range(1, steps + 1):
             g = ref[("grad." if t == 1 else "grad_step2.") + n]
-            p = p * (1 - lr * (0.0 if n in no_decay else wd))
+            p = p * (1 - lr * (0.0 if n in no_decay_set else wd))
             m = b1 * m + (1 - b1) * g
             v = b2 * v + (1 - b2) * g * g
             denom = v.sqrt() / (1 - b2**t) ** 0.5 + eps
@@ -427,7 +438,7 @@ def make_lora_case(model_name: str, variant: str, batch: dict) -> dict:
     opt.zero_grad(set_to_none=True)
     ref.update(params_of(named, "after_step2"))
     assert float(loss2.detach()) < float(loss.detach()), (float(loss.detach()), float(loss2.detach()))
-    adamw_check = check_adamw(initial, ref, {n for n, p in named if p.ndim < 2}, 2)
+    adamw_check = check_adamw(initial, ref, {n for n, p in named if no_decay(n)}, 2)
 
     # Reload the saved adapter exactly as a user would and compare.
     reloaded = PeftModel.from_pretrained(load_base(model_name), str(adapter_dir))
@@ -461,7 +472,7 @@ def make_lora_case(model_name: str, variant: str, batch: dict) -> dict:
     save_file(ref, str(d / "reference.safetensors"), metadata=meta())
     write_json(d / "names.json", names)
 
-    no_decay = [n for n, p in named if p.ndim < 2]
+    no_decay_names = [n for n, p in named if no_decay(n)]
     info = {
         "generator": GENERATOR,
         "model": model_name,
@@ -476,7 +487,7 @@ def make_lora_case(model_name: str, variant: str, batch: dict) -> dict:
         "num_trainable_tensors": len(named),
         "num_trainable_params": sum(p.numel() for _, p in named),
         "adamw": {**ADAMW, "betas": list(ADAMW["betas"]), "foreach": False,
-                  "no_weight_decay": no_decay},
+                  "no_weight_decay": no_decay_names},
         "loss": float(loss.detach()),
         "loss_step2": float(loss2.detach()),
         "grad_norm": grad_norm,
@@ -530,18 +541,18 @@ def make_full(batch: dict) -> dict:
     grad_norm = global_norm([p.grad for _, p in named])
     opt.step()
     ref.update(params_of(named, "after_step"))
-    adamw_check = check_adamw(initial, ref, {n for n, p in named if p.ndim < 2}, 1)
+    adamw_check = check_adamw(initial, ref, {n for n, p in named if no_decay(n)}, 1)
     save_file(ref, str(d / "reference.safetensors"), metadata=meta())
 
-    no_decay = [n for n, p in named if p.ndim < 2]
-    assert no_decay and all("norm" in n for n in no_decay), no_decay
+    no_decay_names = [n for n, p in named if no_decay(n)]
+    assert no_decay_names and all("norm" in n for n in no_decay_names), no_decay_names
     info = {
         "generator": GENERATOR,
         "model": model_name,
         "base_model_dir": str(FIXTURES / model_name),
         "train_type": "full",
         "num_params": sum(p.numel() for _, p in named),
-        "adamw": {**ADAMW, "betas": list(ADAMW["betas"]), "foreach": False, "no_weight_decay": no_decay},
+        "adamw": {**ADAMW, "betas": list(ADAMW["betas"]), "foreach": False, "no_weight_decay": no_decay_names},
         "loss": float(loss.detach()),
         "grad_norm": grad_norm,
         "adamw_reimplementation_max_abs_diff": adamw_check,
@@ -634,7 +645,7 @@ def make_accum(batch: dict, full_grads: dict) -> dict:
         "clip_coef": MAX_GRAD_NORM / (gn + 1e-6),
         "adamw_reimplementation_max_abs_diff": adamw_check,
         "adamw": {**ADAMW, "betas": list(ADAMW["betas"]), "foreach": False,
-                  "no_weight_decay": [n for n, p in named if p.ndim < 2]},
+                  "no_weight_decay": [n for n, p in named if no_decay(n)]},
         "tolerance": TOL,
     }
     write_json(d / "reference.json", info)
