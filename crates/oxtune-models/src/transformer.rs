@@ -9,8 +9,9 @@
 //! Weight names (`model.layers.{i}.self_attn.q_proj.weight`, …) are those of the Hugging Face
 //! checkpoints, so a missing or mis-shaped tensor is reported under its checkpoint name.
 
+use oxtune_tensor::candle::backprop::GradStore;
 use oxtune_tensor::ops;
-use oxtune_tensor::{DType, Module, Tensor};
+use oxtune_tensor::{DType, Module, Tensor, Var};
 
 use crate::Result;
 use crate::checkpoint::WeightSource;
@@ -631,6 +632,59 @@ impl CausalLm {
     /// Logits of a training batch without a cache: input_ids (b, t) -> (b, t, v), with each
     /// token's position and visibility given by `layout` (packed samples never see each other).
     pub fn forward_batch(&self, input_ids: &Tensor, layout: &BatchLayout) -> Result<Tensor> {
+        let hidden = self.run_layers(input_ids, &mut self.batch_context(input_ids, layout)?)?;
+        self.lm_head(&hidden)
+    }
+
+    /// Forward and backward of a training batch with activation checkpointing per decoder
+    /// block: the forward keeps only each block's input (every block runs on a detached
+    /// copy, so its activations are freed); the backward re-runs each block, last to first,
+    /// on its input as a fresh variable and backpropagates `sum(output * grad_output)`. The
+    /// gradients equal those of `loss(forward_batch(..)).backward()`.
+    ///
+    /// `loss` turns the logits (b, t, v) into a scalar. Returns the loss and the gradients.
+    pub fn forward_backward_checkpointed(
+        &self,
+        input_ids: &Tensor,
+        layout: &BatchLayout,
+        loss: impl FnOnce(&Tensor) -> Result<Tensor>,
+    ) -> Result<(Tensor, GradStore)> {
+        let (b, t) = input_ids.dims2()?;
+        let c = self.config.hidden_size;
+        let mut context = self.batch_context(input_ids, layout)?;
+        let embedded = self
+            .embed_tokens
+            .index_select(&input_ids.flatten_all()?, 0)?
+            .reshape((b, t, c))?;
+        let mut block_inputs = Vec::with_capacity(self.layers.len());
+        let mut xs = embedded.detach();
+        for (index, layer) in self.layers.iter().enumerate() {
+            block_inputs.push(xs.clone());
+            xs = layer.forward(&xs, &mut context, index)?.detach();
+        }
+        let top = Var::from_tensor(&xs)?;
+        let loss_value = loss(&self.lm_head(&self.norm.forward(top.as_tensor())?)?)?;
+        let mut grads = loss_value.backward()?;
+        let mut grad_output = take_grad(&mut grads, top.as_tensor())?;
+        for (index, layer) in self.layers.iter().enumerate().rev() {
+            let input = Var::from_tensor(&block_inputs[index])?;
+            let output = layer.forward(input.as_tensor(), &mut context, index)?;
+            let mut block_grads = (output * &grad_output)?.sum_all()?.backward()?;
+            grad_output = take_grad(&mut block_grads, input.as_tensor())?;
+            grads.extend(block_grads)?;
+        }
+        if embedded.track_op() {
+            grads.extend((embedded * grad_output)?.sum_all()?.backward()?)?;
+        }
+        Ok((loss_value, grads))
+    }
+
+    /// RoPE tables and mask of a training batch.
+    fn batch_context(
+        &self,
+        input_ids: &Tensor,
+        layout: &BatchLayout,
+    ) -> Result<AttentionContext<'static>> {
         let (b, t) = input_ids.dims2()?;
         let half = self.config.head_dim / 2;
         let positions = layout.positions.flatten_all()?;
@@ -644,17 +698,12 @@ impl CausalLm {
             .sin
             .index_select(&positions, 0)?
             .reshape((b, t, half))?;
-        let mask = Some(layout.mask.clone());
-        let hidden = self.run_layers(
-            input_ids,
-            &mut AttentionContext {
-                cos,
-                sin,
-                mask,
-                cache: None,
-            },
-        )?;
-        self.lm_head(&hidden)
+        Ok(AttentionContext {
+            cos,
+            sin,
+            mask: Some(layout.mask.clone()),
+            cache: None,
+        })
     }
 
     /// Embedding, every decoder layer, final norm: (b, t) -> (b, t, c).
@@ -692,4 +741,15 @@ impl CausalLm {
         let last = hidden.narrow(1, t - 1, 1)?.squeeze(1)?;
         Ok(self.lm_head(&last)?.to_dtype(DType::F32)?)
     }
+}
+
+/// Removes and returns the gradient of `tensor`; a block whose input got no gradient means
+/// the graph is broken, which must not pass silently.
+fn take_grad(grads: &mut GradStore, tensor: &Tensor) -> Result<Tensor> {
+    grads.remove(tensor).ok_or_else(|| {
+        oxtune_tensor::candle::Error::Msg(
+            "activation checkpointing: no gradient reached a block input".into(),
+        )
+        .into()
+    })
 }
