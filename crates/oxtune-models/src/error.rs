@@ -79,6 +79,9 @@ pub enum Error {
     },
 
     #[error(transparent)]
+    Gguf(#[from] crate::gguf::GgufError),
+
+    #[error(transparent)]
     Tensor(#[from] oxtune_tensor::candle::Error),
 }
 

@@ -12,6 +12,7 @@ pub mod config;
 mod error;
 pub mod families;
 pub mod generation;
+pub mod gguf;
 pub mod resolve;
 pub mod rope;
 pub mod tokenizer;

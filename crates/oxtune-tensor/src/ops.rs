@@ -88,6 +88,39 @@ pub fn softmax_reference(xs: &Tensor) -> Result<Tensor> {
     exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)
 }
 
+/// Inverted dropout with a reproducible mask: each element is zeroed with probability `p`
+/// and survivors are scaled by 1 / (1 - p). The mask depends only on `seed` (a seeded host
+/// generator on the CPU, whose candle generator cannot be seeded; the device generator,
+/// seeded, on a GPU), so a resumed run draws the same masks. Differentiable in `xs`.
+pub fn dropout(xs: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
+    if p <= 0.0 {
+        return Ok(xs.clone());
+    }
+    let keep_scale = 1.0 / (1.0 - p);
+    let mask = match xs.device() {
+        candle_core::Device::Cpu => {
+            use rand::{Rng as _, SeedableRng as _};
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let mask: Vec<f32> = (0..xs.elem_count())
+                .map(|_| {
+                    if rng.random::<f32>() < p {
+                        0.0
+                    } else {
+                        keep_scale
+                    }
+                })
+                .collect();
+            Tensor::from_vec(mask, xs.shape(), xs.device())?
+        }
+        device => {
+            device.set_seed(seed)?;
+            let uniform = Tensor::rand(0f32, 1f32, xs.shape(), device)?;
+            (uniform.ge(f64::from(p))?.to_dtype(DType::F32)? * f64::from(keep_scale))?
+        }
+    };
+    xs.mul(&mask.to_dtype(xs.dtype())?)
+}
+
 /// SiLU (x * sigmoid(x)); candle's `silu` has a backward.
 pub fn silu(xs: &Tensor) -> Result<Tensor> {
     xs.silu()
@@ -249,6 +282,23 @@ mod tests {
                 "element {i}: {numeric} vs {analytic}"
             );
         }
+        Ok(())
+    }
+
+    #[test]
+    fn dropout_is_reproducible_and_unbiased() -> Result<()> {
+        let xs = Tensor::ones((64, 64), DType::F32, &Device::Cpu)?;
+        let a = dropout(&xs, 0.25, 7)?;
+        assert_eq!(
+            a.to_vec2::<f32>()?,
+            dropout(&xs, 0.25, 7)?.to_vec2::<f32>()?
+        );
+        assert_ne!(
+            a.to_vec2::<f32>()?,
+            dropout(&xs, 0.25, 8)?.to_vec2::<f32>()?
+        );
+        let mean = a.mean_all()?.to_scalar::<f32>()?;
+        assert!((mean - 1.0).abs() < 0.05, "mean {mean}");
         Ok(())
     }
 

@@ -10,7 +10,7 @@
 //! adapted model starts equal to the base model.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use oxtune_models::CausalLm;
 use oxtune_models::transformer::{Adapter, Linear};
@@ -89,7 +89,16 @@ pub struct LoraAdapter {
     pub magnitude: Option<Var>,
     scaling: f64,
     dropout: f32,
-    training: Arc<AtomicBool>,
+    /// Position among the tuner's adapters, mixed into the dropout seed.
+    index: u64,
+    state: Arc<DropoutState>,
+}
+
+/// Whether dropout is on, and the seed of the current micro-batch's masks.
+#[derive(Debug, Default)]
+struct DropoutState {
+    training: AtomicBool,
+    seed: AtomicU64,
 }
 
 impl LoraAdapter {
@@ -108,9 +117,15 @@ impl LoraAdapter {
 impl Adapter for LoraAdapter {
     fn forward(&self, xs: &Tensor, base: &Linear) -> oxtune_models::Result<Tensor> {
         let result = base.base_forward(xs)?;
-        let dropping = self.dropout > 0.0 && self.training.load(Ordering::Relaxed);
+        let dropping = self.dropout > 0.0 && self.state.training.load(Ordering::Relaxed);
         let x = if dropping {
-            oxtune_tensor::nn::ops::dropout(xs, self.dropout)?
+            let seed = self
+                .state
+                .seed
+                .load(Ordering::Relaxed)
+                .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                ^ self.index;
+            oxtune_tensor::ops::dropout(xs, self.dropout, seed)?
         } else {
             xs.clone()
         };
@@ -150,7 +165,7 @@ pub struct LoraTuner {
     pub settings: LoraSettings,
     /// (module name, adapter), in the model's layer order.
     pub adapters: Vec<(String, Arc<LoraAdapter>)>,
-    training: Arc<AtomicBool>,
+    state: Arc<DropoutState>,
 }
 
 impl LoraTuner {
@@ -182,7 +197,7 @@ impl LoraTuner {
         settings: &LoraSettings,
         mut make: impl FnMut(&str, &Linear) -> Result<(Tensor, Tensor, Option<Tensor>)>,
     ) -> Result<Self> {
-        let training = Arc::new(AtomicBool::new(false));
+        let state = Arc::new(DropoutState::default());
         let mut adapters = Vec::new();
         let mut available = Vec::new();
         for (name, linear) in model.linears_mut() {
@@ -197,7 +212,8 @@ impl LoraTuner {
                 magnitude: None,
                 scaling: settings.scaling(),
                 dropout: settings.dropout,
-                training: training.clone(),
+                index: u64::try_from(adapters.len()).unwrap_or(u64::MAX),
+                state: state.clone(),
             };
             if settings.use_dora {
                 let magnitude = match magnitude {
@@ -225,13 +241,19 @@ impl LoraTuner {
         Ok(Self {
             settings: settings.clone(),
             adapters,
-            training,
+            state,
         })
     }
 
     /// Turns dropout on (training) or off (evaluation, inference).
     pub fn set_training(&self, training: bool) {
-        self.training.store(training, Ordering::Relaxed);
+        self.state.training.store(training, Ordering::Relaxed);
+    }
+
+    /// Seeds the dropout masks of the next forward passes (the trainer derives it from the
+    /// run's seed and the micro-batch, so a resumed run draws the same masks).
+    pub fn set_dropout_seed(&self, seed: u64) {
+        self.state.seed.store(seed, Ordering::Relaxed);
     }
 
     /// Every trainable tensor under its peft name

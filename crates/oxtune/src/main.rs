@@ -21,6 +21,8 @@ struct Cli {
 enum Command {
     /// Chat with a model in the terminal, answer piped input, or run a dataset in batch.
     Infer(commands::infer::InferArgs),
+    /// Convert checkpoints: import a GGUF file into a Hugging Face directory.
+    Export(commands::export::ExportArgs),
     /// Measure speed: decode and prefill tokens/s.
     #[command(subcommand)]
     Bench(commands::bench::BenchCommand),
@@ -31,6 +33,7 @@ fn main() -> ExitCode {
     commands::init_logging();
     let result = match cli.command {
         Command::Infer(args) => commands::infer::run(&args),
+        Command::Export(args) => commands::export::run(&args),
         Command::Bench(command) => commands::bench::run(&command),
     };
     match result {

@@ -2,6 +2,7 @@
 //! loading a model from them, and logging.
 
 pub mod bench;
+pub mod export;
 pub mod infer;
 
 use std::path::PathBuf;
@@ -63,8 +64,31 @@ impl ModelArgs {
     }
 }
 
-fn gguf_cache_dir(file: &std::path::Path, _dtype: DType) -> anyhow::Result<PathBuf> {
-    anyhow::bail!("GGUF loading: {}", file.display())
+/// The Hugging Face directory a GGUF file is imported into once, under
+/// `$OXTUNE_CACHE_DIR/gguf/` (default `~/.cache/oxtune/gguf/`), keyed by the file's name,
+/// size, modification time and the dtype.
+fn gguf_cache_dir(file: &std::path::Path, dtype: DType) -> anyhow::Result<PathBuf> {
+    let metadata = std::fs::metadata(file).with_context(|| format!("reading {}", file.display()))?;
+    let modified = metadata
+        .modified()
+        .ok()
+        .and_then(|time| time.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |elapsed| elapsed.as_secs());
+    let stem = file.file_stem().map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned());
+    let dtype_name = oxtune_tensor::dtype_name(dtype);
+    let cache = match std::env::var_os("OXTUNE_CACHE_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(std::env::var_os("HOME").context("HOME is not set; set OXTUNE_CACHE_DIR")?).join(".cache/oxtune"),
+    };
+    let dir = cache.join("gguf").join(format!("{stem}-{}-{modified}-{dtype_name}", metadata.len()));
+    if dir.join("config.json").is_file() {
+        return Ok(dir);
+    }
+    tracing::info!(gguf = %file.display(), into = %dir.display(), "importing GGUF (once)");
+    let options = oxtune_models::gguf::ImportOptions { dtype, overwrite: true, ..Default::default() };
+    oxtune_models::gguf::import_with(file, &dir, &options, &mut |_, _, _| {})
+        .with_context(|| format!("importing {}", file.display()))?;
+    Ok(dir)
 }
 
 /// Logs to stderr; `RUST_LOG` sets the level (default: warnings, and oxtune's own info).
