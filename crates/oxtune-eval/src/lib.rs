@@ -14,11 +14,15 @@
 pub mod bleu;
 pub mod bleu_tokenize;
 pub mod error;
+pub mod input;
 pub mod porter;
+pub mod report;
 pub mod rouge;
 pub mod text;
 
 pub use bleu::{BleuConfig, BleuScore, Smoothing, corpus_bleu, sentence_bleu};
 pub use bleu_tokenize::BleuTokenizer;
 pub use error::{Error, Result};
+pub use input::{Fields, Sample, read_samples};
+pub use report::{EvalConfig, EvalReport, Metric, evaluate};
 pub use rouge::{Prf, RougeScorer, RougeTokenizer, RougeType};
