@@ -23,6 +23,10 @@ enum Command {
     Infer(commands::infer::InferArgs),
     /// Convert checkpoints: import a GGUF file into a Hugging Face directory.
     Export(commands::export::ExportArgs),
+    /// Prepare datasets: scrub personal data, check, stats, dedup, split.
+    Data(commands::data::DataArgs),
+    /// Score predictions against references: BLEU and ROUGE, with a JSON result and HTML report.
+    Eval(commands::eval::EvalArgs),
     /// Measure speed: decode and prefill tokens/s.
     #[command(subcommand)]
     Bench(commands::bench::BenchCommand),
@@ -35,6 +39,8 @@ fn main() -> ExitCode {
         Command::Infer(args) => commands::infer::run(&args),
         Command::Export(args) => commands::export::run(&args),
         Command::Bench(command) => commands::bench::run(&command),
+        Command::Data(args) => commands::data::run(&args),
+        Command::Eval(args) => commands::eval::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -2,6 +2,8 @@
 //! loading a model from them, and logging.
 
 pub mod bench;
+pub mod data;
+pub mod eval;
 pub mod export;
 pub mod infer;
 
