@@ -6,11 +6,15 @@
 //! - [`schedule`]: the learning rate as a pure function of the step (linear, cosine,
 //!   constant, with warmup), as transformers' schedulers compute it;
 //! - [`loss`]: causal-LM cross-entropy summed over target tokens, for normalisation by the
-//!   number of target tokens of a whole accumulation window.
+//!   number of target tokens of a whole accumulation window;
+//! - [`trainer`]: the loop (accumulation, clipping, non-finite guard, logging, evaluation,
+//!   checkpoints, exact resume) and [`checkpoint`]: atomic `checkpoint-N/` folders.
 
+pub mod checkpoint;
 pub mod loss;
 pub mod optimizer;
 pub mod schedule;
+pub mod trainer;
 
 /// Errors of training.
 #[derive(Debug, thiserror::Error)]

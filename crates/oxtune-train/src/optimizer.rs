@@ -115,7 +115,6 @@ impl AdamW {
         } = self.config;
         #[expect(
             clippy::cast_possible_truncation,
-            clippy::cast_possible_wrap,
             reason = "step counts are far below 2^31"
         )]
         let t = self.step as i32;

@@ -95,7 +95,7 @@ fn lora(model_name: &str, use_dora: bool) -> anyhow::Result<()> {
         use_dora,
         target_modules: TargetModules::AllLinear,
     };
-    let tuner = LoraTuner::attach(&mut loaded.model, &settings)?;
+    let tuner = LoraTuner::attach(&mut loaded.model, &settings, 7)?;
     // peft initialises B to zero, which would leave A without gradient: perturb B first.
     for (_, var) in tuner
         .trainable()

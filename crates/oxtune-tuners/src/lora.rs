@@ -170,22 +170,23 @@ pub struct LoraTuner {
 
 impl LoraTuner {
     /// Attaches freshly initialised adapters (peft's default init) to the targeted layers.
-    /// Adapter tensors are f32, whatever the model's dtype (fp32 master weights).
-    pub fn attach(model: &mut CausalLm, settings: &LoraSettings) -> Result<Self> {
+    /// Adapter tensors are f32, whatever the model's dtype (fp32 master weights); A is drawn
+    /// from a generator seeded with `seed`, so runs with the same seed start identically.
+    pub fn attach(model: &mut CausalLm, settings: &LoraSettings, seed: u64) -> Result<Self> {
+        use rand::{Rng as _, SeedableRng as _};
         settings.validate()?;
-        Self::attach_with(model, settings, |name, linear| {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        Self::attach_with(model, settings, |_, linear| {
             let (out_features, in_features) = linear.weight().dims2()?;
             let device = linear.weight().device();
             // kaiming_uniform(a = sqrt(5)) on (r, in): bound = 1 / sqrt(in)
-            #[expect(
-                clippy::cast_precision_loss,
-                reason = "layer widths are far below 2^52"
-            )]
-            let bound = 1.0 / (in_features as f64).sqrt();
-            let a = Tensor::rand(-bound, bound, (settings.rank, in_features), device)?
-                .to_dtype(DType::F32)?;
+            #[expect(clippy::cast_precision_loss, reason = "layer widths are far below 2^24")]
+            let bound = 1.0 / (in_features as f32).sqrt();
+            let a: Vec<f32> = (0..settings.rank * in_features)
+                .map(|_| rng.random_range(-bound..bound))
+                .collect();
+            let a = Tensor::from_vec(a, (settings.rank, in_features), device)?;
             let b = Tensor::zeros((out_features, settings.rank), DType::F32, device)?;
-            let _ = name;
             Ok((a, b, None))
         })
     }

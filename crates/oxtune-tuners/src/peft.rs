@@ -19,6 +19,9 @@ pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 const PREFIX: &str = "base_model.model.";
 
+/// One module's (lora_A, lora_B, lora_magnitude_vector) as found in the file.
+type AdapterTensors = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
+
 /// The fields of peft's `LoraConfig` that oxtune reads and writes.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AdapterConfig {
@@ -149,7 +152,7 @@ pub fn load(model: &mut CausalLm, dir: &Path, device: &Device) -> Result<LoraTun
             )
         })?;
     // Module names present in the file; peft keeps `.default` in some versions' keys.
-    let mut parts: HashMap<String, (Option<Tensor>, Option<Tensor>, Option<Tensor>)> =
+    let mut parts: HashMap<String, AdapterTensors> =
         HashMap::new();
     for (key, tensor) in tensors.drain() {
         let key = key.replace(".default", "");
