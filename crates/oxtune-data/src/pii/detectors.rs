@@ -196,6 +196,14 @@ impl Detector for Email {
             if char_after(text, m.end()).is_some_and(is_ascii_word) {
                 return false;
             }
+            // Only whole local parts (a rejected match must not come back as its own suffix).
+            if char_before(text, m.start()).is_some_and(|c| c.is_ascii_alphanumeric() || "._%+-".contains(c)) {
+                return false;
+            }
+            // `scheme://user:password@host` is a URL credential (see UrlToken), not an address.
+            if char_before(text, m.start()) == Some(':') && !text[..m.start()].to_ascii_lowercase().ends_with("mailto:") {
+                return false;
+            }
             hits.findings.push(finding(m.start(), m.end(), PiiKind::Email, "e-mail address"));
             true
         });
@@ -475,7 +483,7 @@ impl Default for UrlToken {
 
 impl UrlToken {
     pub fn new() -> Self {
-        Self { re: builtin(r"(?i:https?|ftp|wss?)://[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]+") }
+        Self { re: builtin(r"[A-Za-z][A-Za-z0-9+.\-]{1,15}://[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]+") }
     }
 }
 
@@ -557,8 +565,8 @@ impl Secret {
         let patterns = patterns.into_iter().map(|(pattern, name)| (builtin(pattern), name)).collect();
         let assignment = builtin(concat!(
             r#"(?i:password|passwd|pwd|secret|api[_-]?key|access[_-]?key(?:[_-]?secret)?|secret[_-]?key|access[_-]?token|auth[_-]?token|client[_-]?secret|private[_-]?key)"#,
-            r#"["']?\s*[:=]\s*["']?([!-~]{6,})"#,
-            r#"|(?:密码|口令|密钥|秘钥|令牌)\s*(?:[:：=]|是|为)\s*["'“]?([!-~]{6,})"#,
+            r#"["']?\s*[:=]\s*["']?([A-Za-z0-9!#$%*+\-./:=?@^_`|~]{6,})"#,
+            r#"|(?:密码|口令|密钥|秘钥|令牌)\s*(?:[:：=]|是|为)\s*["'“]?([A-Za-z0-9!#$%*+\-./:=?@^_`|~]{6,})"#,
         ));
         Self { patterns, assignment }
     }
@@ -736,6 +744,8 @@ mod tests {
         let d = Email::new();
         assert_eq!(found(&d, "发邮件给zhang.san+prd@example.com.cn即可"), vec!["zhang.san+prd@example.com.cn"]);
         assert_eq!(found(&d, "@张三 请看 admin@localhost"), Vec::<String>::new());
+        assert_eq!(found(&d, "redis://:pw1234@cache.example.com"), Vec::<String>::new());
+        assert_eq!(found(&d, "mailto:li.na@example.com"), vec!["li.na@example.com"]);
     }
 
     #[test]
@@ -791,6 +801,7 @@ mod tests {
         assert_eq!(found(&d, text), vec!["abc123XYZ"]);
         assert_eq!(found(&d, "https://admin:s3cret@db.example.com/x"), vec!["s3cret"]);
         assert_eq!(found(&d, "https://example.com/docs?page=2"), Vec::<String>::new());
+        assert_eq!(found(&d, "连接串 mysql://app:S3cure_pw9@db.internal:3306/shop 写死了"), vec!["S3cure_pw9"]);
     }
 
     #[test]
@@ -802,6 +813,7 @@ mod tests {
         assert_eq!(found(&d, "password: Hunter2024!"), vec!["Hunter2024!"]);
         assert_eq!(found(&d, "数据库密码：Pa55word#1"), vec!["Pa55word#1"]);
         assert_eq!(found(&d, "password: required, 密码：******, scikit-learn, sk-learn"), Vec::<String>::new());
+        assert_eq!(found(&d, "GET /x?access_token=a8f5f167f44f4964&sort=desc"), vec!["a8f5f167f44f4964"]);
     }
 
     #[test]

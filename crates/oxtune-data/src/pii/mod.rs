@@ -70,8 +70,8 @@ impl PiiKind {
     fn precedence(&self) -> u8 {
         match self {
             Self::Custom(_) => 0,
-            Self::Secret => 1,
-            Self::UrlToken => 2,
+            Self::UrlToken => 1,
+            Self::Secret => 2,
             Self::Email => 3,
             Self::IdCard => 4,
             Self::BankCard => 5,
