@@ -38,6 +38,24 @@ fn cuda_device(ordinal: usize) -> Result<Device> {
     Ok(device)
 }
 
+/// Device memory in use on a GPU (total minus free, in bytes); `None` on the CPU. Freed
+/// memory stays in the process's pool (see the CUDA module), so after a run this is the peak
+/// the process reached.
+pub fn memory_in_use(device: &Device) -> Result<Option<u64>> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(cuda) => {
+            let (free, total) = cuda
+                .cuda_stream()
+                .context()
+                .mem_get_info()
+                .map_err(candle_core::Error::wrap)?;
+            Ok(Some((total - free) as u64))
+        }
+        _ => Ok(None),
+    }
+}
+
 /// Parses a Hugging Face `torch_dtype` name (`float32`, `bfloat16`, `float16`, also `fp32`,
 /// `bf16`, `fp16`).
 pub fn parse_dtype(name: &str) -> Result<DType> {

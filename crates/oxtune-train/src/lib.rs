@@ -14,6 +14,7 @@ pub mod checkpoint;
 pub mod loss;
 pub mod optimizer;
 pub mod schedule;
+pub mod synthetic;
 pub mod trainer;
 
 /// Errors of training.

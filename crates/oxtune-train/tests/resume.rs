@@ -5,13 +5,12 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::ensure;
-use oxtune_models::{BatchLayout, LoadedModel};
-use oxtune_tensor::{DType, Device, Tensor};
+use oxtune_models::LoadedModel;
+use oxtune_tensor::{DType, Device};
 use oxtune_train::optimizer::{AdamWConfig, make_all_trainable};
 use oxtune_train::schedule::{Schedule, ScheduleKind};
-use oxtune_train::trainer::{
-    BatchSource, MicroBatch, Observer, StepLog, Trainable, TrainerSettings, train,
-};
+use oxtune_train::synthetic::SyntheticBatches;
+use oxtune_train::trainer::{Observer, StepLog, Trainable, TrainerSettings, train};
 use oxtune_tuners::{LoraSettings, LoraTuner, TargetModules};
 
 fn fixture(name: &str) -> PathBuf {
@@ -20,53 +19,9 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// Deterministic micro-batches of pseudo-random tokens; the cursor is the batch index.
-struct Synthetic {
-    position: usize,
-    batches: usize,
-}
-
-impl BatchSource for Synthetic {
-    fn next_batch(&mut self) -> oxtune_train::Result<Option<MicroBatch>> {
-        if self.position == self.batches {
-            return Ok(None);
-        }
-        let p = self.position % 2; // two batches, seen again and again: the loss must fall
-        self.position += 1;
-        let ids: Vec<u32> = (0..24)
-            .map(|i| u32::try_from((i * 131 + p * 977 + 7) % 509).unwrap_or(0))
-            .collect();
-        let labels: Vec<i64> = ids
-            .iter()
-            .enumerate()
-            .map(|(i, &id)| if i % 12 < 4 { -100 } else { i64::from(id) })
-            .collect();
-        Ok(Some(MicroBatch {
-            input_ids: Tensor::from_vec(ids, (2, 12), &Device::Cpu)?,
-            labels: Tensor::from_vec(labels, (2, 12), &Device::Cpu)?,
-            layout: BatchLayout::packed(&[vec![5, 7], vec![12]], 12, None, &Device::Cpu)?,
-            target_tokens: 16,
-            tokens: 24,
-        }))
-    }
-
-    fn cursor(&self) -> serde_json::Value {
-        serde_json::json!(self.position)
-    }
-
-    fn seek(&mut self, cursor: &serde_json::Value) -> oxtune_train::Result<()> {
-        self.position = cursor
-            .as_u64()
-            .and_then(|p| usize::try_from(p).ok())
-            .unwrap_or(0);
-        Ok(())
-    }
-
-    fn epoch(&self) -> f64 {
-        #[expect(clippy::cast_precision_loss, reason = "small counts")]
-        let epoch = self.position as f64 / self.batches as f64;
-        epoch
-    }
+/// Two distinct micro-batches (so the loss can fall), served `total` times in all.
+fn batches_of(total: usize) -> SyntheticBatches {
+    SyntheticBatches::new(2, 12, 509, 2, total, &Device::Cpu)
 }
 
 struct Quiet;
@@ -128,10 +83,7 @@ fn resume_equals_straight(
     let straight = train(
         &model.model,
         &trainable,
-        &mut Synthetic {
-            position: 0,
-            batches,
-        },
+        &mut batches_of(batches),
         None,
         &settings(straight_dir.path(), accumulation, checkpointing),
         None,
@@ -148,10 +100,7 @@ fn resume_equals_straight(
     let first = train(
         &model.model,
         &trainable,
-        &mut Synthetic {
-            position: 0,
-            batches: 4 * accumulation,
-        },
+        &mut batches_of(4 * accumulation),
         None,
         &first_settings,
         None,
@@ -167,10 +116,7 @@ fn resume_equals_straight(
     let second = train(
         &model.model,
         &trainable,
-        &mut Synthetic {
-            position: 0,
-            batches,
-        },
+        &mut batches_of(batches),
         None,
         &settings(resumed_dir.path(), accumulation, checkpointing),
         Some(&checkpoint),

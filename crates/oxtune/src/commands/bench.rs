@@ -20,6 +20,61 @@ use super::ModelArgs;
 pub enum BenchCommand {
     /// Prefill and batch-1 decode speed of a model.
     Infer(BenchInferArgs),
+    /// Training speed: tokens/s, step time, MFU and GPU memory of LoRA or full fine-tuning.
+    Train(BenchTrainArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchTrainArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    /// A config.json to build with random weights instead of loading --model.
+    #[arg(long, value_name = "CONFIG_JSON", conflicts_with_all = ["model", "model_type"])]
+    pub config: Option<PathBuf>,
+
+    /// `lora` (DoRA with --use_dora true) or `full`.
+    #[arg(long = "train_type", default_value = "lora")]
+    pub train_type: String,
+
+    #[arg(long = "lora_rank", default_value_t = 64)]
+    pub lora_rank: usize,
+
+    #[arg(long = "lora_alpha", default_value_t = 128.0)]
+    pub lora_alpha: f64,
+
+    #[arg(long = "use_dora", default_value_t = false, action = clap::ArgAction::Set)]
+    pub use_dora: bool,
+
+    /// Rows per step.
+    #[arg(long = "per_device_train_batch_size", default_value_t = 1)]
+    pub batch_size: usize,
+
+    /// Tokens per row (random ids).
+    #[arg(long = "max_length", default_value_t = 2048)]
+    pub max_length: usize,
+
+    /// Timed optimizer steps (after --warmup_steps untimed ones).
+    #[arg(long = "max_steps", default_value_t = 10)]
+    pub max_steps: usize,
+
+    #[arg(long = "warmup_steps", default_value_t = 2)]
+    pub warmup_steps: usize,
+
+    #[arg(long = "learning_rate", default_value_t = 1e-4)]
+    pub learning_rate: f64,
+
+    #[arg(long = "gradient_checkpointing", default_value_t = false, action = clap::ArgAction::Set)]
+    pub gradient_checkpointing: bool,
+
+    /// Peak matmul throughput for MFU, in TFLOP/s (default: 790, an H200's measured bf16
+    /// cuBLAS rate).
+    #[arg(long = "peak_tflops", default_value_t = 790.0)]
+    pub peak_tflops: f64,
+
+    /// Also write the results as JSON here.
+    #[arg(long = "output_json", value_name = "FILE")]
+    pub output_json: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -56,23 +111,13 @@ pub struct BenchInferArgs {
 pub fn run(command: &BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Infer(args) => bench_infer(args),
+        BenchCommand::Train(args) => bench_train(args),
     }
 }
 
 fn bench_infer(args: &BenchInferArgs) -> anyhow::Result<()> {
     let (device, dtype) = args.model.device_and_dtype()?;
-    let (name, model) = match &args.config {
-        Some(path) => {
-            let config = ModelConfig::from_file(path)?;
-            let model = CausalLm::load(&config, &RandomWeights::new(dtype, &device))
-                .with_context(|| format!("building random weights for {}", path.display()))?;
-            (format!("{} (random weights)", path.display()), model)
-        }
-        None => {
-            let loaded = args.model.load()?;
-            (loaded.dir.display().to_string(), loaded.model)
-        }
-    };
+    let (name, model, _) = bench_model(&args.model, args.config.as_ref())?;
     let config = model.config().clone();
     anyhow::ensure!(
         args.prompt_tokens >= 1
@@ -134,6 +179,169 @@ fn bench_infer(args: &BenchInferArgs) -> anyhow::Result<()> {
         table.push_str(&format!(
             "bandwidth bound  {bound:.1} tokens/s -> {:.1} % reached\n",
             100.0 * decode_rate / bound
+        ));
+    }
+    #[expect(clippy::print_stdout, reason = "the report is the command's output")]
+    {
+        print!("{table}");
+    }
+    if let Some(path) = &args.output_json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// A model from `--config` (random weights) or `--model`, and its name for the report.
+fn bench_model(
+    model: &ModelArgs,
+    config: Option<&PathBuf>,
+) -> anyhow::Result<(String, CausalLm, PathBuf)> {
+    let (device, dtype) = model.device_and_dtype()?;
+    Ok(match config {
+        Some(path) => {
+            let config = ModelConfig::from_file(path)?;
+            let built = CausalLm::load(&config, &RandomWeights::new(dtype, &device))
+                .with_context(|| format!("building random weights for {}", path.display()))?;
+            let dir = path.parent().map(PathBuf::from).unwrap_or_default();
+            (format!("{} (random weights)", path.display()), built, dir)
+        }
+        None => {
+            let loaded = model.load()?;
+            (loaded.dir.display().to_string(), loaded.model, loaded.dir)
+        }
+    })
+}
+
+struct Timings {
+    steps: Vec<oxtune_train::trainer::StepLog>,
+}
+
+impl oxtune_train::trainer::Observer for Timings {
+    fn on_step(&mut self, log: &oxtune_train::trainer::StepLog) {
+        self.steps.push(log.clone());
+    }
+    fn on_eval(&mut self, _: usize, _: f64) {}
+    fn on_save(&mut self, _: &std::path::Path) {}
+}
+
+fn bench_train(args: &BenchTrainArgs) -> anyhow::Result<()> {
+    use oxtune_train::trainer::{Trainable, TrainerSettings, train};
+    let (device, dtype) = args.model.device_and_dtype()?;
+    let (name, mut model, base_dir) = bench_model(&args.model, args.config.as_ref())?;
+    let config = model.config().clone();
+    let trainable = match args.train_type.as_str() {
+        "lora" => {
+            let settings = oxtune_tuners::LoraSettings {
+                rank: args.lora_rank,
+                alpha: args.lora_alpha,
+                dropout: 0.0,
+                use_rslora: false,
+                use_dora: args.use_dora,
+                target_modules: oxtune_tuners::TargetModules::AllLinear,
+            };
+            Trainable::Lora(oxtune_tuners::LoraTuner::attach(&mut model, &settings, 0)?)
+        }
+        "full" => Trainable::Full(oxtune_train::optimizer::make_all_trainable(&mut model)?),
+        other => anyhow::bail!("--train_type `{other}`: expected lora or full"),
+    };
+    let steps = args.warmup_steps + args.max_steps;
+    let scratch = tempfile::tempdir()?;
+    let settings = TrainerSettings {
+        output_dir: scratch.path().to_path_buf(),
+        base_model_dir: base_dir,
+        schedule: oxtune_train::schedule::Schedule::new(
+            oxtune_train::schedule::ScheduleKind::Constant,
+            args.learning_rate,
+            0.0,
+            steps,
+        ),
+        adamw: oxtune_train::optimizer::AdamWConfig::default(),
+        gradient_accumulation_steps: 1,
+        max_grad_norm: 1.0,
+        logging_steps: 1,
+        save_steps: 0,
+        save_total_limit: Some(1),
+        eval_steps: 0,
+        gradient_checkpointing: args.gradient_checkpointing,
+        max_consecutive_skipped_steps: 0,
+        seed: 0,
+    };
+    let mut data = oxtune_train::synthetic::SyntheticBatches::new(
+        args.batch_size,
+        args.max_length,
+        config.vocab_size,
+        2,
+        steps,
+        &device,
+    );
+    let mut timings = Timings { steps: Vec::new() };
+    train(
+        &model,
+        &trainable,
+        &mut data,
+        None,
+        &settings,
+        None,
+        &mut timings,
+    )?;
+    let timed = timings.steps.get(args.warmup_steps..).unwrap_or_default();
+    anyhow::ensure!(!timed.is_empty(), "no timed steps: raise --max_steps");
+    let losses: Vec<f64> = timings.steps.iter().map(|s| s.loss).collect();
+    anyhow::ensure!(
+        losses.iter().all(|l| l.is_finite()),
+        "non-finite loss: {losses:?}"
+    );
+    #[expect(clippy::cast_precision_loss, reason = "counts for rates")]
+    let step_seconds = timed.iter().map(|s| s.step_seconds).sum::<f64>() / timed.len() as f64;
+    #[expect(clippy::cast_precision_loss, reason = "counts for rates")]
+    let tokens_per_step = (args.batch_size * args.max_length) as f64;
+    let tokens_per_second = tokens_per_step / step_seconds;
+    // nanoGPT's estimate: 6 N flops per token for the weights plus 12 L T d per token for
+    // attention (scores and values, forward and backward).
+    #[expect(clippy::cast_precision_loss, reason = "flop estimates")]
+    let flops_per_token = 6.0 * config.num_parameters() as f64
+        + 12.0
+            * (config.num_hidden_layers
+                * config.num_attention_heads
+                * config.head_dim
+                * args.max_length) as f64;
+    let mfu = flops_per_token * tokens_per_second / (args.peak_tflops * 1e12);
+    let memory = oxtune_tensor::memory_in_use(&device)?;
+    let report = serde_json::json!({
+        "model": name,
+        "device": format!("{device:?}"),
+        "dtype": oxtune_tensor::dtype_name(dtype),
+        "train_type": if args.use_dora { "dora" } else { args.train_type.as_str() },
+        "lora_rank": args.lora_rank,
+        "batch_size": args.batch_size,
+        "seq_len": args.max_length,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "timed_steps": timed.len(),
+        "step_seconds": step_seconds,
+        "tokens_per_second": tokens_per_second,
+        "mfu": mfu,
+        "gpu_memory_bytes": memory,
+        "losses": losses,
+    });
+    let mut table = format!(
+        "model            {name}\ntraining         {} {}, batch {} x {} tokens, checkpointing {}\nstep time        {:.3} s ({} timed steps)\nthroughput       {tokens_per_second:.0} tokens/s, MFU {:.1} %\nlosses           {:.4} -> {:.4}\n",
+        args.train_type,
+        oxtune_tensor::dtype_name(dtype),
+        args.batch_size,
+        args.max_length,
+        args.gradient_checkpointing,
+        step_seconds,
+        timed.len(),
+        100.0 * mfu,
+        losses.first().copied().unwrap_or(f64::NAN),
+        losses.last().copied().unwrap_or(f64::NAN),
+    );
+    if let Some(bytes) = memory {
+        #[expect(clippy::cast_precision_loss, reason = "bytes for display")]
+        table.push_str(&format!(
+            "GPU memory       {:.1} GiB (peak: the pool keeps freed memory)\n",
+            bytes as f64 / (1u64 << 30) as f64
         ));
     }
     #[expect(clippy::print_stdout, reason = "the report is the command's output")]
