@@ -199,6 +199,79 @@ impl WeightSource for Weights {
     }
 }
 
+/// Writes `tensors` as a Hugging Face checkpoint into `dir`: one `model.safetensors`, or
+/// shards of at most `max_shard_bytes` (`model-0000i-of-0000n.safetensors`) with
+/// `model.safetensors.index.json`. Tensors are converted to `dtype` one shard at a time, so
+/// at most one shard's worth of converted data is in memory. Each file is written under a
+/// temporary name and renamed.
+pub fn save_sharded(
+    dir: &Path,
+    tensors: &[(String, Tensor)],
+    dtype: DType,
+    max_shard_bytes: usize,
+) -> Result<Vec<PathBuf>> {
+    let mut shards: Vec<Vec<&(String, Tensor)>> = vec![Vec::new()];
+    let mut bytes = 0;
+    for entry in tensors {
+        let size = entry.1.elem_count() * dtype.size_in_bytes();
+        if bytes > 0 && bytes + size > max_shard_bytes {
+            shards.push(Vec::new());
+            bytes = 0;
+        }
+        bytes += size;
+        shards
+            .last_mut()
+            .expect("shards starts non-empty")
+            .push(entry);
+    }
+    let count = shards.len();
+    let mut written = Vec::with_capacity(count);
+    let mut weight_map = serde_json::Map::new();
+    for (index, shard) in shards.into_iter().enumerate() {
+        let name = if count == 1 {
+            SINGLE_FILE.to_owned()
+        } else {
+            format!("model-{:05}-of-{count:05}.safetensors", index + 1)
+        };
+        let converted: HashMap<String, Tensor> = shard
+            .iter()
+            .map(|(tensor_name, tensor)| {
+                Ok((tensor_name.clone(), tensor.detach().to_dtype(dtype)?))
+            })
+            .collect::<Result<_>>()?;
+        for tensor_name in converted.keys() {
+            weight_map.insert(tensor_name.clone(), serde_json::Value::String(name.clone()));
+        }
+        let path = dir.join(&name);
+        let temporary = dir.join(format!(".{name}.tmp"));
+        oxtune_tensor::candle::safetensors::save(&converted, &temporary)?;
+        std::fs::rename(&temporary, &path).map_err(|source| Error::Io {
+            path: path.clone(),
+            source,
+        })?;
+        written.push(path);
+    }
+    if count > 1 {
+        let total: usize = tensors
+            .iter()
+            .map(|(_, t)| t.elem_count() * dtype.size_in_bytes())
+            .sum();
+        let index =
+            serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+        let path = dir.join(INDEX_FILE);
+        std::fs::write(
+            &path,
+            serde_json::to_string_pretty(&index).unwrap_or_default(),
+        )
+        .map_err(|source| Error::Io {
+            path: path.clone(),
+            source,
+        })?;
+        written.push(path);
+    }
+    Ok(written)
+}
+
 fn safetensors_error(path: &Path, error: &dyn std::fmt::Display) -> Error {
     Error::Safetensors {
         path: path.to_path_buf(),

@@ -154,7 +154,12 @@ pub struct SplitArgs {
     pub input: PathBuf,
 
     /// Fraction of rows for validation.
-    #[arg(long = "val_ratio", alias = "val-ratio", visible_alias = "split_dataset_ratio", default_value_t = 0.1)]
+    #[arg(
+        long = "val_ratio",
+        alias = "val-ratio",
+        visible_alias = "split_dataset_ratio",
+        default_value_t = 0.1
+    )]
     pub val_ratio: f64,
 
     #[arg(long, default_value_t = 42)]
@@ -181,20 +186,27 @@ pub fn run(args: &DataArgs) -> anyhow::Result<()> {
 
 /// `dir/name.ext` → `dir/name{suffix}`.
 fn sibling(path: &Path, suffix: &str) -> PathBuf {
-    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
     path.with_file_name(format!("{stem}{suffix}"))
 }
 
 fn byte_progress(total: u64) -> ProgressBar {
     let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
-    if let Ok(style) = ProgressStyle::with_template("{spinner} [{elapsed_precise}] {wide_bar} {binary_bytes}/{binary_total_bytes} ({binary_bytes_per_sec}, eta {eta})") {
+    if let Ok(style) = ProgressStyle::with_template(
+        "{spinner} [{elapsed_precise}] {wide_bar} {binary_bytes}/{binary_total_bytes} ({binary_bytes_per_sec}, eta {eta})",
+    ) {
         bar.set_style(style);
     }
     bar
 }
 
 fn input_size(path: &Path) -> anyhow::Result<u64> {
-    Ok(std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?.len())
+    Ok(std::fs::metadata(path)
+        .with_context(|| format!("cannot read {}", path.display()))?
+        .len())
 }
 
 fn scrub(args: &ScrubArgs) -> anyhow::Result<()> {
@@ -209,31 +221,56 @@ fn scrub(args: &ScrubArgs) -> anyhow::Result<()> {
     };
     let scrubber = Scrubber::from_config(&config)?;
     let bar = byte_progress(input_size(&args.input)?);
-    let options = ScrubOptions { replace, batch_records: args.batch_size };
-    let report = scrub_file(&args.input, &args.output, &scrubber, &options, &|done, total| {
-        bar.set_length(total);
-        bar.set_position(done);
-    });
+    let options = ScrubOptions {
+        replace,
+        batch_records: args.batch_size,
+    };
+    let report = scrub_file(
+        &args.input,
+        &args.output,
+        &scrubber,
+        &options,
+        &|done, total| {
+            bar.set_length(total);
+            bar.set_position(done);
+        },
+    );
     bar.finish_and_clear();
     let report = report?;
     let base = match &args.report {
-        Some(path) => path.with_extension(""),
+        Some(path) if path.extension().is_some_and(|e| e == "json" || e == "html") => path.with_extension(""),
+        Some(path) => path.clone(),
         None => sibling(&args.output, ".scrub_report"),
     };
-    let (json, html) = (base.with_extension("json"), base.with_extension("html"));
+    let with_suffix = |suffix: &str| {
+        let mut name = base.as_os_str().to_os_string();
+        name.push(suffix);
+        PathBuf::from(name)
+    };
+    let (json, html) = (with_suffix(".json"), with_suffix(".html"));
     report.write_json(&json)?;
     report.write_html(&html)?;
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "{}", report.summary())?;
-    writeln!(stdout, "wrote {}\nreport {} and {}", args.output.display(), json.display(), html.display())?;
+    writeln!(
+        stdout,
+        "wrote {}\nreport {} and {}",
+        args.output.display(),
+        json.display(),
+        html.display()
+    )?;
     Ok(())
 }
 
 fn check(args: &CheckArgs) -> anyhow::Result<()> {
-    let options = CheckOptions { format: args.format.as_deref().and_then(Format::from_name), max_problems: args.max_problems };
+    let options = CheckOptions {
+        format: args.format.as_deref().and_then(Format::from_name),
+        max_problems: args.max_problems,
+    };
     let report = check_file(&args.input, &options)?;
     if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&report)?).with_context(|| format!("cannot write {}", path.display()))?;
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
     }
     let mut stdout = std::io::stdout().lock();
     for line in report.problem_lines() {
@@ -242,10 +279,31 @@ fn check(args: &CheckArgs) -> anyhow::Result<()> {
     let shown = report.problems.len() as u64;
     let total = report.errors + report.warnings;
     if total > shown {
-        writeln!(stdout, "… {} more problems not shown (raise --max_problems)", total - shown)?;
+        writeln!(
+            stdout,
+            "… {} more problems not shown (raise --max_problems)",
+            total - shown
+        )?;
     }
-    let formats = report.formats.iter().map(|(f, n)| format!("{f} {n}")).collect::<Vec<_>>().join(", ");
-    writeln!(stdout, "{}: {} records ({}), {} errors, {} warnings", args.input.display(), report.records, if formats.is_empty() { "no format" } else { &formats }, report.errors, report.warnings)?;
+    let formats = report
+        .formats
+        .iter()
+        .map(|(f, n)| format!("{f} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    writeln!(
+        stdout,
+        "{}: {} records ({}), {} errors, {} warnings",
+        args.input.display(),
+        report.records,
+        if formats.is_empty() {
+            "no format"
+        } else {
+            &formats
+        },
+        report.errors,
+        report.warnings
+    )?;
     if !report.is_ok() {
         bail!("{} has {} errors", args.input.display(), report.errors);
     }
@@ -259,19 +317,34 @@ fn stats(args: &StatsArgs) -> anyhow::Result<()> {
         (None, None) => None,
     };
     if args.model.is_none() && (args.histogram.is_some() || args.max_length.is_some()) {
-        bail!("--histogram and --max_length count tokens, which needs a tokenizer\nhint: add --model DIR (a model directory with tokenizer.json)");
+        bail!(
+            "--histogram and --max_length count tokens, which needs a tokenizer\nhint: add --model DIR (a model directory with tokenizer.json)"
+        );
     }
-    let options = StatsOptions { tokenizer: args.model.clone(), max_length: args.max_length, histogram_png: histogram, bins: args.bins, batch_records: 1024 };
+    let options = StatsOptions {
+        tokenizer: args.model.clone(),
+        max_length: args.max_length,
+        histogram_png: histogram,
+        bins: args.bins,
+        batch_records: 1024,
+    };
     let stats = dataset_stats(&args.input, &options)?;
     if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&stats)?).with_context(|| format!("cannot write {}", path.display()))?;
+        std::fs::write(path, serde_json::to_string_pretty(&stats)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
     }
     writeln!(std::io::stdout().lock(), "{}", stats.summary())?;
     Ok(())
 }
 
 fn dedup(args: &DedupArgs) -> anyhow::Result<()> {
-    let options = DedupOptions { near: !args.exact_only, threshold: args.threshold, num_perm: args.num_perm, seed: args.seed, ..DedupOptions::default() };
+    let options = DedupOptions {
+        near: !args.exact_only,
+        threshold: args.threshold,
+        num_perm: args.num_perm,
+        seed: args.seed,
+        ..DedupOptions::default()
+    };
     let bar = byte_progress(input_size(&args.input)?);
     let report = dedup_file(&args.input, &args.output, &options, &|done, total| {
         bar.set_length(total);
@@ -280,7 +353,8 @@ fn dedup(args: &DedupArgs) -> anyhow::Result<()> {
     bar.finish_and_clear();
     let report = report?;
     if let Some(path) = &args.report {
-        std::fs::write(path, serde_json::to_string_pretty(&report)?).with_context(|| format!("cannot write {}", path.display()))?;
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
     }
     writeln!(
         std::io::stdout().lock(),
@@ -298,10 +372,37 @@ fn dedup(args: &DedupArgs) -> anyhow::Result<()> {
 }
 
 fn split(args: &SplitArgs) -> anyhow::Result<()> {
-    let extension = args.input.extension().map(|e| e.to_string_lossy().into_owned()).unwrap_or_else(|| "jsonl".to_owned());
-    let train = args.train.clone().unwrap_or_else(|| sibling(&args.input, &format!(".train.{extension}")));
-    let val = args.val.clone().unwrap_or_else(|| sibling(&args.input, &format!(".val.{extension}")));
-    let report = split_file(&args.input, &train, &val, &SplitOptions { val_ratio: args.val_ratio, seed: args.seed })?;
-    writeln!(std::io::stdout().lock(), "{} records: {} train -> {}, {} val -> {} (seed {})", report.records, report.train_records, train.display(), report.val_records, val.display(), report.seed)?;
+    let extension = args
+        .input
+        .extension()
+        .map(|e| e.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "jsonl".to_owned());
+    let train = args
+        .train
+        .clone()
+        .unwrap_or_else(|| sibling(&args.input, &format!(".train.{extension}")));
+    let val = args
+        .val
+        .clone()
+        .unwrap_or_else(|| sibling(&args.input, &format!(".val.{extension}")));
+    let report = split_file(
+        &args.input,
+        &train,
+        &val,
+        &SplitOptions {
+            val_ratio: args.val_ratio,
+            seed: args.seed,
+        },
+    )?;
+    writeln!(
+        std::io::stdout().lock(),
+        "{} records: {} train -> {}, {} val -> {} (seed {})",
+        report.records,
+        report.train_records,
+        train.display(),
+        report.val_records,
+        val.display(),
+        report.seed
+    )?;
     Ok(())
 }

@@ -31,15 +31,27 @@ pub struct EvalArgs {
     pub references: Option<PathBuf>,
 
     /// The predictions' text field [default: the first of prediction, response, predict, output, text, content].
-    #[arg(long = "prediction_field", alias = "prediction-field", value_name = "NAME")]
+    #[arg(
+        long = "prediction_field",
+        alias = "prediction-field",
+        value_name = "NAME"
+    )]
     pub prediction_field: Option<String>,
 
     /// The references' text field [default: the first of references, reference, labels, label, target, answer, output, response, text].
-    #[arg(long = "reference_field", alias = "reference-field", value_name = "NAME")]
+    #[arg(
+        long = "reference_field",
+        alias = "reference-field",
+        value_name = "NAME"
+    )]
     pub reference_field: Option<String>,
 
     /// BLEU tokenizer: auto (zh if any text is Chinese, else 13a), 13a, zh, intl, char, none.
-    #[arg(long = "bleu_tokenize", alias = "bleu-tokenize", default_value = "auto")]
+    #[arg(
+        long = "bleu_tokenize",
+        alias = "bleu-tokenize",
+        default_value = "auto"
+    )]
     pub bleu_tokenize: String,
 
     /// BLEU smoothing: exp, floor[:value], add-k[:value], none.
@@ -51,7 +63,11 @@ pub struct EvalArgs {
     pub lowercase: bool,
 
     /// ROUGE tokenizer: auto (jieba if any text is Chinese, else default), default, jieba.
-    #[arg(long = "rouge_tokenizer", alias = "rouge-tokenizer", default_value = "auto")]
+    #[arg(
+        long = "rouge_tokenizer",
+        alias = "rouge-tokenizer",
+        default_value = "auto"
+    )]
     pub rouge_tokenizer: String,
 
     /// Porter-stem English tokens for ROUGE (default tokenizer).
@@ -68,7 +84,10 @@ pub struct EvalArgs {
 }
 
 fn sibling(path: &Path, suffix: &str) -> PathBuf {
-    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
     path.with_file_name(format!("{stem}{suffix}"))
 }
 
@@ -84,21 +103,40 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
     };
     let config = EvalConfig {
         metrics,
-        bleu: BleuConfig { smoothing: Smoothing::from_name(&args.smooth)?, lowercase: args.lowercase, ..BleuConfig::default() },
+        bleu: BleuConfig {
+            smoothing: Smoothing::from_name(&args.smooth)?,
+            lowercase: args.lowercase,
+            ..BleuConfig::default()
+        },
         bleu_tokenizer,
         rouge_tokenizer,
         rouge_stem: args.use_stemmer,
     };
-    let fields = Fields { prediction: args.prediction_field.clone(), reference: args.reference_field.clone() };
+    let fields = Fields {
+        prediction: args.prediction_field.clone(),
+        reference: args.reference_field.clone(),
+    };
     let samples = read_samples(&args.predictions, args.references.as_deref(), &fields)?;
-    let (predictions, references) = oxtune_eval::input::describe(&args.predictions, args.references.as_deref());
+    let (predictions, references) =
+        oxtune_eval::input::describe(&args.predictions, args.references.as_deref());
     let report = evaluate(&samples, &config, &predictions, &references);
-    let result = args.result.clone().unwrap_or_else(|| sibling(&args.predictions, ".eval.json"));
-    let html = args.report.clone().unwrap_or_else(|| sibling(&args.predictions, ".eval.html"));
+    let result = args
+        .result
+        .clone()
+        .unwrap_or_else(|| sibling(&args.predictions, ".eval.json"));
+    let html = args
+        .report
+        .clone()
+        .unwrap_or_else(|| sibling(&args.predictions, ".eval.html"));
     report.write_json(&result)?;
     report.write_html(&html)?;
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "{}", report.summary())?;
-    writeln!(stdout, "result {}\nreport {}", result.display(), html.display())?;
+    writeln!(
+        stdout,
+        "result {}\nreport {}",
+        result.display(),
+        html.display()
+    )?;
     Ok(())
 }

@@ -1,6 +1,11 @@
 //! `oxtune export`: convert checkpoints.
 //!
-//! Today: `--from_gguf FILE --output_dir DIR` imports a llama.cpp GGUF file (llama, qwen2,
+//! `--adapters DIR --merge_lora true --output_dir OUT` folds a LoRA / DoRA adapter into its
+//! base model and writes a Hugging Face checkpoint (sharded at 5 GB), after checking on a
+//! probe prompt that the merged model's logits equal the adapted model's — a mismatch is an
+//! error and nothing is written.
+//!
+//! `--from_gguf FILE --output_dir DIR` imports a llama.cpp GGUF file (llama, qwen2,
 //! qwen3 architectures; any quantization candle dequantizes) into a Hugging Face directory:
 //! config.json, generation_config.json, tokenizer.json, tokenizer_config.json (with the chat
 //! template) and safetensors weights. The directory is built beside DIR and renamed into
@@ -42,16 +47,34 @@ pub struct ExportArgs {
     /// Replace --output_dir if it exists and is not empty.
     #[arg(long)]
     pub overwrite: bool,
+
+    /// A LoRA / DoRA adapter (peft format) to merge into its base model.
+    #[arg(long, value_name = "DIR", requires = "merge_lora")]
+    pub adapters: Option<PathBuf>,
+
+    /// Merge --adapters into the base weights (`--merge_lora true`).
+    #[arg(long = "merge_lora", default_value_t = false, action = clap::ArgAction::Set)]
+    pub merge_lora: bool,
+
+    /// The base model (default: the adapter's base_model_name_or_path).
+    #[arg(long, value_name = "PATH_OR_NAME")]
+    pub model: Option<String>,
 }
 
 pub fn run(args: &ExportArgs) -> anyhow::Result<()> {
+    if args.merge_lora {
+        return merge(args);
+    }
     let Some(gguf_path) = &args.from_gguf else {
         bail!(
-            "nothing to export: pass --from_gguf FILE --output_dir DIR\nhint: export currently supports one conversion, a llama.cpp .gguf file (llama, qwen2, qwen3) into a Hugging Face directory"
+            "nothing to export: pass --from_gguf FILE --output_dir DIR, or --adapters DIR --merge_lora true --output_dir DIR\nhint: export imports llama.cpp .gguf files (llama, qwen2, qwen3) and merges LoRA/DoRA adapters"
         );
     };
     let Some(output_dir) = &args.output_dir else {
-        bail!("--output_dir is required with --from_gguf\nhint: e.g. --output_dir models/{}", default_name(gguf_path));
+        bail!(
+            "--output_dir is required with --from_gguf\nhint: e.g. --output_dir models/{}",
+            default_name(gguf_path)
+        );
     };
     let options = ImportOptions {
         dtype: oxtune_tensor::parse_dtype(&args.torch_dtype)?,
@@ -61,9 +84,11 @@ pub fn run(args: &ExportArgs) -> anyhow::Result<()> {
 
     let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
     bar.set_style(
-        ProgressStyle::with_template("{spinner} importing [{bar:30}] {pos}/{len} tensors ({elapsed}) {wide_msg}")
-            .context("progress bar template")?
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{spinner} importing [{bar:30}] {pos}/{len} tensors ({elapsed}) {wide_msg}",
+        )
+        .context("progress bar template")?
+        .progress_chars("=> "),
     );
     let summary = gguf::import_with(gguf_path, output_dir, &options, &mut |done, total, name| {
         bar.set_length(total as u64);
@@ -92,7 +117,8 @@ pub fn run(args: &ExportArgs) -> anyhow::Result<()> {
 
 /// `SmolLM2-135M-Instruct.Q4_1.gguf` -> `SmolLM2-135M-Instruct.Q4_1`, for the hint.
 fn default_name(path: &std::path::Path) -> String {
-    path.file_stem().map_or_else(|| "model".to_owned(), |s| s.to_string_lossy().into_owned())
+    path.file_stem()
+        .map_or_else(|| "model".to_owned(), |s| s.to_string_lossy().into_owned())
 }
 
 #[cfg(test)]
@@ -109,7 +135,14 @@ mod tests {
 
     #[test]
     fn flags_are_snake_case_with_a_bfloat16_default() -> anyhow::Result<()> {
-        let cli = Cli::try_parse_from(["export", "--from_gguf", "m.gguf", "--output_dir", "out", "--overwrite"])?;
+        let cli = Cli::try_parse_from([
+            "export",
+            "--from_gguf",
+            "m.gguf",
+            "--output_dir",
+            "out",
+            "--overwrite",
+        ])?;
         assert_eq!(cli.args.from_gguf, Some(PathBuf::from("m.gguf")));
         assert_eq!(cli.args.torch_dtype, "bfloat16");
         assert!(cli.args.overwrite);
@@ -120,11 +153,150 @@ mod tests {
     #[test]
     fn missing_flags_say_what_export_does() -> anyhow::Result<()> {
         let cli = Cli::try_parse_from(["export"])?;
-        let message = run(&cli.args).err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(message.contains("--from_gguf") && message.contains("Hugging Face directory"), "{message}");
+        let message = run(&cli.args)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            message.contains("--from_gguf") && message.contains("Hugging Face directory"),
+            "{message}"
+        );
         let cli = Cli::try_parse_from(["export", "--from_gguf", "x/SmolLM2.Q4_1.gguf"])?;
-        let message = run(&cli.args).err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(message.contains("--output_dir is required") && message.contains("models/SmolLM2.Q4_1"), "{message}");
+        let message = run(&cli.args)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            message.contains("--output_dir is required") && message.contains("models/SmolLM2.Q4_1"),
+            "{message}"
+        );
         Ok(())
     }
+}
+
+/// The largest tolerated |merged - adapted| logit difference, relative to the largest logit:
+/// merging reorders float operations, nothing more.
+fn merge_tolerance(dtype: oxtune_tensor::DType) -> f32 {
+    if dtype == oxtune_tensor::DType::F32 {
+        1e-4
+    } else {
+        2e-2
+    }
+}
+
+fn merge(args: &ExportArgs) -> anyhow::Result<()> {
+    use oxtune_tensor::{DType, Tensor};
+    let adapter = args
+        .adapters
+        .as_ref()
+        .context("--merge_lora true needs --adapters DIR")?;
+    let output_dir = args
+        .output_dir
+        .as_ref()
+        .context("--merge_lora true needs --output_dir DIR")?;
+    if output_dir.exists() && std::fs::read_dir(output_dir)?.next().is_some() && !args.overwrite {
+        bail!(
+            "{} exists and is not empty\nhint: choose another --output_dir or pass --overwrite",
+            output_dir.display()
+        );
+    }
+    let out_dtype = oxtune_tensor::parse_dtype(&args.torch_dtype)?;
+    // Merge and verify in float32 on the CPU; the output is converted shard by shard.
+    let model_args = super::ModelArgs {
+        model: args.model.clone(),
+        model_type: None,
+        device: "cpu".into(),
+        torch_dtype: "float32".into(),
+        adapters: None,
+    };
+    let base = match &args.model {
+        Some(model) => model.clone(),
+        None => super::adapter_base_model(adapter)?,
+    };
+    let mut loaded = super::ModelArgs {
+        model: Some(base),
+        ..model_args
+    }
+    .load()?;
+    let device = loaded.model.device().clone();
+    let tuner = oxtune_tuners::peft::load(&mut loaded.model, adapter, &device)
+        .with_context(|| format!("applying the adapter {}", adapter.display()))?;
+
+    let probe_text = "Write the overview section of a PRD for phone-number login.";
+    let probe = match &loaded.chat_template {
+        Some(template) => {
+            template.render(&[oxtune_models::ChatMessage::new("user", probe_text)], true)?
+        }
+        None => probe_text.to_owned(),
+    };
+    let ids =
+        Tensor::new(loaded.tokenizer.encode(&probe, false)?.as_slice(), &device)?.unsqueeze(0)?;
+    let adapted = loaded.model.forward(&ids, &mut loaded.model.new_cache())?;
+    tuner.merge_into(&mut loaded.model)?;
+    let merged = loaded.model.forward(&ids, &mut loaded.model.new_cache())?;
+    let scale: f32 = adapted.abs()?.flatten_all()?.max(0)?.to_scalar()?;
+    let diff: f32 = (&merged - &adapted)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar()?;
+    let tolerance = merge_tolerance(DType::F32) * scale.max(1.0);
+    if !(diff <= tolerance) {
+        bail!(
+            "the merged model does not reproduce the adapted model: max |logit difference| {diff:e} on the probe prompt (tolerance {tolerance:e})\nhint: nothing was written; the adapter may not match this base model"
+        );
+    }
+    tracing::info!(
+        max_logit_difference = diff,
+        "merged model verified against the adapted model"
+    );
+
+    let temporary = output_dir.with_extension("tmp-merge");
+    if temporary.exists() {
+        std::fs::remove_dir_all(&temporary)?;
+    }
+    std::fs::create_dir_all(&temporary)?;
+    let tensors: Vec<(String, Tensor)> = loaded
+        .model
+        .parameters_mut()
+        .into_iter()
+        .map(|(name, tensor)| (name, tensor.clone()))
+        .collect();
+    oxtune_models::checkpoint::save_sharded(&temporary, &tensors, out_dtype, 5 << 30)?;
+    for file in [
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "chat_template.jinja",
+    ] {
+        let source = loaded.dir.join(file);
+        if source.is_file() {
+            std::fs::copy(&source, temporary.join(file))
+                .with_context(|| format!("copying {}", source.display()))?;
+        }
+    }
+    let config_path = loaded.dir.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path)?)?;
+    config["torch_dtype"] = oxtune_tensor::dtype_name(out_dtype).into();
+    std::fs::write(
+        temporary.join("config.json"),
+        serde_json::to_string_pretty(&config)?,
+    )?;
+    if output_dir.exists() {
+        std::fs::remove_dir_all(output_dir)?;
+    }
+    std::fs::rename(&temporary, output_dir)
+        .with_context(|| format!("moving the merged model to {}", output_dir.display()))?;
+    let mut stdout = std::io::stdout().lock();
+    writeln!(
+        stdout,
+        "merged {} into {} -> {} ({}, max logit difference {diff:.2e} on a probe prompt)",
+        adapter.display(),
+        loaded.dir.display(),
+        output_dir.display(),
+        oxtune_tensor::dtype_name(out_dtype)
+    )?;
+    Ok(())
 }

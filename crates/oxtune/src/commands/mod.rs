@@ -34,6 +34,12 @@ pub struct ModelArgs {
     /// bfloat16 or float16.
     #[arg(long = "torch_dtype", default_value = "auto", value_name = "DTYPE")]
     pub torch_dtype: String,
+
+    /// A LoRA / DoRA adapter directory (peft format: adapter_config.json +
+    /// adapter_model.safetensors) applied on the base model. Without --model, the base is the
+    /// adapter's `base_model_name_or_path`.
+    #[arg(long, value_name = "DIR")]
+    pub adapters: Option<PathBuf>,
 }
 
 impl ModelArgs {
@@ -48,11 +54,15 @@ impl ModelArgs {
         Ok((device, dtype))
     }
 
-    /// Resolves and loads the model.
+    /// Resolves and loads the model, with its adapter when one is given.
     pub fn load(&self) -> anyhow::Result<LoadedModel> {
         let (device, dtype) = self.device_and_dtype()?;
+        let adapter_base = match (&self.adapters, &self.model, &self.model_type) {
+            (Some(adapter), None, None) => Some(adapter_base_model(adapter)?),
+            _ => None,
+        };
         let source = oxtune_models::resolve::resolve(
-            self.model.as_deref(),
+            self.model.as_deref().or(adapter_base.as_deref()),
             self.model_type.as_deref(),
             &SearchPaths::from_env(),
         )?;
@@ -61,33 +71,69 @@ impl ModelArgs {
             ModelSource::Gguf(file) => gguf_cache_dir(file, dtype)?,
         };
         tracing::info!(model = %dir.display(), ?device, ?dtype, "loading");
-        LoadedModel::load(&dir, &device, dtype)
-            .with_context(|| format!("loading {}", source.path().display()))
+        let mut loaded = LoadedModel::load(&dir, &device, dtype)
+            .with_context(|| format!("loading {}", source.path().display()))?;
+        if let Some(adapter) = &self.adapters {
+            oxtune_tuners::peft::load(&mut loaded.model, adapter, &device)
+                .with_context(|| format!("applying the adapter {}", adapter.display()))?;
+        }
+        Ok(loaded)
     }
+}
+
+/// `base_model_name_or_path` of an adapter, for `--adapters DIR` without `--model`.
+pub(crate) fn adapter_base_model(adapter: &std::path::Path) -> anyhow::Result<String> {
+    let path = adapter.join(oxtune_tuners::peft::CONFIG_FILE);
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let config: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not valid JSON", path.display()))?;
+    config
+        .get("base_model_name_or_path")
+        .and_then(serde_json::Value::as_str)
+        .map(str::to_owned)
+        .with_context(|| {
+            format!(
+                "{} names no base_model_name_or_path\nhint: pass --model with the base model",
+                path.display()
+            )
+        })
 }
 
 /// The Hugging Face directory a GGUF file is imported into once, under
 /// `$OXTUNE_CACHE_DIR/gguf/` (default `~/.cache/oxtune/gguf/`), keyed by the file's name,
 /// size, modification time and the dtype.
 fn gguf_cache_dir(file: &std::path::Path, dtype: DType) -> anyhow::Result<PathBuf> {
-    let metadata = std::fs::metadata(file).with_context(|| format!("reading {}", file.display()))?;
+    let metadata =
+        std::fs::metadata(file).with_context(|| format!("reading {}", file.display()))?;
     let modified = metadata
         .modified()
         .ok()
         .and_then(|time| time.duration_since(std::time::UNIX_EPOCH).ok())
         .map_or(0, |elapsed| elapsed.as_secs());
-    let stem = file.file_stem().map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned());
+    let stem = file
+        .file_stem()
+        .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned());
     let dtype_name = oxtune_tensor::dtype_name(dtype);
     let cache = match std::env::var_os("OXTUNE_CACHE_DIR") {
         Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from(std::env::var_os("HOME").context("HOME is not set; set OXTUNE_CACHE_DIR")?).join(".cache/oxtune"),
+        None => PathBuf::from(
+            std::env::var_os("HOME").context("HOME is not set; set OXTUNE_CACHE_DIR")?,
+        )
+        .join(".cache/oxtune"),
     };
-    let dir = cache.join("gguf").join(format!("{stem}-{}-{modified}-{dtype_name}", metadata.len()));
+    let dir = cache
+        .join("gguf")
+        .join(format!("{stem}-{}-{modified}-{dtype_name}", metadata.len()));
     if dir.join("config.json").is_file() {
         return Ok(dir);
     }
     tracing::info!(gguf = %file.display(), into = %dir.display(), "importing GGUF (once)");
-    let options = oxtune_models::gguf::ImportOptions { dtype, overwrite: true, ..Default::default() };
+    let options = oxtune_models::gguf::ImportOptions {
+        dtype,
+        overwrite: true,
+        ..Default::default()
+    };
     oxtune_models::gguf::import_with(file, &dir, &options, &mut |_, _, _| {})
         .with_context(|| format!("importing {}", file.display()))?;
     Ok(dir)
