@@ -121,59 +121,6 @@ fn default_name(path: &std::path::Path) -> String {
         .map_or_else(|| "model".to_owned(), |s| s.to_string_lossy().into_owned())
 }
 
-#[cfg(test)]
-mod tests {
-    use clap::Parser;
-
-    use super::*;
-
-    #[derive(Debug, Parser)]
-    struct Cli {
-        #[command(flatten)]
-        args: ExportArgs,
-    }
-
-    #[test]
-    fn flags_are_snake_case_with_a_bfloat16_default() -> anyhow::Result<()> {
-        let cli = Cli::try_parse_from([
-            "export",
-            "--from_gguf",
-            "m.gguf",
-            "--output_dir",
-            "out",
-            "--overwrite",
-        ])?;
-        assert_eq!(cli.args.from_gguf, Some(PathBuf::from("m.gguf")));
-        assert_eq!(cli.args.torch_dtype, "bfloat16");
-        assert!(cli.args.overwrite);
-        assert!(Cli::try_parse_from(["export", "--torch_dtype", "int8"]).is_err());
-        Ok(())
-    }
-
-    #[test]
-    fn missing_flags_say_what_export_does() -> anyhow::Result<()> {
-        let cli = Cli::try_parse_from(["export"])?;
-        let message = run(&cli.args)
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
-        assert!(
-            message.contains("--from_gguf") && message.contains("Hugging Face directory"),
-            "{message}"
-        );
-        let cli = Cli::try_parse_from(["export", "--from_gguf", "x/SmolLM2.Q4_1.gguf"])?;
-        let message = run(&cli.args)
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
-        assert!(
-            message.contains("--output_dir is required") && message.contains("models/SmolLM2.Q4_1"),
-            "{message}"
-        );
-        Ok(())
-    }
-}
-
 /// The largest tolerated |merged - adapted| logit difference, relative to the largest logit:
 /// merging reorders float operations, nothing more.
 fn merge_tolerance(dtype: oxtune_tensor::DType) -> f32 {
@@ -185,7 +132,7 @@ fn merge_tolerance(dtype: oxtune_tensor::DType) -> f32 {
 }
 
 fn merge(args: &ExportArgs) -> anyhow::Result<()> {
-    use oxtune_tensor::{DType, Tensor};
+    use oxtune_tensor::Tensor;
     let adapter = args
         .adapters
         .as_ref()
@@ -240,8 +187,8 @@ fn merge(args: &ExportArgs) -> anyhow::Result<()> {
         .flatten_all()?
         .max(0)?
         .to_scalar()?;
-    let tolerance = merge_tolerance(DType::F32) * scale.max(1.0);
-    if !(diff <= tolerance) {
+    let tolerance = MERGE_TOLERANCE * scale.max(1.0);
+    if diff.is_nan() || diff > tolerance {
         bail!(
             "the merged model does not reproduce the adapted model: max |logit difference| {diff:e} on the probe prompt (tolerance {tolerance:e})\nhint: nothing was written; the adapter may not match this base model"
         );
@@ -299,4 +246,57 @@ fn merge(args: &ExportArgs) -> anyhow::Result<()> {
         oxtune_tensor::dtype_name(out_dtype)
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: ExportArgs,
+    }
+
+    #[test]
+    fn flags_are_snake_case_with_a_bfloat16_default() -> anyhow::Result<()> {
+        let cli = Cli::try_parse_from([
+            "export",
+            "--from_gguf",
+            "m.gguf",
+            "--output_dir",
+            "out",
+            "--overwrite",
+        ])?;
+        assert_eq!(cli.args.from_gguf, Some(PathBuf::from("m.gguf")));
+        assert_eq!(cli.args.torch_dtype, "bfloat16");
+        assert!(cli.args.overwrite);
+        assert!(Cli::try_parse_from(["export", "--torch_dtype", "int8"]).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn missing_flags_say_what_export_does() -> anyhow::Result<()> {
+        let cli = Cli::try_parse_from(["export"])?;
+        let message = run(&cli.args)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            message.contains("--from_gguf") && message.contains("Hugging Face directory"),
+            "{message}"
+        );
+        let cli = Cli::try_parse_from(["export", "--from_gguf", "x/SmolLM2.Q4_1.gguf"])?;
+        let message = run(&cli.args)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            message.contains("--output_dir is required") && message.contains("models/SmolLM2.Q4_1"),
+            "{message}"
+        );
+        Ok(())
+    }
 }
