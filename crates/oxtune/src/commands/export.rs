@@ -121,15 +121,9 @@ fn default_name(path: &std::path::Path) -> String {
         .map_or_else(|| "model".to_owned(), |s| s.to_string_lossy().into_owned())
 }
 
-/// The largest tolerated |merged - adapted| logit difference, relative to the largest logit:
-/// merging reorders float operations, nothing more.
-fn merge_tolerance(dtype: oxtune_tensor::DType) -> f32 {
-    if dtype == oxtune_tensor::DType::F32 {
-        1e-4
-    } else {
-        2e-2
-    }
-}
+/// The largest tolerated |merged - adapted| logit difference (float32), relative to the
+/// largest logit: merging reorders float operations, nothing more.
+const MERGE_TOLERANCE: f32 = 1e-4;
 
 fn merge(args: &ExportArgs) -> anyhow::Result<()> {
     use oxtune_tensor::Tensor;
