@@ -24,7 +24,10 @@ pub struct CheckOptions {
 
 impl Default for CheckOptions {
     fn default() -> Self {
-        Self { format: None, max_problems: 1000 }
+        Self {
+            format: None,
+            max_problems: 1000,
+        }
     }
 }
 
@@ -57,14 +60,30 @@ impl CheckReport {
         self.errors == 0
     }
 
-    fn push(&mut self, line: u64, severity: Severity, field: &str, message: String, max_problems: usize) {
+    fn push(
+        &mut self,
+        line: u64,
+        severity: Severity,
+        field: &str,
+        message: String,
+        max_problems: usize,
+    ) {
         match severity {
             Severity::Error => self.errors += 1,
             Severity::Warning => self.warnings += 1,
         }
         if self.problems.len() < max_problems {
-            let severity = if severity == Severity::Error { "error" } else { "warning" };
-            self.problems.push(LocatedProblem { line, severity, field: field.to_owned(), message });
+            let severity = if severity == Severity::Error {
+                "error"
+            } else {
+                "warning"
+            };
+            self.problems.push(LocatedProblem {
+                line,
+                severity,
+                field: field.to_owned(),
+                message,
+            });
         }
     }
 
@@ -73,8 +92,15 @@ impl CheckReport {
         self.problems
             .iter()
             .map(|p| {
-                let field = if p.field.is_empty() { String::new() } else { format!("{}: ", p.field) };
-                format!("{}:{}: {}: {field}{}", self.path, p.line, p.severity, p.message)
+                let field = if p.field.is_empty() {
+                    String::new()
+                } else {
+                    format!("{}: ", p.field)
+                };
+                format!(
+                    "{}:{}: {}: {field}{}",
+                    self.path, p.line, p.severity, p.message
+                )
             })
             .collect()
     }
@@ -83,7 +109,11 @@ impl CheckReport {
 /// Checks every record of `path`.
 pub fn check_file(path: &Path, options: &CheckOptions) -> Result<CheckReport> {
     let mut reader = RecordReader::open(path)?;
-    let mut report = CheckReport { path: path.display().to_string(), format: options.format.map(Format::name), ..CheckReport::default() };
+    let mut report = CheckReport {
+        path: path.display().to_string(),
+        format: options.format.map(Format::name),
+        ..CheckReport::default()
+    };
     let mut format = options.format;
     while let Some(record) = reader.next() {
         let record = match record {
@@ -117,7 +147,13 @@ pub fn check_file(path: &Path, options: &CheckOptions) -> Result<CheckReport> {
             }
             (None, None) => {
                 let keys = row.value.keys().cloned().collect::<Vec<_>>().join(", ");
-                report.push(row.line, Severity::Error, "", format!("cannot tell the dataset format from the keys [{keys}]; {FORMAT_HINT}"), options.max_problems);
+                report.push(
+                    row.line,
+                    Severity::Error,
+                    "",
+                    format!("cannot tell the dataset format from the keys [{keys}]; {FORMAT_HINT}"),
+                    options.max_problems,
+                );
                 continue;
             }
         };
@@ -127,11 +163,23 @@ pub fn check_file(path: &Path, options: &CheckOptions) -> Result<CheckReport> {
             continue;
         }
         for problem in validate(expected, &row.value) {
-            report.push(row.line, problem.severity, &problem.field, problem.message, options.max_problems);
+            report.push(
+                row.line,
+                problem.severity,
+                &problem.field,
+                problem.message,
+                options.max_problems,
+            );
         }
     }
     if report.records == 0 {
-        report.push(0, Severity::Error, "", "the file holds no records".to_owned(), options.max_problems);
+        report.push(
+            0,
+            Severity::Error,
+            "",
+            "the file holds no records".to_owned(),
+            options.max_problems,
+        );
     }
     Ok(report)
 }
@@ -157,10 +205,28 @@ mod tests {
         assert_eq!(report.records, 5);
         let lines = report.problem_lines();
         assert_eq!(lines.len(), 4, "{lines:#?}");
-        assert!(lines[0].ends_with("d.jsonl:2: error: instruction: is empty"), "{}", lines[0]);
-        assert!(lines[1].ends_with("d.jsonl:3: error: output: expected a string, found a number"), "{}", lines[1]);
-        assert!(lines[2].contains("d.jsonl:4: error: not valid JSON"), "{}", lines[2]);
-        assert!(lines[3].contains("d.jsonl:5: error: this row is in messages format, but the file is in alpaca format"), "{}", lines[3]);
+        assert!(
+            lines[0].ends_with("d.jsonl:2: error: instruction: is empty"),
+            "{}",
+            lines[0]
+        );
+        assert!(
+            lines[1].ends_with("d.jsonl:3: error: output: expected a string, found a number"),
+            "{}",
+            lines[1]
+        );
+        assert!(
+            lines[2].contains("d.jsonl:4: error: not valid JSON"),
+            "{}",
+            lines[2]
+        );
+        assert!(
+            lines[3].contains(
+                "d.jsonl:5: error: this row is in messages format, but the file is in alpaca format"
+            ),
+            "{}",
+            lines[3]
+        );
         assert!(!report.is_ok());
     }
 

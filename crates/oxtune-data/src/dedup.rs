@@ -41,7 +41,14 @@ pub struct DedupOptions {
 
 impl Default for DedupOptions {
     fn default() -> Self {
-        Self { near: true, threshold: 0.85, num_perm: 128, shingle_chars: 5, seed: 1, batch_records: 4096 }
+        Self {
+            near: true,
+            threshold: 0.85,
+            num_perm: 128,
+            shingle_chars: 5,
+            seed: 1,
+            batch_records: 4096,
+        }
     }
 }
 
@@ -82,8 +89,11 @@ pub fn lsh_parameters(num_perm: usize, threshold: f64) -> (usize, usize) {
         .map(|rows| (num_perm / rows, rows))
         .filter(|(bands, _)| *bands >= 1)
         .min_by(|a, b| {
-            let midpoint = |(bands, rows): (usize, usize)| (1.0 / bands as f64).powf(1.0 / rows as f64);
-            (midpoint(*a) - threshold).abs().total_cmp(&(midpoint(*b) - threshold).abs())
+            let midpoint =
+                |(bands, rows): (usize, usize)| (1.0 / bands as f64).powf(1.0 / rows as f64);
+            (midpoint(*a) - threshold)
+                .abs()
+                .total_cmp(&(midpoint(*b) - threshold).abs())
         })
         .unwrap_or((1, num_perm))
 }
@@ -104,7 +114,11 @@ fn record_text(path: &Path, headers: &[String], record: &RawRecord) -> Result<St
     if let Some(format) = Format::detect(&row.value) {
         let turns = conversation(format, &row.value);
         if !turns.is_empty() {
-            return Ok(turns.iter().map(|t| format!("{}: {}", t.role.name(), t.text)).collect::<Vec<_>>().join("\n"));
+            return Ok(turns
+                .iter()
+                .map(|t| format!("{}: {}", t.role.name(), t.text))
+                .collect::<Vec<_>>()
+                .join("\n"));
         }
     }
     let mut parts = Vec::new();
@@ -135,14 +149,23 @@ struct MinHasher {
 impl MinHasher {
     fn new(options: &DedupOptions) -> Self {
         let mut rng = SplitMix64::new(options.seed);
-        Self { seeds: (0..options.num_perm).map(|_| rng.next_u64()).collect(), shingle_chars: options.shingle_chars.max(1) }
+        Self {
+            seeds: (0..options.num_perm).map(|_| rng.next_u64()).collect(),
+            shingle_chars: options.shingle_chars.max(1),
+        }
     }
 
     fn fingerprint(&self, text: &str, near: bool) -> Fingerprint {
         let collapsed = text.split_whitespace().collect::<Vec<_>>().join(" ");
-        let exact = (hash_bytes(collapsed.as_bytes(), 1), hash_bytes(collapsed.as_bytes(), 2));
+        let exact = (
+            hash_bytes(collapsed.as_bytes(), 1),
+            hash_bytes(collapsed.as_bytes(), 2),
+        );
         if !near {
-            return Fingerprint { exact, signature: Vec::new() };
+            return Fingerprint {
+                exact,
+                signature: Vec::new(),
+            };
         }
         let chars: Vec<char> = collapsed.to_lowercase().chars().collect();
         let mut shingles: Vec<u64> = if chars.len() <= self.shingle_chars {
@@ -160,7 +183,17 @@ impl MinHasher {
         };
         shingles.sort_unstable();
         shingles.dedup();
-        let signature = self.seeds.iter().map(|seed| shingles.iter().map(|s| (mix64(s ^ seed) >> 32) as u32).min().unwrap_or(u32::MAX)).collect();
+        let signature = self
+            .seeds
+            .iter()
+            .map(|seed| {
+                shingles
+                    .iter()
+                    .map(|s| (mix64(s ^ seed) >> 32) as u32)
+                    .min()
+                    .unwrap_or(u32::MAX)
+            })
+            .collect();
         Fingerprint { exact, signature }
     }
 }
@@ -171,9 +204,20 @@ fn estimated_similarity(a: &[u32], b: &[u32]) -> f64 {
 }
 
 /// Deduplicates `input` into `output`; `progress(bytes_done, bytes_total)` after each batch.
-pub fn dedup_file(input: &Path, output: &Path, options: &DedupOptions, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<DedupReport> {
+pub fn dedup_file(
+    input: &Path,
+    output: &Path,
+    options: &DedupOptions,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<DedupReport> {
     if !(0.0..=1.0).contains(&options.threshold) || options.num_perm == 0 {
-        return Err(Error::Invalid { message: format!("threshold {} / num_perm {} out of range", options.threshold, options.num_perm), hint: "use a threshold in [0, 1] (e.g. 0.85) and num_perm ≥ 16".to_owned() });
+        return Err(Error::Invalid {
+            message: format!(
+                "threshold {} / num_perm {} out of range",
+                options.threshold, options.num_perm
+            ),
+            hint: "use a threshold in [0, 1] (e.g. 0.85) and num_perm ≥ 16".to_owned(),
+        });
     }
     ensure_distinct(input, output)?;
     let mut reader = RecordReader::open(input)?;
@@ -203,14 +247,25 @@ pub fn dedup_file(input: &Path, output: &Path, options: &DedupOptions, progress:
         if batch.is_empty() {
             break;
         }
-        let fingerprints: Vec<Result<Fingerprint>> = batch.par_iter().map(|record| record_text(input, &headers, record).map(|text| hasher.fingerprint(&text, options.near))).collect();
+        let fingerprints: Vec<Result<Fingerprint>> = batch
+            .par_iter()
+            .map(|record| {
+                record_text(input, &headers, record)
+                    .map(|text| hasher.fingerprint(&text, options.near))
+            })
+            .collect();
         for (record, fingerprint) in batch.iter().zip(fingerprints) {
             let fingerprint = fingerprint?;
             report.records_in += 1;
             if let Some(&kept_line) = exact_seen.get(&fingerprint.exact) {
                 report.exact_duplicates += 1;
                 if report.examples.len() < MAX_EXAMPLES {
-                    report.examples.push(DuplicatePair { line: record.line, kept_line, kind: "exact", similarity: 1.0 });
+                    report.examples.push(DuplicatePair {
+                        line: record.line,
+                        kept_line,
+                        kind: "exact",
+                        similarity: 1.0,
+                    });
                 }
                 continue;
             }
@@ -232,7 +287,10 @@ pub fn dedup_file(input: &Path, output: &Path, options: &DedupOptions, progress:
                         if !checked.insert(candidate) {
                             continue;
                         }
-                        let similarity = estimated_similarity(&fingerprint.signature, &kept_signatures[candidate as usize]);
+                        let similarity = estimated_similarity(
+                            &fingerprint.signature,
+                            &kept_signatures[candidate as usize],
+                        );
                         if similarity >= options.threshold {
                             duplicate_of = Some((candidate, similarity));
                             break 'bands;
@@ -242,7 +300,12 @@ pub fn dedup_file(input: &Path, output: &Path, options: &DedupOptions, progress:
                 if let Some((candidate, similarity)) = duplicate_of {
                     report.near_duplicates += 1;
                     if report.examples.len() < MAX_EXAMPLES {
-                        report.examples.push(DuplicatePair { line: record.line, kept_line: kept_lines[candidate as usize], kind: "near", similarity });
+                        report.examples.push(DuplicatePair {
+                            line: record.line,
+                            kept_line: kept_lines[candidate as usize],
+                            kind: "near",
+                            similarity,
+                        });
                     }
                     continue;
                 }
@@ -271,15 +334,24 @@ mod tests {
         let (bands, rows) = lsh_parameters(128, 0.85);
         assert!(bands * rows <= 128);
         let midpoint = (1.0 / bands as f64).powf(1.0 / rows as f64);
-        assert!((midpoint - 0.85).abs() < 0.02, "{bands}x{rows} → {midpoint}");
+        assert!(
+            (midpoint - 0.85).abs() < 0.02,
+            "{bands}x{rows} → {midpoint}"
+        );
     }
 
     #[test]
     fn signatures_estimate_jaccard_similarity() {
-        let hasher = MinHasher::new(&DedupOptions { num_perm: 256, ..DedupOptions::default() });
+        let hasher = MinHasher::new(&DedupOptions {
+            num_perm: 256,
+            ..DedupOptions::default()
+        });
         let a = hasher.fingerprint("用户登录支持手机号加验证码的方式，验证码有效期为五分钟，超过三次失败后锁定账号十分钟。", true);
         let b = hasher.fingerprint("用户登录支持手机号加验证码的方式，验证码有效期为五分钟，超过三次失败后锁定账号十五分钟。", true);
-        let c = hasher.fingerprint("订单列表页支持按时间、状态和金额筛选，并可导出为Excel文件。", true);
+        let c = hasher.fingerprint(
+            "订单列表页支持按时间、状态和金额筛选，并可导出为Excel文件。",
+            true,
+        );
         assert!(estimated_similarity(&a.signature, &b.signature) > 0.7);
         assert!(estimated_similarity(&a.signature, &c.signature) < 0.1);
     }
@@ -292,14 +364,30 @@ mod tests {
         let lines = [
             format!("{{\"instruction\": \"{long}\", \"output\": \"好的\"}}"),
             format!("{{\"instruction\": \"{long}\",  \"output\": \"好的\"}}"),
-            format!("{{\"instruction\": \"{}\", \"output\": \"好的\"}}", long.replace("审计", "审计。")),
+            format!(
+                "{{\"instruction\": \"{}\", \"output\": \"好的\"}}",
+                long.replace("审计", "审计。")
+            ),
             "{\"instruction\": \"完全不同的需求：订单导出\", \"output\": \"好的\"}".to_owned(),
         ];
         std::fs::write(&input, lines.join("\n") + "\n").expect("write");
         let output = dir.path().join("out.jsonl");
-        let report = dedup_file(&input, &output, &DedupOptions::default(), &|_, _| {}).expect("dedup");
-        assert_eq!((report.records_in, report.exact_duplicates, report.near_duplicates, report.records_out), (4, 1, 1, 2));
-        let kept: Vec<String> = std::fs::read_to_string(&output).expect("read").lines().map(str::to_owned).collect();
+        let report =
+            dedup_file(&input, &output, &DedupOptions::default(), &|_, _| {}).expect("dedup");
+        assert_eq!(
+            (
+                report.records_in,
+                report.exact_duplicates,
+                report.near_duplicates,
+                report.records_out
+            ),
+            (4, 1, 1, 2)
+        );
+        let kept: Vec<String> = std::fs::read_to_string(&output)
+            .expect("read")
+            .lines()
+            .map(str::to_owned)
+            .collect();
         assert_eq!(kept, vec![lines[0].clone(), lines[3].clone()]);
     }
 }

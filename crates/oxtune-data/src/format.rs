@@ -29,7 +29,14 @@ pub enum Format {
 }
 
 impl Format {
-    pub const ALL: [Self; 6] = [Self::Messages, Self::Sharegpt, Self::Alpaca, Self::QueryResponse, Self::Preference, Self::Kto];
+    pub const ALL: [Self; 6] = [
+        Self::Messages,
+        Self::Sharegpt,
+        Self::Alpaca,
+        Self::QueryResponse,
+        Self::Preference,
+        Self::Kto,
+    ];
 
     /// The name used on the command line and in reports.
     pub fn name(self) -> &'static str {
@@ -44,7 +51,9 @@ impl Format {
     }
 
     pub fn from_name(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|f| f.name() == name.replace('_', "-"))
+        Self::ALL
+            .into_iter()
+            .find(|f| f.name() == name.replace('_', "-"))
     }
 
     /// The format a row's keys say it is in, if any.
@@ -97,11 +106,19 @@ pub struct Problem {
 
 impl Problem {
     fn error(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { severity: Severity::Error, field: field.into(), message: message.into() }
+        Self {
+            severity: Severity::Error,
+            field: field.into(),
+            message: message.into(),
+        }
     }
 
     fn warning(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { severity: Severity::Warning, field: field.into(), message: message.into() }
+        Self {
+            severity: Severity::Warning,
+            field: field.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -177,15 +194,28 @@ pub fn validate(format: Format, row: &Map<String, Value>) -> Vec<Problem> {
 pub fn conversation(format: Format, row: &Map<String, Value>) -> Vec<Turn<'_>> {
     let mut turns = Vec::new();
     if let Some(system) = row.get("system").and_then(Value::as_str) {
-        turns.push(Turn { role: Role::System, text: system });
+        turns.push(Turn {
+            role: Role::System,
+            text: system,
+        });
     }
     let text = |key: &str| row.get(key).and_then(Value::as_str);
     match format {
         Format::Messages => push_messages(&mut turns, row.get("messages")),
         Format::Sharegpt => {
-            for message in row.get("conversations").and_then(Value::as_array).into_iter().flatten() {
-                let role = message.get("from").and_then(Value::as_str).and_then(Role::from_sharegpt);
-                if let (Some(role), Some(text)) = (role, message.get("value").and_then(Value::as_str)) {
+            for message in row
+                .get("conversations")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                let role = message
+                    .get("from")
+                    .and_then(Value::as_str)
+                    .and_then(Role::from_sharegpt);
+                if let (Some(role), Some(text)) =
+                    (role, message.get("value").and_then(Value::as_str))
+                {
                     turns.push(Turn { role, text });
                 }
             }
@@ -196,46 +226,91 @@ pub fn conversation(format: Format, row: &Map<String, Value>) -> Vec<Turn<'_>> {
                 // The two parts of the prompt are separate turns here only for counting: they
                 // are one user turn when rendered, so count them as such.
                 Some(input) => {
-                    turns.push(Turn { role: Role::User, text: instruction });
-                    turns.push(Turn { role: Role::User, text: input });
+                    turns.push(Turn {
+                        role: Role::User,
+                        text: instruction,
+                    });
+                    turns.push(Turn {
+                        role: Role::User,
+                        text: input,
+                    });
                 }
-                None => turns.push(Turn { role: Role::User, text: instruction }),
+                None => turns.push(Turn {
+                    role: Role::User,
+                    text: instruction,
+                }),
             }
             if let Some(output) = text("output") {
-                turns.push(Turn { role: Role::Assistant, text: output });
+                turns.push(Turn {
+                    role: Role::Assistant,
+                    text: output,
+                });
             }
         }
         Format::QueryResponse | Format::Kto | Format::Preference if row.contains_key("query") => {
-            for pair in row.get("history").and_then(Value::as_array).into_iter().flatten() {
-                if let Some([Value::String(query), Value::String(response)]) = pair.as_array().map(Vec::as_slice) {
-                    turns.push(Turn { role: Role::User, text: query });
-                    turns.push(Turn { role: Role::Assistant, text: response });
+            for pair in row
+                .get("history")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                if let Some([Value::String(query), Value::String(response)]) =
+                    pair.as_array().map(Vec::as_slice)
+                {
+                    turns.push(Turn {
+                        role: Role::User,
+                        text: query,
+                    });
+                    turns.push(Turn {
+                        role: Role::Assistant,
+                        text: response,
+                    });
                 }
             }
             if let Some(query) = text("query") {
-                turns.push(Turn { role: Role::User, text: query });
+                turns.push(Turn {
+                    role: Role::User,
+                    text: query,
+                });
             }
             if let Some(response) = text("response") {
-                turns.push(Turn { role: Role::Assistant, text: response });
+                turns.push(Turn {
+                    role: Role::Assistant,
+                    text: response,
+                });
             }
         }
-        Format::Kto | Format::Preference if row.contains_key("messages") => push_messages(&mut turns, row.get("messages")),
+        Format::Kto | Format::Preference if row.contains_key("messages") => {
+            push_messages(&mut turns, row.get("messages"))
+        }
         Format::Kto => {
             if let Some(prompt) = text("prompt") {
-                turns.push(Turn { role: Role::User, text: prompt });
+                turns.push(Turn {
+                    role: Role::User,
+                    text: prompt,
+                });
             }
             if let Some(completion) = text("completion") {
-                turns.push(Turn { role: Role::Assistant, text: completion });
+                turns.push(Turn {
+                    role: Role::Assistant,
+                    text: completion,
+                });
             }
         }
         Format::Preference => {
             match row.get("prompt") {
-                Some(Value::String(prompt)) => turns.push(Turn { role: Role::User, text: prompt }),
+                Some(Value::String(prompt)) => turns.push(Turn {
+                    role: Role::User,
+                    text: prompt,
+                }),
                 prompt @ Some(Value::Array(_)) => push_messages(&mut turns, prompt),
                 _ => {}
             }
             match row.get("chosen") {
-                Some(Value::String(chosen)) => turns.push(Turn { role: Role::Assistant, text: chosen }),
+                Some(Value::String(chosen)) => turns.push(Turn {
+                    role: Role::Assistant,
+                    text: chosen,
+                }),
                 chosen @ Some(Value::Array(_)) => push_messages(&mut turns, chosen),
                 _ => {}
             }
@@ -247,7 +322,10 @@ pub fn conversation(format: Format, row: &Map<String, Value>) -> Vec<Turn<'_>> {
 
 fn push_messages<'a>(turns: &mut Vec<Turn<'a>>, value: Option<&'a Value>) {
     for message in value.and_then(Value::as_array).into_iter().flatten() {
-        let role = message.get("role").and_then(Value::as_str).and_then(Role::from_messages);
+        let role = message
+            .get("role")
+            .and_then(Value::as_str)
+            .and_then(Role::from_messages);
         if let (Some(role), Some(text)) = (role, message.get("content").and_then(Value::as_str)) {
             turns.push(Turn { role, text });
         }
@@ -256,50 +334,88 @@ fn push_messages<'a>(turns: &mut Vec<Turn<'a>>, value: Option<&'a Value>) {
 
 /// The number of user→assistant exchanges in a conversation.
 pub fn count_exchanges(turns: &[Turn<'_>]) -> usize {
-    turns.windows(2).filter(|pair| pair[0].role != Role::Assistant && pair[1].role == Role::Assistant).count()
+    turns
+        .windows(2)
+        .filter(|pair| pair[0].role != Role::Assistant && pair[1].role == Role::Assistant)
+        .count()
 }
 
 fn required_text(row: &Map<String, Value>, key: &str, problems: &mut Vec<Problem>) {
     match row.get(key) {
         None => problems.push(Problem::error(key, "missing")),
-        Some(Value::String(text)) if text.trim().is_empty() => problems.push(Problem::error(key, "is empty")),
+        Some(Value::String(text)) if text.trim().is_empty() => {
+            problems.push(Problem::error(key, "is empty"))
+        }
         Some(Value::String(_)) => {}
-        Some(other) => problems.push(Problem::error(key, format!("expected a string, found {}", json_type_name(other)))),
+        Some(other) => problems.push(Problem::error(
+            key,
+            format!("expected a string, found {}", json_type_name(other)),
+        )),
     }
 }
 
 fn optional_string(row: &Map<String, Value>, key: &str, problems: &mut Vec<Problem>) {
     match row.get(key) {
         None | Some(Value::String(_) | Value::Null) => {}
-        Some(other) => problems.push(Problem::error(key, format!("expected a string, found {}", json_type_name(other)))),
+        Some(other) => problems.push(Problem::error(
+            key,
+            format!("expected a string, found {}", json_type_name(other)),
+        )),
     }
 }
 
 /// Checks a `[{role, content}]` list; `ends_with_assistant` asks for a final assistant turn.
-fn check_message_list(value: Option<&Value>, field: &str, ends_with_assistant: bool, problems: &mut Vec<Problem>) {
+fn check_message_list(
+    value: Option<&Value>,
+    field: &str,
+    ends_with_assistant: bool,
+    problems: &mut Vec<Problem>,
+) {
     let messages = match value {
         None => return problems.push(Problem::error(field, "missing")),
-        Some(Value::Array(messages)) if messages.is_empty() => return problems.push(Problem::error(field, "is empty")),
+        Some(Value::Array(messages)) if messages.is_empty() => {
+            return problems.push(Problem::error(field, "is empty"));
+        }
         Some(Value::Array(messages)) => messages,
-        Some(other) => return problems.push(Problem::error(field, format!("expected an array of messages, found {}", json_type_name(other)))),
+        Some(other) => {
+            return problems.push(Problem::error(
+                field,
+                format!(
+                    "expected an array of messages, found {}",
+                    json_type_name(other)
+                ),
+            ));
+        }
     };
     let mut roles = Vec::with_capacity(messages.len());
     for (index, message) in messages.iter().enumerate() {
         let at = format!("{field}[{index}]");
         let Some(message) = message.as_object() else {
-            problems.push(Problem::error(&at, format!("expected an object {{\"role\", \"content\"}}, found {}", json_type_name(message))));
+            problems.push(Problem::error(
+                &at,
+                format!(
+                    "expected an object {{\"role\", \"content\"}}, found {}",
+                    json_type_name(message)
+                ),
+            ));
             continue;
         };
         let role = match message.get("role") {
             Some(Value::String(role)) => match Role::from_messages(role) {
                 Some(known) => Some(known),
                 None => {
-                    problems.push(Problem::error(format!("{at}.role"), format!("unknown role `{role}` (expected system, user, assistant or tool)")));
+                    problems.push(Problem::error(
+                        format!("{at}.role"),
+                        format!("unknown role `{role}` (expected system, user, assistant or tool)"),
+                    ));
                     None
                 }
             },
             Some(other) => {
-                problems.push(Problem::error(format!("{at}.role"), format!("expected a string, found {}", json_type_name(other))));
+                problems.push(Problem::error(
+                    format!("{at}.role"),
+                    format!("expected a string, found {}", json_type_name(other)),
+                ));
                 None
             }
             None => {
@@ -308,12 +424,17 @@ fn check_message_list(value: Option<&Value>, field: &str, ends_with_assistant: b
             }
         };
         match message.get("content") {
-            Some(Value::String(content)) if content.trim().is_empty() && role != Some(Role::System) => {
+            Some(Value::String(content))
+                if content.trim().is_empty() && role != Some(Role::System) =>
+            {
                 problems.push(Problem::warning(format!("{at}.content"), "is empty"));
             }
             Some(Value::String(_)) => {}
             Some(Value::Null) | None if message.contains_key("tool_calls") => {}
-            Some(other) => problems.push(Problem::error(format!("{at}.content"), format!("expected a string, found {}", json_type_name(other)))),
+            Some(other) => problems.push(Problem::error(
+                format!("{at}.content"),
+                format!("expected a string, found {}", json_type_name(other)),
+            )),
             None => problems.push(Problem::error(format!("{at}.content"), "missing")),
         }
         roles.extend(role.map(|role| (index, role)));
@@ -323,29 +444,55 @@ fn check_message_list(value: Option<&Value>, field: &str, ends_with_assistant: b
 
 /// System only first, a user turn before the first answer, no two same speakers in a row, and
 /// (for training rows) an assistant turn last.
-fn check_order(roles: &[(usize, Role)], field: &str, ends_with_assistant: bool, problems: &mut Vec<Problem>) {
+fn check_order(
+    roles: &[(usize, Role)],
+    field: &str,
+    ends_with_assistant: bool,
+    problems: &mut Vec<Problem>,
+) {
     for &(index, role) in roles {
         if role == Role::System && index != 0 {
-            problems.push(Problem::error(format!("{field}[{index}]"), "a system message may only come first"));
+            problems.push(Problem::error(
+                format!("{field}[{index}]"),
+                "a system message may only come first",
+            ));
         }
     }
     if let Some(&(index, Role::Assistant)) = roles.iter().find(|(_, role)| *role != Role::System) {
-        problems.push(Problem::error(format!("{field}[{index}]"), "the conversation starts with an assistant turn; expected a user turn first"));
+        problems.push(Problem::error(
+            format!("{field}[{index}]"),
+            "the conversation starts with an assistant turn; expected a user turn first",
+        ));
     }
     for pair in roles.windows(2) {
         let ((_, first), (index, second)) = (pair[0], pair[1]);
         if first == second && first != Role::Tool {
-            problems.push(Problem::warning(format!("{field}[{index}]"), format!("two {} turns in a row", first.name())));
+            problems.push(Problem::warning(
+                format!("{field}[{index}]"),
+                format!("two {} turns in a row", first.name()),
+            ));
         }
     }
     if ends_with_assistant
         && let Some(&(index, last)) = roles.last()
-            && last != Role::Assistant {
-                problems.push(Problem::error(format!("{field}[{index}]"), format!("the last turn is {}, so there is no answer to learn; end with an assistant turn", last.name())));
-            }
+        && last != Role::Assistant
+    {
+        problems.push(Problem::error(
+            format!("{field}[{index}]"),
+            format!(
+                "the last turn is {}, so there is no answer to learn; end with an assistant turn",
+                last.name()
+            ),
+        ));
+    }
 }
 
-fn check_messages(row: &Map<String, Value>, key: &str, ends_with_assistant: bool, problems: &mut Vec<Problem>) {
+fn check_messages(
+    row: &Map<String, Value>,
+    key: &str,
+    ends_with_assistant: bool,
+    problems: &mut Vec<Problem>,
+) {
     check_message_list(row.get(key), key, ends_with_assistant, problems);
 }
 
@@ -353,15 +500,28 @@ fn check_sharegpt(row: &Map<String, Value>, problems: &mut Vec<Problem>) {
     let field = "conversations";
     let turns = match row.get(field) {
         None => return problems.push(Problem::error(field, "missing")),
-        Some(Value::Array(turns)) if turns.is_empty() => return problems.push(Problem::error(field, "is empty")),
+        Some(Value::Array(turns)) if turns.is_empty() => {
+            return problems.push(Problem::error(field, "is empty"));
+        }
         Some(Value::Array(turns)) => turns,
-        Some(other) => return problems.push(Problem::error(field, format!("expected an array, found {}", json_type_name(other)))),
+        Some(other) => {
+            return problems.push(Problem::error(
+                field,
+                format!("expected an array, found {}", json_type_name(other)),
+            ));
+        }
     };
     let mut roles = Vec::with_capacity(turns.len());
     for (index, turn) in turns.iter().enumerate() {
         let at = format!("{field}[{index}]");
         let Some(turn) = turn.as_object() else {
-            problems.push(Problem::error(&at, format!("expected an object {{\"from\", \"value\"}}, found {}", json_type_name(turn))));
+            problems.push(Problem::error(
+                &at,
+                format!(
+                    "expected an object {{\"from\", \"value\"}}, found {}",
+                    json_type_name(turn)
+                ),
+            ));
             continue;
         };
         match turn.get("from") {
@@ -373,9 +533,14 @@ fn check_sharegpt(row: &Map<String, Value>, problems: &mut Vec<Problem>) {
             None => problems.push(Problem::error(format!("{at}.from"), "missing")),
         }
         match turn.get("value") {
-            Some(Value::String(value)) if value.trim().is_empty() => problems.push(Problem::warning(format!("{at}.value"), "is empty")),
+            Some(Value::String(value)) if value.trim().is_empty() => {
+                problems.push(Problem::warning(format!("{at}.value"), "is empty"))
+            }
             Some(Value::String(_)) => {}
-            Some(other) => problems.push(Problem::error(format!("{at}.value"), format!("expected a string, found {}", json_type_name(other)))),
+            Some(other) => problems.push(Problem::error(
+                format!("{at}.value"),
+                format!("expected a string, found {}", json_type_name(other)),
+            )),
             None => problems.push(Problem::error(format!("{at}.value"), "missing")),
         }
     }
@@ -389,12 +554,24 @@ fn check_query_response(row: &Map<String, Value>, problems: &mut Vec<Problem>) {
         None | Some(Value::Null) => {}
         Some(Value::Array(pairs)) => {
             for (index, pair) in pairs.iter().enumerate() {
-                if !matches!(pair.as_array().map(Vec::as_slice), Some([Value::String(_), Value::String(_)])) {
-                    problems.push(Problem::error(format!("history[{index}]"), "expected a [query, response] pair of strings"));
+                if !matches!(
+                    pair.as_array().map(Vec::as_slice),
+                    Some([Value::String(_), Value::String(_)])
+                ) {
+                    problems.push(Problem::error(
+                        format!("history[{index}]"),
+                        "expected a [query, response] pair of strings",
+                    ));
                 }
             }
         }
-        Some(other) => problems.push(Problem::error("history", format!("expected an array of [query, response] pairs, found {}", json_type_name(other)))),
+        Some(other) => problems.push(Problem::error(
+            "history",
+            format!(
+                "expected an array of [query, response] pairs, found {}",
+                json_type_name(other)
+            ),
+        )),
     }
 }
 
@@ -408,11 +585,22 @@ fn check_preference(row: &Map<String, Value>, problems: &mut Vec<Problem>) {
         }
         match row.get("prompt") {
             None | Some(Value::String(_)) => {}
-            Some(Value::Array(_)) => check_message_list(row.get("prompt"), "prompt", false, problems),
-            Some(other) => problems.push(Problem::error("prompt", format!("expected a string or a message list, found {}", json_type_name(other)))),
+            Some(Value::Array(_)) => {
+                check_message_list(row.get("prompt"), "prompt", false, problems)
+            }
+            Some(other) => problems.push(Problem::error(
+                "prompt",
+                format!(
+                    "expected a string or a message list, found {}",
+                    json_type_name(other)
+                ),
+            )),
         }
         if row.get("chosen").is_some() && row.get("chosen") == row.get("rejected") {
-            problems.push(Problem::error("rejected", "equals `chosen`; a preference pair needs two different answers"));
+            problems.push(Problem::error(
+                "rejected",
+                "equals `chosen`; a preference pair needs two different answers",
+            ));
         }
         return;
     }
@@ -424,15 +612,27 @@ fn check_preference(row: &Map<String, Value>, problems: &mut Vec<Problem>) {
         check_query_response(row, problems);
     }
     if row.contains_key("rejected_messages") {
-        check_message_list(row.get("rejected_messages"), "rejected_messages", true, problems);
+        check_message_list(
+            row.get("rejected_messages"),
+            "rejected_messages",
+            true,
+            problems,
+        );
     } else {
         required_text(row, "rejected_response", problems);
-        let chosen = match row.get("messages").and_then(Value::as_array).and_then(|m| m.last()) {
+        let chosen = match row
+            .get("messages")
+            .and_then(Value::as_array)
+            .and_then(|m| m.last())
+        {
             Some(last) => last.get("content"),
             None => row.get("response"),
         };
         if chosen.is_some() && chosen == row.get("rejected_response") {
-            problems.push(Problem::error("rejected_response", "equals the chosen answer; a preference pair needs two different answers"));
+            problems.push(Problem::error(
+                "rejected_response",
+                "equals the chosen answer; a preference pair needs two different answers",
+            ));
         }
     }
 }
@@ -449,7 +649,13 @@ fn check_kto(row: &Map<String, Value>, problems: &mut Vec<Problem>) {
     match row.get("label") {
         Some(Value::Bool(_)) => {}
         Some(Value::Number(n)) if n.as_u64().is_some_and(|n| n <= 1) => {}
-        Some(other) => problems.push(Problem::error("label", format!("expected true/false (desirable or not), found {}", json_type_name(other)))),
+        Some(other) => problems.push(Problem::error(
+            "label",
+            format!(
+                "expected true/false (desirable or not), found {}",
+                json_type_name(other)
+            ),
+        )),
         None => problems.push(Problem::error("label", "missing")),
     }
 }
@@ -470,14 +676,38 @@ mod tests {
     #[test]
     fn detects_every_format_from_its_keys() {
         let cases = [
-            (json!({"messages": [{"role": "user", "content": "a"}]}), Some(Format::Messages)),
-            (json!({"conversations": [{"from": "human", "value": "a"}]}), Some(Format::Sharegpt)),
-            (json!({"instruction": "a", "input": "", "output": "b"}), Some(Format::Alpaca)),
-            (json!({"query": "a", "response": "b", "history": []}), Some(Format::QueryResponse)),
-            (json!({"prompt": "a", "chosen": "b", "rejected": "c"}), Some(Format::Preference)),
-            (json!({"messages": [], "rejected_response": "c"}), Some(Format::Preference)),
-            (json!({"query": "a", "response": "b", "label": true}), Some(Format::Kto)),
-            (json!({"prompt": "a", "completion": "b", "label": false}), Some(Format::Kto)),
+            (
+                json!({"messages": [{"role": "user", "content": "a"}]}),
+                Some(Format::Messages),
+            ),
+            (
+                json!({"conversations": [{"from": "human", "value": "a"}]}),
+                Some(Format::Sharegpt),
+            ),
+            (
+                json!({"instruction": "a", "input": "", "output": "b"}),
+                Some(Format::Alpaca),
+            ),
+            (
+                json!({"query": "a", "response": "b", "history": []}),
+                Some(Format::QueryResponse),
+            ),
+            (
+                json!({"prompt": "a", "chosen": "b", "rejected": "c"}),
+                Some(Format::Preference),
+            ),
+            (
+                json!({"messages": [], "rejected_response": "c"}),
+                Some(Format::Preference),
+            ),
+            (
+                json!({"query": "a", "response": "b", "label": true}),
+                Some(Format::Kto),
+            ),
+            (
+                json!({"prompt": "a", "completion": "b", "label": false}),
+                Some(Format::Kto),
+            ),
             (json!({"text": "a"}), None),
         ];
         for (row, expected) in cases {
@@ -488,12 +718,30 @@ mod tests {
     #[test]
     fn well_formed_rows_have_no_problems() {
         let rows = [
-            (Format::Messages, json!({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})),
-            (Format::Sharegpt, json!({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]})),
-            (Format::Alpaca, json!({"instruction": "i", "input": "", "output": "o"})),
-            (Format::QueryResponse, json!({"query": "q", "response": "r", "history": [["q0", "r0"]]})),
-            (Format::Preference, json!({"prompt": "p", "chosen": "good", "rejected": "bad"})),
-            (Format::Kto, json!({"query": "q", "response": "r", "label": true})),
+            (
+                Format::Messages,
+                json!({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}),
+            ),
+            (
+                Format::Sharegpt,
+                json!({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}),
+            ),
+            (
+                Format::Alpaca,
+                json!({"instruction": "i", "input": "", "output": "o"}),
+            ),
+            (
+                Format::QueryResponse,
+                json!({"query": "q", "response": "r", "history": [["q0", "r0"]]}),
+            ),
+            (
+                Format::Preference,
+                json!({"prompt": "p", "chosen": "good", "rejected": "bad"}),
+            ),
+            (
+                Format::Kto,
+                json!({"query": "q", "response": "r", "label": true}),
+            ),
         ];
         for (format, row) in rows {
             assert_eq!(validate(format, &object(row.clone())), vec![], "{row}");
@@ -502,13 +750,36 @@ mod tests {
 
     #[test]
     fn problems_name_the_field() {
-        let row = object(json!({"messages": [{"role": "assistant", "content": "a"}, {"role": "bot", "content": 3}, {"role": "user", "content": "q"}]}));
+        let row = object(
+            json!({"messages": [{"role": "assistant", "content": "a"}, {"role": "bot", "content": 3}, {"role": "user", "content": "q"}]}),
+        );
         let problems = validate(Format::Messages, &row);
-        let text: Vec<String> = problems.iter().map(|p| format!("{}: {}", p.field, p.message)).collect();
-        assert!(text.contains(&"messages[1].role: unknown role `bot` (expected system, user, assistant or tool)".to_owned()), "{text:?}");
-        assert!(text.contains(&"messages[1].content: expected a string, found a number".to_owned()), "{text:?}");
-        assert!(text.iter().any(|t| t.starts_with("messages[0]: the conversation starts with an assistant turn")), "{text:?}");
-        assert!(text.iter().any(|t| t.starts_with("messages[2]: the last turn is user")), "{text:?}");
+        let text: Vec<String> = problems
+            .iter()
+            .map(|p| format!("{}: {}", p.field, p.message))
+            .collect();
+        assert!(
+            text.contains(
+                &"messages[1].role: unknown role `bot` (expected system, user, assistant or tool)"
+                    .to_owned()
+            ),
+            "{text:?}"
+        );
+        assert!(
+            text.contains(&"messages[1].content: expected a string, found a number".to_owned()),
+            "{text:?}"
+        );
+        assert!(
+            text.iter()
+                .any(|t| t
+                    .starts_with("messages[0]: the conversation starts with an assistant turn")),
+            "{text:?}"
+        );
+        assert!(
+            text.iter()
+                .any(|t| t.starts_with("messages[2]: the last turn is user")),
+            "{text:?}"
+        );
     }
 
     #[test]
@@ -521,7 +792,9 @@ mod tests {
 
     #[test]
     fn conversation_counts_exchanges() {
-        let row = object(json!({"query": "q", "response": "r", "history": [["q0", "r0"], ["q1", "r1"]], "system": "s"}));
+        let row = object(
+            json!({"query": "q", "response": "r", "history": [["q0", "r0"], ["q1", "r1"]], "system": "s"}),
+        );
         let turns = conversation(Format::QueryResponse, &row);
         assert_eq!(turns.len(), 7);
         assert_eq!(count_exchanges(&turns), 3);

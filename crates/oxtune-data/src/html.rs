@@ -35,7 +35,11 @@ pub fn page(title: &str, body: &str) -> String {
 
 /// A summary card: a big number and a caption.
 pub fn card(value: &str, caption: &str) -> String {
-    format!("<div class=\"card\"><b>{}</b><span class=\"muted\">{}</span></div>", escape(value), escape(caption))
+    format!(
+        "<div class=\"card\"><b>{}</b><span class=\"muted\">{}</span></div>",
+        escape(value),
+        escape(caption)
+    )
 }
 
 /// A table with a header row; cells are already escaped HTML.
@@ -48,8 +52,15 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     for row in rows {
         out.push_str("<tr>");
         for cell in row {
-            let numeric = !cell.is_empty() && cell.chars().all(|c| c.is_ascii_digit() || matches!(c, '.' | ',' | '-' | '%'));
-            out.push_str(if numeric { "<td class=\"num\">" } else { "<td>" });
+            let numeric = !cell.is_empty()
+                && cell
+                    .chars()
+                    .all(|c| c.is_ascii_digit() || matches!(c, '.' | ',' | '-' | '%'));
+            out.push_str(if numeric {
+                "<td class=\"num\">"
+            } else {
+                "<td>"
+            });
             out.push_str(cell);
             out.push_str("</td>");
         }
@@ -70,8 +81,14 @@ pub fn histogram_svg(counts: &[u64], low: f64, high: f64, x_label: &str) -> Stri
     let plot_height = HEIGHT - BOTTOM - TOP;
     let max = counts.iter().copied().max().unwrap_or(0).max(1) as f64;
     let bar_width = plot_width / counts.len().max(1) as f64;
-    let mut svg = format!("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{WIDTH}\" height=\"{HEIGHT}\" viewBox=\"0 0 {WIDTH} {HEIGHT}\" role=\"img\" font-family=\"sans-serif\" font-size=\"11\">");
-    svg.push_str(&format!("<line x1=\"{LEFT}\" y1=\"{y}\" x2=\"{x2}\" y2=\"{y}\" stroke=\"#656d76\"/>", y = TOP + plot_height, x2 = LEFT + plot_width));
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{WIDTH}\" height=\"{HEIGHT}\" viewBox=\"0 0 {WIDTH} {HEIGHT}\" role=\"img\" font-family=\"sans-serif\" font-size=\"11\">"
+    );
+    svg.push_str(&format!(
+        "<line x1=\"{LEFT}\" y1=\"{y}\" x2=\"{x2}\" y2=\"{y}\" stroke=\"#656d76\"/>",
+        y = TOP + plot_height,
+        x2 = LEFT + plot_width
+    ));
     for (index, count) in counts.iter().enumerate() {
         let height = plot_height * (*count as f64) / max;
         let x = LEFT + bar_width * index as f64;
@@ -87,11 +104,27 @@ pub fn histogram_svg(counts: &[u64], low: f64, high: f64, x_label: &str) -> Stri
     for tick in 0..=4 {
         let value = low + (high - low) * f64::from(tick) / 4.0;
         let x = LEFT + plot_width * f64::from(tick) / 4.0;
-        svg.push_str(&format!("<text x=\"{x:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>", TOP + plot_height + 14.0, trim_number(value)));
+        svg.push_str(&format!(
+            "<text x=\"{x:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>",
+            TOP + plot_height + 14.0,
+            trim_number(value)
+        ));
     }
-    svg.push_str(&format!("<text x=\"{LEFT}\" y=\"{:.1}\" text-anchor=\"end\" dx=\"-4\">{}</text>", TOP + 8.0, max as u64));
-    svg.push_str(&format!("<text x=\"{LEFT}\" y=\"{:.1}\" text-anchor=\"end\" dx=\"-4\">0</text>", TOP + plot_height));
-    svg.push_str(&format!("<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>", LEFT + plot_width / 2.0, HEIGHT - 4.0, escape(x_label)));
+    svg.push_str(&format!(
+        "<text x=\"{LEFT}\" y=\"{:.1}\" text-anchor=\"end\" dx=\"-4\">{}</text>",
+        TOP + 8.0,
+        max as u64
+    ));
+    svg.push_str(&format!(
+        "<text x=\"{LEFT}\" y=\"{:.1}\" text-anchor=\"end\" dx=\"-4\">0</text>",
+        TOP + plot_height
+    ));
+    svg.push_str(&format!(
+        "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>",
+        LEFT + plot_width / 2.0,
+        HEIGHT - 4.0,
+        escape(x_label)
+    ));
     svg.push_str("</svg>");
     svg
 }
@@ -107,7 +140,10 @@ mod tests {
 
     #[test]
     fn escapes_markup() {
-        assert_eq!(escape("<PHONE> & \"x\""), "&lt;PHONE&gt; &amp; &quot;x&quot;");
+        assert_eq!(
+            escape("<PHONE> & \"x\""),
+            "&lt;PHONE&gt; &amp; &quot;x&quot;"
+        );
     }
 
     #[test]

@@ -34,7 +34,11 @@ impl FileKind {
     /// The kind of `path`, from its extension (and, for `.json`, its first byte: `[` is an
     /// array, anything else JSON Lines).
     pub fn detect(path: &Path) -> Result<Self> {
-        let extension = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+        let extension = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .unwrap_or("")
+            .to_ascii_lowercase();
         match extension.as_str() {
             "jsonl" | "ndjson" => Ok(Self::Jsonl),
             "csv" => Ok(Self::Csv),
@@ -42,21 +46,38 @@ impl FileKind {
                 let mut file = File::open(path).map_err(|e| Error::read(path, e))?;
                 let mut head = [0_u8; 4096];
                 let read = file.read(&mut head).map_err(|e| Error::read(path, e))?;
-                let first = head[..read].iter().copied().find(|b| !b.is_ascii_whitespace() && *b != 0xEF && *b != 0xBB && *b != 0xBF);
-                Ok(if first == Some(b'[') { Self::Json } else { Self::Jsonl })
+                let first = head[..read]
+                    .iter()
+                    .copied()
+                    .find(|b| !b.is_ascii_whitespace() && *b != 0xEF && *b != 0xBB && *b != 0xBF);
+                Ok(if first == Some(b'[') {
+                    Self::Json
+                } else {
+                    Self::Jsonl
+                })
             }
-            _ => Err(Error::UnknownFileKind { path: path.to_path_buf(), extension }),
+            _ => Err(Error::UnknownFileKind {
+                path: path.to_path_buf(),
+                extension,
+            }),
         }
     }
 
     /// The kind an output path asks for, from its extension alone.
     pub fn for_output(path: &Path) -> Result<Self> {
-        let extension = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+        let extension = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .unwrap_or("")
+            .to_ascii_lowercase();
         match extension.as_str() {
             "jsonl" | "ndjson" => Ok(Self::Jsonl),
             "json" => Ok(Self::Json),
             "csv" => Ok(Self::Csv),
-            _ => Err(Error::UnknownFileKind { path: path.to_path_buf(), extension }),
+            _ => Err(Error::UnknownFileKind {
+                path: path.to_path_buf(),
+                extension,
+            }),
         }
     }
 }
@@ -93,9 +114,19 @@ pub struct RecordReader {
 }
 
 enum Source {
-    Jsonl { reader: BufReader<File>, line: u64, bytes_read: u64, buffer: Vec<u8> },
+    Jsonl {
+        reader: BufReader<File>,
+        line: u64,
+        bytes_read: u64,
+        buffer: Vec<u8>,
+    },
     Json(JsonArray),
-    Csv { reader: csv::Reader<File>, headers: Vec<String>, record: csv::StringRecord, done: bool },
+    Csv {
+        reader: csv::Reader<File>,
+        headers: Vec<String>,
+        record: csv::StringRecord,
+        done: bool,
+    },
 }
 
 impl RecordReader {
@@ -105,16 +136,38 @@ impl RecordReader {
         let file = File::open(path).map_err(|e| Error::read(path, e))?;
         let total_bytes = file.metadata().map_err(|e| Error::read(path, e))?.len();
         let source = match kind {
-            FileKind::Jsonl => Source::Jsonl { reader: BufReader::with_capacity(1 << 20, file), line: 0, bytes_read: 0, buffer: Vec::new() },
+            FileKind::Jsonl => Source::Jsonl {
+                reader: BufReader::with_capacity(1 << 20, file),
+                line: 0,
+                bytes_read: 0,
+                buffer: Vec::new(),
+            },
             FileKind::Json => Source::Json(JsonArray::open(path, file)?),
             FileKind::Csv => {
-                let mut reader = csv::ReaderBuilder::new().has_headers(true).from_reader(file);
-                let headers = reader.headers().map_err(|e| csv_error(path, &e))?.iter().map(str::to_owned).collect::<Vec<_>>();
+                let mut reader = csv::ReaderBuilder::new()
+                    .has_headers(true)
+                    .from_reader(file);
+                let headers = reader
+                    .headers()
+                    .map_err(|e| csv_error(path, &e))?
+                    .iter()
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>();
                 let headers = strip_bom_first(headers);
-                Source::Csv { reader, headers, record: csv::StringRecord::new(), done: false }
+                Source::Csv {
+                    reader,
+                    headers,
+                    record: csv::StringRecord::new(),
+                    done: false,
+                }
             }
         };
-        Ok(Self { path: path.to_path_buf(), kind, total_bytes, source })
+        Ok(Self {
+            path: path.to_path_buf(),
+            kind,
+            total_bytes,
+            source,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -165,7 +218,15 @@ impl RecordReader {
     }
 
     fn next_jsonl(&mut self) -> Option<Result<RawRecord>> {
-        let Source::Jsonl { reader, line, bytes_read, buffer } = &mut self.source else { return None };
+        let Source::Jsonl {
+            reader,
+            line,
+            bytes_read,
+            buffer,
+        } = &mut self.source
+        else {
+            return None;
+        };
         loop {
             buffer.clear();
             let read = match reader.read_until(b'\n', buffer) {
@@ -190,14 +251,30 @@ impl RecordReader {
                 continue;
             }
             return Some(match std::str::from_utf8(bytes) {
-                Ok(text) => Ok(RawRecord { line: *line, body: RawBody::Json(text.to_owned()) }),
-                Err(e) => Err(Error::row(&self.path, *line, format!("not valid UTF-8 (byte {} of the line)", e.valid_up_to() + 1), "save the file as UTF-8")),
+                Ok(text) => Ok(RawRecord {
+                    line: *line,
+                    body: RawBody::Json(text.to_owned()),
+                }),
+                Err(e) => Err(Error::row(
+                    &self.path,
+                    *line,
+                    format!("not valid UTF-8 (byte {} of the line)", e.valid_up_to() + 1),
+                    "save the file as UTF-8",
+                )),
             });
         }
     }
 
     fn next_csv(&mut self) -> Option<Result<RawRecord>> {
-        let Source::Csv { reader, record, done, .. } = &mut self.source else { return None };
+        let Source::Csv {
+            reader,
+            record,
+            done,
+            ..
+        } = &mut self.source
+        else {
+            return None;
+        };
         if *done {
             return None;
         }
@@ -208,7 +285,10 @@ impl RecordReader {
             }
             Ok(true) => {
                 let line = record.position().map_or(0, csv::Position::line);
-                Some(Ok(RawRecord { line, body: RawBody::Csv(record.iter().map(str::to_owned).collect()) }))
+                Some(Ok(RawRecord {
+                    line,
+                    body: RawBody::Csv(record.iter().map(str::to_owned).collect()),
+                }))
             }
             Err(e) => {
                 *done = true;
@@ -237,7 +317,9 @@ pub struct RowReader {
 
 impl RowReader {
     pub fn open(path: &Path) -> Result<Self> {
-        Ok(Self { records: RecordReader::open(path)? })
+        Ok(Self {
+            records: RecordReader::open(path)?,
+        })
     }
 
     pub fn records(&self) -> &RecordReader {
@@ -283,15 +365,20 @@ pub fn parse_record(path: &Path, headers: &[String], record: &RawRecord) -> Resu
             .map(|(name, cell)| (name.clone(), csv_cell_value(cell)))
             .collect(),
     };
-    Ok(Row { line: record.line, value })
+    Ok(Row {
+        line: record.line,
+        value,
+    })
 }
 
 fn csv_cell_value(cell: &str) -> Value {
     let trimmed = cell.trim_start();
     if (trimmed.starts_with('[') || trimmed.starts_with('{'))
-        && let Ok(value @ (Value::Array(_) | Value::Object(_))) = serde_json::from_str::<Value>(cell) {
-            return value;
-        }
+        && let Ok(value @ (Value::Array(_) | Value::Object(_))) =
+            serde_json::from_str::<Value>(cell)
+    {
+        return value;
+    }
     Value::String(cell.to_owned())
 }
 
@@ -309,14 +396,20 @@ pub fn json_type_name(value: &Value) -> &'static str {
 
 fn csv_error(path: &Path, error: &csv::Error) -> Error {
     let line = error.position().map_or(0, csv::Position::line);
-    Error::row(path, line, format!("not valid CSV: {error}"), "every row needs as many cells as the header; quote cells that hold commas or line breaks")
+    Error::row(
+        path,
+        line,
+        format!("not valid CSV: {error}"),
+        "every row needs as many cells as the header; quote cells that hold commas or line breaks",
+    )
 }
 
 fn strip_bom_first(mut headers: Vec<String>) -> Vec<String> {
     if let Some(first) = headers.first_mut()
-        && let Some(stripped) = first.strip_prefix('\u{feff}') {
-            *first = stripped.to_owned();
-        }
+        && let Some(stripped) = first.strip_prefix('\u{feff}')
+    {
+        *first = stripped.to_owned();
+    }
     headers
 }
 
@@ -341,20 +434,40 @@ enum ArrayState {
 impl JsonArray {
     fn open(path: &Path, mut file: File) -> Result<Self> {
         let mut bytes = Vec::new();
-        file.read_to_end(&mut bytes).map_err(|e| Error::read(path, e))?;
-        let pos = if bytes.starts_with(b"\xEF\xBB\xBF") { 3 } else { 0 };
-        let mut array = Self { bytes, pos, line: 1, line_pos: 0, state: ArrayState::First };
+        file.read_to_end(&mut bytes)
+            .map_err(|e| Error::read(path, e))?;
+        let pos = if bytes.starts_with(b"\xEF\xBB\xBF") {
+            3
+        } else {
+            0
+        };
+        let mut array = Self {
+            bytes,
+            pos,
+            line: 1,
+            line_pos: 0,
+            state: ArrayState::First,
+        };
         array.skip_whitespace();
         if array.bytes.get(array.pos) != Some(&b'[') {
             let line = array.line_at(array.pos);
-            return Err(Error::row(path, line, "expected a JSON array of records", "a .json dataset is `[{...}, {...}]`; use .jsonl for one object per line"));
+            return Err(Error::row(
+                path,
+                line,
+                "expected a JSON array of records",
+                "a .json dataset is `[{...}, {...}]`; use .jsonl for one object per line",
+            ));
         }
         array.pos += 1;
         Ok(array)
     }
 
     fn skip_whitespace(&mut self) {
-        while self.bytes.get(self.pos).is_some_and(u8::is_ascii_whitespace) {
+        while self
+            .bytes
+            .get(self.pos)
+            .is_some_and(u8::is_ascii_whitespace)
+        {
             self.pos += 1;
         }
     }
@@ -362,7 +475,10 @@ impl JsonArray {
     fn line_at(&mut self, pos: usize) -> u64 {
         let pos = pos.min(self.bytes.len());
         if pos >= self.line_pos {
-            self.line += self.bytes[self.line_pos..pos].iter().filter(|b| **b == b'\n').count() as u64;
+            self.line += self.bytes[self.line_pos..pos]
+                .iter()
+                .filter(|b| **b == b'\n')
+                .count() as u64;
             self.line_pos = pos;
         }
         self.line
@@ -386,7 +502,12 @@ impl JsonArray {
                 _ => {
                     self.state = ArrayState::Done;
                     let line = self.line_at(self.pos);
-                    return Some(Err(Error::row(path, line, "expected `,` or `]` after a record", "records in a JSON array are separated by commas")));
+                    return Some(Err(Error::row(
+                        path,
+                        line,
+                        "expected `,` or `]` after a record",
+                        "records in a JSON array are separated by commas",
+                    )));
                 }
             }
         } else if self.bytes.get(self.pos) == Some(&b']') {
@@ -395,25 +516,44 @@ impl JsonArray {
         }
         let start = self.pos;
         let line = self.line_at(start);
-        let mut stream = serde_json::Deserializer::from_slice(&self.bytes[start..]).into_iter::<serde::de::IgnoredAny>();
+        let mut stream = serde_json::Deserializer::from_slice(&self.bytes[start..])
+            .into_iter::<serde::de::IgnoredAny>();
         match stream.next() {
             Some(Ok(_)) => {
                 let end = start + stream.byte_offset();
                 self.pos = end;
                 self.state = ArrayState::Rest;
                 Some(match std::str::from_utf8(&self.bytes[start..end]) {
-                    Ok(text) => Ok(RawRecord { line, body: RawBody::Json(text.to_owned()) }),
-                    Err(_) => Err(Error::row(path, line, "not valid UTF-8", "save the file as UTF-8")),
+                    Ok(text) => Ok(RawRecord {
+                        line,
+                        body: RawBody::Json(text.to_owned()),
+                    }),
+                    Err(_) => Err(Error::row(
+                        path,
+                        line,
+                        "not valid UTF-8",
+                        "save the file as UTF-8",
+                    )),
                 })
             }
             Some(Err(e)) => {
                 self.state = ArrayState::Done;
                 let error_line = line + e.line().saturating_sub(1) as u64;
-                Some(Err(Error::row(path, error_line, format!("not valid JSON: {e}"), "fix the record; `python -m json.tool FILE` shows the same position")))
+                Some(Err(Error::row(
+                    path,
+                    error_line,
+                    format!("not valid JSON: {e}"),
+                    "fix the record; `python -m json.tool FILE` shows the same position",
+                )))
             }
             None => {
                 self.state = ArrayState::Done;
-                Some(Err(Error::row(path, line, "the array is not closed", "the file may be truncated; it must end with `]`")))
+                Some(Err(Error::row(
+                    path,
+                    line,
+                    "the array is not closed",
+                    "the file may be truncated; it must end with `]`",
+                )))
             }
         }
     }
@@ -433,7 +573,10 @@ mod tests {
     fn jsonl_records_carry_their_line_and_skip_blank_lines() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = write(&dir, "a.jsonl", "\u{feff}{\"a\": 1}\n\n{\"a\": 2}\r\n");
-        let rows: Vec<Row> = RowReader::open(&path).expect("open").collect::<Result<_>>().expect("rows");
+        let rows: Vec<Row> = RowReader::open(&path)
+            .expect("open")
+            .collect::<Result<_>>()
+            .expect("rows");
         assert_eq!(rows.iter().map(|r| r.line).collect::<Vec<_>>(), vec![1, 3]);
         assert_eq!(rows[1].value["a"], 2);
     }
@@ -442,29 +585,59 @@ mod tests {
     fn broken_jsonl_row_names_file_and_line() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = write(&dir, "bad.jsonl", "{\"a\": 1}\n{\"a\": \n[1]\n");
-        let errors: Vec<String> = RowReader::open(&path).expect("open").filter_map(|r| r.err()).map(|e| e.to_string()).collect();
+        let errors: Vec<String> = RowReader::open(&path)
+            .expect("open")
+            .filter_map(|r| r.err())
+            .map(|e| e.to_string())
+            .collect();
         assert_eq!(errors.len(), 2);
-        assert!(errors[0].contains("bad.jsonl:2: not valid JSON"), "{}", errors[0]);
-        assert!(errors[1].contains("bad.jsonl:3: expected a JSON object, found an array"), "{}", errors[1]);
+        assert!(
+            errors[0].contains("bad.jsonl:2: not valid JSON"),
+            "{}",
+            errors[0]
+        );
+        assert!(
+            errors[1].contains("bad.jsonl:3: expected a JSON object, found an array"),
+            "{}",
+            errors[1]
+        );
     }
 
     #[test]
     fn json_array_elements_carry_their_line() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let path = write(&dir, "a.json", "[\n  {\"a\": 1},\n  {\n    \"a\": 2\n  }\n]\n");
+        let path = write(
+            &dir,
+            "a.json",
+            "[\n  {\"a\": 1},\n  {\n    \"a\": 2\n  }\n]\n",
+        );
         let mut reader = RecordReader::open(&path).expect("open");
         assert_eq!(reader.kind(), FileKind::Json);
         let records = reader.next_batch(10).expect("records");
-        assert_eq!(records.iter().map(|r| r.line).collect::<Vec<_>>(), vec![2, 3]);
-        assert_eq!(records[1].body, RawBody::Json("{\n    \"a\": 2\n  }".to_owned()));
+        assert_eq!(
+            records.iter().map(|r| r.line).collect::<Vec<_>>(),
+            vec![2, 3]
+        );
+        assert_eq!(
+            records[1].body,
+            RawBody::Json("{\n    \"a\": 2\n  }".to_owned())
+        );
     }
 
     #[test]
     fn broken_json_array_names_the_line() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = write(&dir, "a.json", "[\n  {\"a\": 1},\n  {\"a\": }\n]\n");
-        let errors: Vec<String> = RowReader::open(&path).expect("open").filter_map(|r| r.err()).map(|e| e.to_string()).collect();
-        assert!(errors[0].contains("a.json:3: not valid JSON"), "{}", errors[0]);
+        let errors: Vec<String> = RowReader::open(&path)
+            .expect("open")
+            .filter_map(|r| r.err())
+            .map(|e| e.to_string())
+            .collect();
+        assert!(
+            errors[0].contains("a.json:3: not valid JSON"),
+            "{}",
+            errors[0]
+        );
     }
 
     #[test]
@@ -477,8 +650,15 @@ mod tests {
     #[test]
     fn csv_rows_become_objects_and_json_cells_are_parsed() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let path = write(&dir, "a.csv", "query,response,history\n你好,\"hi, there\",\"[[\"\"a\"\",\"\"b\"\"]]\"\n");
-        let rows: Vec<Row> = RowReader::open(&path).expect("open").collect::<Result<_>>().expect("rows");
+        let path = write(
+            &dir,
+            "a.csv",
+            "query,response,history\n你好,\"hi, there\",\"[[\"\"a\"\",\"\"b\"\"]]\"\n",
+        );
+        let rows: Vec<Row> = RowReader::open(&path)
+            .expect("open")
+            .collect::<Result<_>>()
+            .expect("rows");
         assert_eq!(rows[0].line, 2);
         assert_eq!(rows[0].value["response"], "hi, there");
         assert_eq!(rows[0].value["history"], serde_json::json!([["a", "b"]]));
@@ -488,13 +668,25 @@ mod tests {
     fn csv_row_with_wrong_cell_count_names_the_line() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = write(&dir, "a.csv", "query,response\na,b\nc\n");
-        let errors: Vec<String> = RowReader::open(&path).expect("open").filter_map(|r| r.err()).map(|e| e.to_string()).collect();
-        assert!(errors[0].contains("a.csv:3: not valid CSV"), "{}", errors[0]);
+        let errors: Vec<String> = RowReader::open(&path)
+            .expect("open")
+            .filter_map(|r| r.err())
+            .map(|e| e.to_string())
+            .collect();
+        assert!(
+            errors[0].contains("a.csv:3: not valid CSV"),
+            "{}",
+            errors[0]
+        );
     }
 
     #[test]
     fn unknown_extension_is_refused_with_a_hint() {
         let error = FileKind::detect(Path::new("data.txt")).expect_err("txt is not a dataset");
-        assert!(error.to_string().contains("hint: name the file .jsonl, .json or .csv"));
+        assert!(
+            error
+                .to_string()
+                .contains("hint: name the file .jsonl, .json or .csv")
+        );
     }
 }

@@ -85,14 +85,25 @@ pub fn validation_mask(records: usize, val_ratio: f64, seed: u64) -> Vec<bool> {
 }
 
 /// Splits `input` into `train` and `val`.
-pub fn split_file(input: &Path, train: &Path, val: &Path, options: &SplitOptions) -> Result<SplitReport> {
+pub fn split_file(
+    input: &Path,
+    train: &Path,
+    val: &Path,
+    options: &SplitOptions,
+) -> Result<SplitReport> {
     if !(0.0..1.0).contains(&options.val_ratio) {
-        return Err(Error::Invalid { message: format!("validation ratio {} is outside [0, 1)", options.val_ratio), hint: "pass e.g. --val-ratio 0.1 for 10%".to_owned() });
+        return Err(Error::Invalid {
+            message: format!("validation ratio {} is outside [0, 1)", options.val_ratio),
+            hint: "pass e.g. --val-ratio 0.1 for 10%".to_owned(),
+        });
     }
     ensure_distinct(input, train)?;
     ensure_distinct(input, val)?;
     if train == val {
-        return Err(Error::Invalid { message: format!("train and validation outputs are both {}", train.display()), hint: "give them different paths".to_owned() });
+        return Err(Error::Invalid {
+            message: format!("train and validation outputs are both {}", train.display()),
+            hint: "give them different paths".to_owned(),
+        });
     }
     let mut records = 0_usize;
     for record in RecordReader::open(input)? {
@@ -100,7 +111,13 @@ pub fn split_file(input: &Path, train: &Path, val: &Path, options: &SplitOptions
         records += 1;
     }
     if records > u32::MAX as usize {
-        return Err(Error::Invalid { message: format!("{}: {records} records is more than split handles", input.display()), hint: "split the file into parts first".to_owned() });
+        return Err(Error::Invalid {
+            message: format!(
+                "{}: {records} records is more than split handles",
+                input.display()
+            ),
+            hint: "split the file into parts first".to_owned(),
+        });
     }
     let mask = validation_mask(records, options.val_ratio, options.seed);
     let reader = RecordReader::open(input)?;
@@ -138,7 +155,10 @@ mod tests {
         assert_eq!(mask.iter().filter(|v| **v).count(), 100);
         assert_eq!(mask, validation_mask(1000, 0.1, 42));
         assert_ne!(mask, validation_mask(1000, 0.1, 43));
-        assert_eq!(validation_mask(5, 0.01, 0).iter().filter(|v| **v).count(), 1);
+        assert_eq!(
+            validation_mask(5, 0.01, 0).iter().filter(|v| **v).count(),
+            1
+        );
         assert_eq!(validation_mask(1, 0.5, 0).iter().filter(|v| **v).count(), 0);
     }
 
@@ -154,10 +174,21 @@ mod tests {
     fn splits_a_file_keeping_order_and_every_record() {
         let dir = tempfile::tempdir().expect("tempdir");
         let input = dir.path().join("d.jsonl");
-        let text: String = (0..20).map(|i| format!("{{\"query\": \"q{i}\", \"response\": \"r\"}}\n")).collect();
+        let text: String = (0..20)
+            .map(|i| format!("{{\"query\": \"q{i}\", \"response\": \"r\"}}\n"))
+            .collect();
         std::fs::write(&input, &text).expect("write");
         let (train, val) = (dir.path().join("train.jsonl"), dir.path().join("val.jsonl"));
-        let report = split_file(&input, &train, &val, &SplitOptions { val_ratio: 0.25, seed: 7 }).expect("split");
+        let report = split_file(
+            &input,
+            &train,
+            &val,
+            &SplitOptions {
+                val_ratio: 0.25,
+                seed: 7,
+            },
+        )
+        .expect("split");
         assert_eq!((report.train_records, report.val_records), (15, 5));
         let train_text = std::fs::read_to_string(&train).expect("train");
         let val_text = std::fs::read_to_string(&val).expect("val");

@@ -26,11 +26,18 @@ impl AtomicFile {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|e| Error::write(parent, e))?;
         }
-        let mut name = path.file_name().map(std::ffi::OsStr::to_os_string).unwrap_or_default();
+        let mut name = path
+            .file_name()
+            .map(std::ffi::OsStr::to_os_string)
+            .unwrap_or_default();
         name.push(format!(".tmp-{}", std::process::id()));
         let temporary = path.with_file_name(name);
         let file = File::create(&temporary).map_err(|e| Error::write(&temporary, e))?;
-        Ok(Self { path: path.to_path_buf(), temporary, file: Some(BufWriter::with_capacity(1 << 20, file)) })
+        Ok(Self {
+            path: path.to_path_buf(),
+            temporary,
+            file: Some(BufWriter::with_capacity(1 << 20, file)),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -39,8 +46,12 @@ impl AtomicFile {
 
     /// Flushes, fsyncs and renames the file into place.
     pub fn commit(mut self) -> Result<()> {
-        let Some(writer) = self.file.take() else { return Ok(()) };
-        let file = writer.into_inner().map_err(|e| Error::write(&self.path, e.into_error()))?;
+        let Some(writer) = self.file.take() else {
+            return Ok(());
+        };
+        let file = writer
+            .into_inner()
+            .map_err(|e| Error::write(&self.path, e.into_error()))?;
         file.sync_all().map_err(|e| Error::write(&self.path, e))?;
         drop(file);
         std::fs::rename(&self.temporary, &self.path).map_err(|e| Error::write(&self.path, e))
@@ -74,14 +85,23 @@ impl Drop for AtomicFile {
 /// Refuses an output path that is the input file (the input is never modified).
 pub fn ensure_distinct(input: &Path, output: &Path) -> Result<()> {
     let input = std::fs::canonicalize(input).map_err(|e| Error::read(input, e))?;
-    let resolved = match (output.parent().filter(|p| !p.as_os_str().is_empty()), output.file_name()) {
-        (Some(parent), Some(name)) => std::fs::canonicalize(parent).map(|p| p.join(name)).unwrap_or_else(|_| output.to_path_buf()),
-        (None, Some(name)) => std::env::current_dir().map(|d| d.join(name)).unwrap_or_else(|_| output.to_path_buf()),
+    let resolved = match (
+        output.parent().filter(|p| !p.as_os_str().is_empty()),
+        output.file_name(),
+    ) {
+        (Some(parent), Some(name)) => std::fs::canonicalize(parent)
+            .map(|p| p.join(name))
+            .unwrap_or_else(|_| output.to_path_buf()),
+        (None, Some(name)) => std::env::current_dir()
+            .map(|d| d.join(name))
+            .unwrap_or_else(|_| output.to_path_buf()),
         _ => output.to_path_buf(),
     };
     let resolved = std::fs::canonicalize(&resolved).unwrap_or(resolved);
     if resolved == input {
-        return Err(Error::OutputIsInput { path: output.to_path_buf() });
+        return Err(Error::OutputIsInput {
+            path: output.to_path_buf(),
+        });
     }
     Ok(())
 }
@@ -114,7 +134,9 @@ impl RecordWriter {
         let sink = if kind == FileKind::Csv {
             let mut writer = csv::WriterBuilder::new().from_writer(file);
             if let Some(headers) = headers {
-                writer.write_record(headers).map_err(|e| Error::write(path, e.into()))?;
+                writer
+                    .write_record(headers)
+                    .map_err(|e| Error::write(path, e.into()))?;
             }
             Sink::Csv(Box::new(writer))
         } else {
@@ -123,44 +145,71 @@ impl RecordWriter {
             }
             Sink::Text(file)
         };
-        Ok(Self { path: path.to_path_buf(), kind, sink, records: 0 })
+        Ok(Self {
+            path: path.to_path_buf(),
+            kind,
+            sink,
+            records: 0,
+        })
     }
 
     /// Writes a record as it was read (JSON Lines get a compact copy when the record spans lines).
     pub fn write_raw(&mut self, body: &RawBody) -> Result<()> {
         match (body, &mut self.sink) {
             (RawBody::Csv(cells), Sink::Csv(writer)) => {
-                writer.write_record(cells).map_err(|e| Error::write(&self.path, e.into()))?;
+                writer
+                    .write_record(cells)
+                    .map_err(|e| Error::write(&self.path, e.into()))?;
                 self.records += 1;
                 Ok(())
             }
-            (RawBody::Json(text), Sink::Text(_)) if self.kind == FileKind::Jsonl && text.contains('\n') => {
-                let value: Value = serde_json::from_str(text).map_err(|e| Error::Invalid { message: format!("record no longer parses: {e}"), hint: "report this as a bug".to_owned() })?;
-                let compact = serde_json::to_string(&value).map_err(|e| Error::Invalid { message: e.to_string(), hint: "report this as a bug".to_owned() })?;
+            (RawBody::Json(text), Sink::Text(_))
+                if self.kind == FileKind::Jsonl && text.contains('\n') =>
+            {
+                let value: Value = serde_json::from_str(text).map_err(|e| Error::Invalid {
+                    message: format!("record no longer parses: {e}"),
+                    hint: "report this as a bug".to_owned(),
+                })?;
+                let compact = serde_json::to_string(&value).map_err(|e| Error::Invalid {
+                    message: e.to_string(),
+                    hint: "report this as a bug".to_owned(),
+                })?;
                 self.write_json_text(&compact)
             }
             (RawBody::Json(text), Sink::Text(_)) => self.write_json_text(text),
-            _ => Err(Error::Invalid { message: "a CSV record cannot go to a JSON file or the other way round".to_owned(), hint: "give the output the input's extension".to_owned() }),
+            _ => Err(Error::Invalid {
+                message: "a CSV record cannot go to a JSON file or the other way round".to_owned(),
+                hint: "give the output the input's extension".to_owned(),
+            }),
         }
     }
 
     /// Writes a JSON record.
     pub fn write_object(&mut self, object: &Map<String, Value>) -> Result<()> {
-        let text = serde_json::to_string(object).map_err(|e| Error::Invalid { message: e.to_string(), hint: "report this as a bug".to_owned() })?;
+        let text = serde_json::to_string(object).map_err(|e| Error::Invalid {
+            message: e.to_string(),
+            hint: "report this as a bug".to_owned(),
+        })?;
         self.write_json_text(&text)
     }
 
     fn write_json_text(&mut self, text: &str) -> Result<()> {
         let Sink::Text(file) = &mut self.sink else {
-            return Err(Error::Invalid { message: "a JSON record cannot go to a CSV file".to_owned(), hint: "give the output a .jsonl or .json extension".to_owned() });
+            return Err(Error::Invalid {
+                message: "a JSON record cannot go to a CSV file".to_owned(),
+                hint: "give the output a .jsonl or .json extension".to_owned(),
+            });
         };
         let path = file.path().to_path_buf();
         let result = match self.kind {
             FileKind::Json => {
                 let separator: &[u8] = if self.records == 0 { b"\n" } else { b",\n" };
-                file.write_all(separator).and_then(|()| file.write_all(text.as_bytes()))
+                file.write_all(separator)
+                    .and_then(|()| file.write_all(text.as_bytes()))
             }
-            _ => file.write_all(text.as_bytes()).and_then(|()| file.write_all(b"\n")),
+            _ => file
+                .write_all(text.as_bytes())
+                .and_then(|()| file.write_all(b"\n")),
         };
         result.map_err(|e| Error::write(&path, e))?;
         self.records += 1;
@@ -173,12 +222,16 @@ impl RecordWriter {
             Sink::Text(mut file) => {
                 if self.kind == FileKind::Json {
                     let path = file.path().to_path_buf();
-                    file.write_all(b"\n]\n").map_err(|e| Error::write(&path, e))?;
+                    file.write_all(b"\n]\n")
+                        .map_err(|e| Error::write(&path, e))?;
                 }
                 file.commit()?;
             }
             Sink::Csv(writer) => {
-                let file = writer.into_inner().map_err(|e| Error::Invalid { message: format!("cannot flush the CSV output: {}", e.error()), hint: "check free disk space".to_owned() })?;
+                let file = writer.into_inner().map_err(|e| Error::Invalid {
+                    message: format!("cannot flush the CSV output: {}", e.error()),
+                    hint: "check free disk space".to_owned(),
+                })?;
                 file.commit()?;
             }
         }
@@ -211,10 +264,15 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("out.json");
         let mut writer = RecordWriter::create(&path, FileKind::Jsonl, None).expect("create");
-        writer.write_raw(&RawBody::Json("{\"a\":1}".to_owned())).expect("write");
-        writer.write_raw(&RawBody::Json("{\"a\":2}".to_owned())).expect("write");
+        writer
+            .write_raw(&RawBody::Json("{\"a\":1}".to_owned()))
+            .expect("write");
+        writer
+            .write_raw(&RawBody::Json("{\"a\":2}".to_owned()))
+            .expect("write");
         assert_eq!(writer.finish().expect("finish"), 2);
-        let value: Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");
+        let value: Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");
         assert_eq!(value, serde_json::json!([{"a": 1}, {"a": 2}]));
     }
 
@@ -223,7 +281,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("in.jsonl");
         std::fs::write(&path, "{}\n").expect("write");
-        let error = ensure_distinct(&path, &dir.path().join(".").join("in.jsonl")).expect_err("same file");
+        let error =
+            ensure_distinct(&path, &dir.path().join(".").join("in.jsonl")).expect_err("same file");
         assert!(error.to_string().contains("is the input file"));
     }
 }

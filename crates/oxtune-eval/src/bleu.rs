@@ -40,7 +40,10 @@ impl Smoothing {
     pub fn from_name(name: &str) -> Result<Self> {
         let (method, value) = match name.split_once(':') {
             Some((method, value)) => {
-                let value = value.parse::<f64>().map_err(|_| Error::Invalid { message: format!("smoothing value `{value}` is not a number"), hint: "write e.g. floor:0.1 or add-k:1".to_owned() })?;
+                let value = value.parse::<f64>().map_err(|_| Error::Invalid {
+                    message: format!("smoothing value `{value}` is not a number"),
+                    hint: "write e.g. floor:0.1 or add-k:1".to_owned(),
+                })?;
                 (method, Some(value))
             }
             None => (name, None),
@@ -50,7 +53,11 @@ impl Smoothing {
             "floor" => Ok(Self::Floor(value.unwrap_or(0.1))),
             "add-k" => Ok(Self::AddK(value.unwrap_or(1.0))),
             "exp" => Ok(Self::Exp),
-            _ => Err(Error::UnknownOption { what: "BLEU smoothing", name: name.to_owned(), available: Self::NAMES.to_owned() }),
+            _ => Err(Error::UnknownOption {
+                what: "BLEU smoothing",
+                name: name.to_owned(),
+                available: Self::NAMES.to_owned(),
+            }),
         }
     }
 
@@ -77,7 +84,13 @@ pub struct BleuConfig {
 
 impl Default for BleuConfig {
     fn default() -> Self {
-        Self { tokenizer: BleuTokenizer::V13a, smoothing: Smoothing::Exp, lowercase: false, effective_order: false, max_ngram_order: MAX_NGRAM_ORDER }
+        Self {
+            tokenizer: BleuTokenizer::V13a,
+            smoothing: Smoothing::Exp,
+            lowercase: false,
+            effective_order: false,
+            max_ngram_order: MAX_NGRAM_ORDER,
+        }
     }
 }
 
@@ -88,7 +101,11 @@ impl BleuConfig {
         let refs = num_refs.map_or("var".to_owned(), |n| n.to_string());
         let case = if self.lowercase { "lc" } else { "mixed" };
         let eff = if self.effective_order { "yes" } else { "no" };
-        format!("nrefs:{refs}|case:{case}|eff:{eff}|tok:{}|smooth:{}|version:2.6.0", self.tokenizer.name(), self.smoothing.name())
+        format!(
+            "nrefs:{refs}|case:{case}|eff:{eff}|tok:{}|smooth:{}|version:2.6.0",
+            self.tokenizer.name(),
+            self.smoothing.name()
+        )
     }
 }
 
@@ -105,7 +122,12 @@ pub struct BleuStats {
 
 impl BleuStats {
     fn zero(order: usize) -> Self {
-        Self { sys_len: 0, ref_len: 0, correct: vec![0; order], total: vec![0; order] }
+        Self {
+            sys_len: 0,
+            ref_len: 0,
+            correct: vec![0; order],
+            total: vec![0; order],
+        }
     }
 
     fn add(&mut self, other: &Self) {
@@ -137,7 +159,11 @@ pub struct BleuScore {
 
 /// Lowercases (optionally) and tokenizes a segment, as sacrebleu's `_preprocess_segment`.
 fn preprocess(text: &str, config: &BleuConfig) -> String {
-    let text = if config.lowercase { text.to_lowercase() } else { text.to_owned() };
+    let text = if config.lowercase {
+        text.to_lowercase()
+    } else {
+        text.to_owned()
+    };
     config.tokenizer.tokenize(python_rstrip(&text))
 }
 
@@ -159,7 +185,11 @@ fn closest_ref_len(hyp_len: u64, ref_lens: &[u64]) -> u64 {
     for &ref_len in ref_lens {
         let diff = hyp_len.abs_diff(ref_len);
         closest = match closest {
-            Some((best_diff, best_len)) if diff > best_diff || (diff == best_diff && ref_len >= best_len) => Some((best_diff, best_len)),
+            Some((best_diff, best_len))
+                if diff > best_diff || (diff == best_diff && ref_len >= best_len) =>
+            {
+                Some((best_diff, best_len))
+            }
             _ => Some((diff, ref_len)),
         };
     }
@@ -204,10 +234,22 @@ pub fn compute_bleu(stats: &BleuStats, config: &BleuConfig) -> BleuScore {
     let (sys_len, ref_len) = (stats.sys_len, stats.ref_len);
     let mut bp = 1.0;
     if sys_len < ref_len {
-        bp = if sys_len > 0 { (1.0 - ref_len as f64 / sys_len as f64).exp() } else { 0.0 };
+        bp = if sys_len > 0 {
+            (1.0 - ref_len as f64 / sys_len as f64).exp()
+        } else {
+            0.0
+        };
     }
     let mut precisions = vec![0.0; order];
-    let score = |score, precisions, correct, total| BleuScore { score, precisions, bp, sys_len, ref_len, counts: correct, totals: total };
+    let score = |score, precisions, correct, total| BleuScore {
+        score,
+        precisions,
+        bp,
+        sys_len,
+        ref_len,
+        counts: correct,
+        totals: total,
+    };
     if stats.correct.iter().all(|c| *c == 0) {
         return score(0.0, precisions, correct, total);
     }
@@ -215,10 +257,11 @@ pub fn compute_bleu(stats: &BleuStats, config: &BleuConfig) -> BleuScore {
     let mut effective_order = order;
     for n in 0..order {
         if let Smoothing::AddK(k) = config.smoothing
-            && n > 0 {
-                correct[n] += k;
-                total[n] += k;
-            }
+            && n > 0
+        {
+            correct[n] += k;
+            total[n] += k;
+        }
         if total[n] == 0.0 {
             break;
         }
@@ -238,13 +281,20 @@ pub fn compute_bleu(stats: &BleuStats, config: &BleuConfig) -> BleuScore {
             precisions[n] = 100.0 * correct[n] / total[n];
         }
     }
-    let log_sum: f64 = precisions[..effective_order].iter().map(|p| if *p == 0.0 { LOG_ZERO } else { p.ln() }).sum();
+    let log_sum: f64 = precisions[..effective_order]
+        .iter()
+        .map(|p| if *p == 0.0 { LOG_ZERO } else { p.ln() })
+        .sum();
     let value = bp * (log_sum / effective_order as f64).exp();
     score(value, precisions, correct, total)
 }
 
 /// Corpus BLEU: `references[i]` are the references of `hypotheses[i]` (one or more).
-pub fn corpus_bleu(hypotheses: &[&str], references: &[Vec<&str>], config: &BleuConfig) -> BleuScore {
+pub fn corpus_bleu(
+    hypotheses: &[&str],
+    references: &[Vec<&str>],
+    config: &BleuConfig,
+) -> BleuScore {
     let mut stats = BleuStats::zero(config.max_ngram_order);
     for (hypothesis, refs) in hypotheses.iter().zip(references) {
         stats.add(&segment_stats(hypothesis, refs, config));
@@ -264,8 +314,15 @@ mod tests {
 
     #[test]
     fn identical_sentences_score_100() {
-        let config = BleuConfig { effective_order: true, ..BleuConfig::default() };
-        let score = sentence_bleu("The cat sat on the mat.", &["The cat sat on the mat."], &config);
+        let config = BleuConfig {
+            effective_order: true,
+            ..BleuConfig::default()
+        };
+        let score = sentence_bleu(
+            "The cat sat on the mat.",
+            &["The cat sat on the mat."],
+            &config,
+        );
         assert!((score.score - 100.0).abs() < 1e-9);
     }
 
@@ -285,8 +342,14 @@ mod tests {
 
     #[test]
     fn smoothing_names_parse() {
-        assert_eq!(Smoothing::from_name("floor").expect("floor"), Smoothing::Floor(0.1));
-        assert_eq!(Smoothing::from_name("add-k:2").expect("add-k"), Smoothing::AddK(2.0));
+        assert_eq!(
+            Smoothing::from_name("floor").expect("floor"),
+            Smoothing::Floor(0.1)
+        );
+        assert_eq!(
+            Smoothing::from_name("add-k:2").expect("add-k"),
+            Smoothing::AddK(2.0)
+        );
         assert!(Smoothing::from_name("laplace").is_err());
     }
 }

@@ -34,7 +34,11 @@ impl BleuTokenizer {
             "intl" => Ok(Self::Intl),
             "char" => Ok(Self::Char),
             "none" => Ok(Self::None),
-            _ => Err(Error::UnknownOption { what: "BLEU tokenizer", name: name.to_owned(), available: Self::NAMES.to_owned() }),
+            _ => Err(Error::UnknownOption {
+                what: "BLEU tokenizer",
+                name: name.to_owned(),
+                available: Self::NAMES.to_owned(),
+            }),
         }
     }
 
@@ -69,11 +73,15 @@ struct Rules {
 fn rules() -> &'static Rules {
     static RULES: OnceLock<Rules> = OnceLock::new();
     RULES.get_or_init(|| {
-        let re = |pattern: &str| Regex::new(pattern).expect("tokenizer patterns are tested to compile");
+        let re =
+            |pattern: &str| Regex::new(pattern).expect("tokenizer patterns are tested to compile");
         Rules {
             regexp: [
                 // Punctuation and symbols of ASCII: { | } ~ [ \ ] ^ _ ` space ! " # $ % & ( ) * + : ; < = > ? @ /
-                (re(r"([\x7B-\x7E\x5B-\x60\x20-\x26\x28-\x2B\x3A-\x40\x2F])"), " ${1} "),
+                (
+                    re(r"([\x7B-\x7E\x5B-\x60\x20-\x26\x28-\x2B\x3A-\x40\x2F])"),
+                    " ${1} ",
+                ),
                 // Period and comma unless preceded by a digit
                 (re(r"([^0-9])([.,])"), "${1} ${2} "),
                 // Period and comma unless followed by a digit
@@ -81,7 +89,11 @@ fn rules() -> &'static Rules {
                 // Dash after a digit
                 (re(r"([0-9])(-)"), "${1} ${2} "),
             ],
-            intl: [(re(r"(\P{N})(\p{P})"), "${1} ${2} "), (re(r"(\p{P})(\P{N})"), " ${1} ${2}"), (re(r"(\p{S})"), " ${1} ")],
+            intl: [
+                (re(r"(\P{N})(\p{P})"), "${1} ${2} "),
+                (re(r"(\p{P})(\P{N})"), " ${1} ${2}"),
+                (re(r"(\p{S})"), " ${1} "),
+            ],
         }
     })
 }
@@ -97,9 +109,16 @@ fn tokenize_regexp(line: &str) -> String {
 
 /// `13a`: mteval-v13a's normalization, then the regexp rules on the line padded with spaces.
 pub fn tokenize_13a(line: &str) -> String {
-    let mut line = line.replace("<skipped>", "").replace("-\n", "").replace('\n', " ");
+    let mut line = line
+        .replace("<skipped>", "")
+        .replace("-\n", "")
+        .replace('\n', " ");
     if line.contains('&') {
-        line = line.replace("&quot;", "\"").replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">");
+        line = line
+            .replace("&quot;", "\"")
+            .replace("&amp;", "&")
+            .replace("&lt;", "<")
+            .replace("&gt;", ">");
     }
     tokenize_regexp(&format!(" {line} "))
 }
@@ -162,12 +181,15 @@ const CHINESE_RANGES: [(char, char); 22] = [
 
 /// Whether sacrebleu's `zh` tokenizer treats `c` as a Chinese character.
 pub fn is_chinese_char(c: char) -> bool {
-    CHINESE_RANGES.iter().any(|(low, high)| (*low..=*high).contains(&c))
+    CHINESE_RANGES
+        .iter()
+        .any(|(low, high)| (*low..=*high).contains(&c))
 }
 
 /// Whether `text` holds any Han character (used to pick `zh` when the tokenizer is `auto`).
 pub fn has_han(text: &str) -> bool {
-    text.chars().any(|c| ('\u{4e00}'..='\u{9fff}').contains(&c) || ('\u{3400}'..='\u{4dbf}').contains(&c))
+    text.chars()
+        .any(|c| ('\u{4e00}'..='\u{9fff}').contains(&c) || ('\u{3400}'..='\u{4dbf}').contains(&c))
 }
 
 #[cfg(test)]
@@ -176,14 +198,20 @@ mod tests {
 
     #[test]
     fn v13a_splits_punctuation_but_not_numbers() {
-        assert_eq!(tokenize_13a("Revenue grew 3.5% to $1,234.56, up."), "Revenue grew 3.5 % to $ 1,234.56 , up .");
+        assert_eq!(
+            tokenize_13a("Revenue grew 3.5% to $1,234.56, up."),
+            "Revenue grew 3.5 % to $ 1,234.56 , up ."
+        );
         assert_eq!(tokenize_13a("Tom &amp; Jerry"), "Tom & Jerry");
         assert_eq!(tokenize_13a("Q3-2024 don't"), "Q3 - 2024 don't");
     }
 
     #[test]
     fn zh_splits_every_chinese_character() {
-        assert_eq!(tokenize_zh("支持iOS和Android，v2.1。"), "支 持 iOS 和 Android ， v2.1 。");
+        assert_eq!(
+            tokenize_zh("支持iOS和Android，v2.1。"),
+            "支 持 iOS 和 Android ， v2.1 。"
+        );
         // The sacrebleu range quirk: general punctuation counts as Chinese.
         assert!(is_chinese_char('…') && is_chinese_char('—') && !is_chinese_char('\u{2000}'));
         assert!(!is_chinese_char('\u{20000}'));

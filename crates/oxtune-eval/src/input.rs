@@ -20,8 +20,25 @@ use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
 
-const PREDICTION_FIELDS: [&str; 6] = ["prediction", "response", "predict", "output", "text", "content"];
-const REFERENCE_FIELDS: [&str; 9] = ["references", "reference", "labels", "label", "target", "answer", "output", "response", "text"];
+const PREDICTION_FIELDS: [&str; 6] = [
+    "prediction",
+    "response",
+    "predict",
+    "output",
+    "text",
+    "content",
+];
+const REFERENCE_FIELDS: [&str; 9] = [
+    "references",
+    "reference",
+    "labels",
+    "label",
+    "target",
+    "answer",
+    "output",
+    "response",
+    "text",
+];
 
 /// One prediction with its references.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,20 +64,34 @@ struct Record {
 }
 
 fn read_records(path: &Path) -> Result<Vec<Record>> {
-    let is_text = path.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("txt"));
+    let is_text = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("txt"));
     if is_text {
-        let text = std::fs::read_to_string(path).map_err(|source| oxtune_data::Error::Read { path: path.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| oxtune_data::Error::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
         return Ok(text
             .lines()
             .enumerate()
             .map(|(index, line)| {
                 let mut row = Map::new();
                 row.insert("text".to_owned(), Value::String(line.to_owned()));
-                Record { line: index as u64 + 1, row }
+                Record {
+                    line: index as u64 + 1,
+                    row,
+                }
             })
             .collect());
     }
-    RowReader::open(path)?.map(|row| row.map(|Row { line, value }| Record { line, row: value }).map_err(Error::from)).collect()
+    RowReader::open(path)?
+        .map(|row| {
+            row.map(|Row { line, value }| Record { line, row: value })
+                .map_err(Error::from)
+        })
+        .collect()
 }
 
 fn id_of(row: &Map<String, Value>) -> Option<String> {
@@ -73,36 +104,64 @@ fn id_of(row: &Map<String, Value>) -> Option<String> {
 
 fn last_assistant_turn(row: &Map<String, Value>) -> Option<String> {
     let format = Format::detect(row)?;
-    conversation(format, row).iter().rev().find(|turn| turn.role == Role::Assistant).map(|turn| turn.text.to_owned())
+    conversation(format, row)
+        .iter()
+        .rev()
+        .find(|turn| turn.role == Role::Assistant)
+        .map(|turn| turn.text.to_owned())
 }
 
 /// The texts of `field` in a row (a list gives several).
 fn texts(value: &Value) -> Option<Vec<String>> {
     match value {
         Value::String(text) => Some(vec![text.clone()]),
-        Value::Array(items) if !items.is_empty() && items.iter().all(Value::is_string) => Some(items.iter().filter_map(|i| i.as_str().map(str::to_owned)).collect()),
+        Value::Array(items) if !items.is_empty() && items.iter().all(Value::is_string) => Some(
+            items
+                .iter()
+                .filter_map(|i| i.as_str().map(str::to_owned))
+                .collect(),
+        ),
         Value::Null => Some(vec![String::new()]),
         _ => None,
     }
 }
 
-fn pick(path: &Path, record: &Record, named: Option<&str>, candidates: &[&str], what: &str, skip: Option<&str>) -> Result<(String, Vec<String>)> {
+fn pick(
+    path: &Path,
+    record: &Record,
+    named: Option<&str>,
+    candidates: &[&str],
+    what: &str,
+    skip: Option<&str>,
+) -> Result<(String, Vec<String>)> {
     let fields: Vec<&str> = match named {
         Some(name) => vec![name],
-        None => candidates.iter().copied().filter(|c| Some(*c) != skip).collect(),
+        None => candidates
+            .iter()
+            .copied()
+            .filter(|c| Some(*c) != skip)
+            .collect(),
     };
     for field in &fields {
         if let Some(value) = record.row.get(*field) {
             return match texts(value) {
                 Some(texts) => Ok(((*field).to_owned(), texts)),
-                None => Err(Error::Row { path: path.to_path_buf(), line: record.line, message: format!("`{field}` is not text"), hint: format!("the {what} must be a string (references may be a list of strings)") }),
+                None => Err(Error::Row {
+                    path: path.to_path_buf(),
+                    line: record.line,
+                    message: format!("`{field}` is not text"),
+                    hint: format!(
+                        "the {what} must be a string (references may be a list of strings)"
+                    ),
+                }),
             };
         }
     }
     if named.is_none()
-        && let Some(turn) = last_assistant_turn(&record.row) {
-            return Ok(("last assistant turn".to_owned(), vec![turn]));
-        }
+        && let Some(turn) = last_assistant_turn(&record.row)
+    {
+        return Ok(("last assistant turn".to_owned(), vec![turn]));
+    }
     let keys = record.row.keys().cloned().collect::<Vec<_>>().join(", ");
     Err(Error::Row {
         path: path.to_path_buf(),
@@ -110,54 +169,112 @@ fn pick(path: &Path, record: &Record, named: Option<&str>, candidates: &[&str], 
         message: format!("no {what} field among [{keys}]"),
         hint: match named {
             Some(name) => format!("this row has no `{name}`; check --{what}-field"),
-            None => format!("name the field with --{what}-field, or use one of: {}", candidates.join(", ")),
+            None => format!(
+                "name the field with --{what}-field, or use one of: {}",
+                candidates.join(", ")
+            ),
         },
     })
 }
 
 /// Reads the samples: predictions from `predictions`, references from `references` (or from
 /// the predictions' rows when `None`).
-pub fn read_samples(predictions: &Path, references: Option<&Path>, fields: &Fields) -> Result<Vec<Sample>> {
+pub fn read_samples(
+    predictions: &Path,
+    references: Option<&Path>,
+    fields: &Fields,
+) -> Result<Vec<Sample>> {
     let prediction_records = read_records(predictions)?;
     let reference_records = match references {
         Some(path) => Some(read_records(path)?),
         None => None,
     };
     if let (Some(path), Some(records)) = (references, &reference_records)
-        && records.len() != prediction_records.len() {
-            return Err(Error::CountMismatch { predictions: predictions.to_path_buf(), prediction_count: prediction_records.len(), references: path.to_path_buf(), reference_count: records.len() });
-        }
+        && records.len() != prediction_records.len()
+    {
+        return Err(Error::CountMismatch {
+            predictions: predictions.to_path_buf(),
+            prediction_count: prediction_records.len(),
+            references: path.to_path_buf(),
+            reference_count: records.len(),
+        });
+    }
     let mut samples = Vec::with_capacity(prediction_records.len());
     for (index, record) in prediction_records.iter().enumerate() {
-        let (prediction_field, mut prediction) = pick(predictions, record, fields.prediction.as_deref(), &PREDICTION_FIELDS, "prediction", None)?;
+        let (prediction_field, mut prediction) = pick(
+            predictions,
+            record,
+            fields.prediction.as_deref(),
+            &PREDICTION_FIELDS,
+            "prediction",
+            None,
+        )?;
         let prediction = prediction.swap_remove(0);
         let references = match (&reference_records, references) {
             (Some(records), Some(path)) => {
                 let reference = &records[index];
                 if let (Some(a), Some(b)) = (id_of(&record.row), id_of(&reference.row))
-                    && a != b {
-                        return Err(Error::Row {
-                            path: path.to_path_buf(),
-                            line: reference.line,
-                            message: format!("id `{b}` does not match id `{a}` at {}:{}", predictions.display(), record.line),
-                            hint: "sort both files the same way; samples are matched row by row".to_owned(),
-                        });
-                    }
-                pick(path, reference, fields.reference.as_deref(), &REFERENCE_FIELDS, "reference", None)?.1
+                    && a != b
+                {
+                    return Err(Error::Row {
+                        path: path.to_path_buf(),
+                        line: reference.line,
+                        message: format!(
+                            "id `{b}` does not match id `{a}` at {}:{}",
+                            predictions.display(),
+                            record.line
+                        ),
+                        hint: "sort both files the same way; samples are matched row by row"
+                            .to_owned(),
+                    });
+                }
+                pick(
+                    path,
+                    reference,
+                    fields.reference.as_deref(),
+                    &REFERENCE_FIELDS,
+                    "reference",
+                    None,
+                )?
+                .1
             }
-            _ => pick(predictions, record, fields.reference.as_deref(), &REFERENCE_FIELDS, "reference", Some(&prediction_field))?.1,
+            _ => {
+                pick(
+                    predictions,
+                    record,
+                    fields.reference.as_deref(),
+                    &REFERENCE_FIELDS,
+                    "reference",
+                    Some(&prediction_field),
+                )?
+                .1
+            }
         };
-        samples.push(Sample { id: id_of(&record.row), line: record.line, prediction, references });
+        samples.push(Sample {
+            id: id_of(&record.row),
+            line: record.line,
+            prediction,
+            references,
+        });
     }
     if samples.is_empty() {
-        return Err(Error::Invalid { message: format!("{} holds no predictions", predictions.display()), hint: "run inference first, or check the path".to_owned() });
+        return Err(Error::Invalid {
+            message: format!("{} holds no predictions", predictions.display()),
+            hint: "run inference first, or check the path".to_owned(),
+        });
     }
     Ok(samples)
 }
 
 /// The paths, for reports.
 pub fn describe(predictions: &Path, references: Option<&Path>) -> (String, String) {
-    (predictions.display().to_string(), references.map_or_else(|| predictions.display().to_string(), |p| p.display().to_string()))
+    (
+        predictions.display().to_string(),
+        references.map_or_else(
+            || predictions.display().to_string(),
+            |p| p.display().to_string(),
+        ),
+    )
 }
 
 #[cfg(test)]
@@ -175,9 +292,18 @@ mod tests {
     #[test]
     fn reads_two_files_and_several_references() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let predictions = write(&dir, "p.jsonl", "{\"id\": 1, \"prediction\": \"a b\"}\n{\"id\": 2, \"prediction\": \"c\"}\n");
-        let references = write(&dir, "r.jsonl", "{\"id\": 1, \"references\": [\"a b\", \"a c\"]}\n{\"id\": 2, \"reference\": \"c\"}\n");
-        let samples = read_samples(&predictions, Some(&references), &Fields::default()).expect("samples");
+        let predictions = write(
+            &dir,
+            "p.jsonl",
+            "{\"id\": 1, \"prediction\": \"a b\"}\n{\"id\": 2, \"prediction\": \"c\"}\n",
+        );
+        let references = write(
+            &dir,
+            "r.jsonl",
+            "{\"id\": 1, \"references\": [\"a b\", \"a c\"]}\n{\"id\": 2, \"reference\": \"c\"}\n",
+        );
+        let samples =
+            read_samples(&predictions, Some(&references), &Fields::default()).expect("samples");
         assert_eq!(samples[0].references, vec!["a b", "a c"]);
         assert_eq!(samples[1].id.as_deref(), Some("2"));
     }
@@ -185,38 +311,84 @@ mod tests {
     #[test]
     fn one_file_with_response_and_labels() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let predictions = write(&dir, "p.jsonl", "{\"response\": \"x\", \"labels\": \"y\"}\n");
+        let predictions = write(
+            &dir,
+            "p.jsonl",
+            "{\"response\": \"x\", \"labels\": \"y\"}\n",
+        );
         let samples = read_samples(&predictions, None, &Fields::default()).expect("samples");
-        assert_eq!((samples[0].prediction.as_str(), samples[0].references[0].as_str()), ("x", "y"));
+        assert_eq!(
+            (
+                samples[0].prediction.as_str(),
+                samples[0].references[0].as_str()
+            ),
+            ("x", "y")
+        );
     }
 
     #[test]
     fn references_from_a_dataset_use_the_last_assistant_turn() {
         let dir = tempfile::tempdir().expect("tempdir");
         let predictions = write(&dir, "p.txt", "hello\n");
-        let references = write(&dir, "r.jsonl", "{\"messages\": [{\"role\": \"user\", \"content\": \"q\"}, {\"role\": \"assistant\", \"content\": \"hi\"}]}\n");
-        let samples = read_samples(&predictions, Some(&references), &Fields::default()).expect("samples");
+        let references = write(
+            &dir,
+            "r.jsonl",
+            "{\"messages\": [{\"role\": \"user\", \"content\": \"q\"}, {\"role\": \"assistant\", \"content\": \"hi\"}]}\n",
+        );
+        let samples =
+            read_samples(&predictions, Some(&references), &Fields::default()).expect("samples");
         assert_eq!(samples[0].references, vec!["hi"]);
     }
 
     #[test]
     fn mismatched_counts_and_ids_are_errors_naming_the_files() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let predictions = write(&dir, "p.jsonl", "{\"id\": 1, \"prediction\": \"a\"}\n{\"id\": 2, \"prediction\": \"b\"}\n");
+        let predictions = write(
+            &dir,
+            "p.jsonl",
+            "{\"id\": 1, \"prediction\": \"a\"}\n{\"id\": 2, \"prediction\": \"b\"}\n",
+        );
         let short = write(&dir, "short.jsonl", "{\"reference\": \"a\"}\n");
-        let error = read_samples(&predictions, Some(&short), &Fields::default()).expect_err("counts").to_string();
-        assert!(error.contains("has 2 rows but") && error.contains("short.jsonl has 1"), "{error}");
-        let swapped = write(&dir, "swapped.jsonl", "{\"id\": 2, \"reference\": \"b\"}\n{\"id\": 1, \"reference\": \"a\"}\n");
-        let error = read_samples(&predictions, Some(&swapped), &Fields::default()).expect_err("ids").to_string();
-        assert!(error.contains("swapped.jsonl:1: id `2` does not match id `1` at"), "{error}");
+        let error = read_samples(&predictions, Some(&short), &Fields::default())
+            .expect_err("counts")
+            .to_string();
+        assert!(
+            error.contains("has 2 rows but") && error.contains("short.jsonl has 1"),
+            "{error}"
+        );
+        let swapped = write(
+            &dir,
+            "swapped.jsonl",
+            "{\"id\": 2, \"reference\": \"b\"}\n{\"id\": 1, \"reference\": \"a\"}\n",
+        );
+        let error = read_samples(&predictions, Some(&swapped), &Fields::default())
+            .expect_err("ids")
+            .to_string();
+        assert!(
+            error.contains("swapped.jsonl:1: id `2` does not match id `1` at"),
+            "{error}"
+        );
     }
 
     #[test]
     fn a_row_without_the_field_names_file_and_line() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let predictions = write(&dir, "p.jsonl", "{\"prediction\": \"a\"}\n{\"answer_text\": \"b\"}\n");
-        let references = write(&dir, "r.jsonl", "{\"reference\": \"a\"}\n{\"reference\": \"b\"}\n");
-        let error = read_samples(&predictions, Some(&references), &Fields::default()).expect_err("missing").to_string();
-        assert!(error.contains("p.jsonl:2: no prediction field among [answer_text]"), "{error}");
+        let predictions = write(
+            &dir,
+            "p.jsonl",
+            "{\"prediction\": \"a\"}\n{\"answer_text\": \"b\"}\n",
+        );
+        let references = write(
+            &dir,
+            "r.jsonl",
+            "{\"reference\": \"a\"}\n{\"reference\": \"b\"}\n",
+        );
+        let error = read_samples(&predictions, Some(&references), &Fields::default())
+            .expect_err("missing")
+            .to_string();
+        assert!(
+            error.contains("p.jsonl:2: no prediction field among [answer_text]"),
+            "{error}"
+        );
     }
 }

@@ -62,7 +62,10 @@ fn is_consonant(word: &[u8], index: usize) -> bool {
 
 /// m in [C](VC)^m[V]: the number of vowel-consonant sequences.
 fn measure(stem: &[u8]) -> usize {
-    consonant_flags(stem).windows(2).filter(|pair| !pair[0] && pair[1]).count()
+    consonant_flags(stem)
+        .windows(2)
+        .filter(|pair| !pair[0] && pair[1])
+        .count()
 }
 
 fn contains_vowel(stem: &[u8]) -> bool {
@@ -79,7 +82,12 @@ fn ends_double_consonant(word: &[u8]) -> bool {
 fn ends_cvc(word: &[u8]) -> bool {
     let n = word.len();
     let flags = consonant_flags(word);
-    (n >= 3 && flags[n - 3] && !flags[n - 2] && flags[n - 1] && !matches!(word[n - 1], b'w' | b'x' | b'y')) || (n == 2 && !flags[0] && flags[1])
+    (n >= 3
+        && flags[n - 3]
+        && !flags[n - 2]
+        && flags[n - 1]
+        && !matches!(word[n - 1], b'w' | b'x' | b'y'))
+        || (n == 2 && !flags[0] && flags[1])
 }
 
 /// A rule: suffix, replacement, and the condition on the stem (the word without the suffix).
@@ -92,13 +100,21 @@ fn apply_rules(word: Vec<u8>, rules: &[Rule<'_>]) -> Vec<u8> {
         if *suffix == "*d" {
             if ends_double_consonant(&word) {
                 let stem = &word[..word.len() - 2];
-                return if condition(stem) { [stem, replacement].concat() } else { word };
+                return if condition(stem) {
+                    [stem, replacement].concat()
+                } else {
+                    word
+                };
             }
             continue;
         }
         if word.ends_with(suffix.as_bytes()) {
             let stem = &word[..word.len() - suffix.len()];
-            return if condition(stem) { [stem, replacement].concat() } else { word };
+            return if condition(stem) {
+                [stem, replacement].concat()
+            } else {
+                word
+            };
         }
     }
     word
@@ -124,7 +140,15 @@ fn step1a(word: Vec<u8>) -> Vec<u8> {
     if word.ends_with(b"ies") && word.len() == 4 {
         return replace_suffix(&word, 3, b"ie");
     }
-    apply_rules(word, &[("sses", b"ss", &always), ("ies", b"i", &always), ("ss", b"ss", &always), ("s", b"", &always)])
+    apply_rules(
+        word,
+        &[
+            ("sses", b"ss", &always),
+            ("ies", b"i", &always),
+            ("ss", b"ss", &always),
+            ("s", b"", &always),
+        ],
+    )
 }
 
 fn step1b(word: Vec<u8>) -> Vec<u8> {
@@ -133,7 +157,11 @@ fn step1b(word: Vec<u8>) -> Vec<u8> {
     }
     if word.ends_with(b"eed") {
         let stem = &word[..word.len() - 3];
-        return if measure(stem) > 0 { [stem, b"ee"].concat() } else { word };
+        return if measure(stem) > 0 {
+            [stem, b"ee"].concat()
+        } else {
+            word
+        };
     }
     let mut intermediate = None;
     for suffix in [&b"ed"[..], b"ing"] {
@@ -145,11 +173,22 @@ fn step1b(word: Vec<u8>) -> Vec<u8> {
             }
         }
     }
-    let Some(stem) = intermediate else { return word };
+    let Some(stem) = intermediate else {
+        return word;
+    };
     let last = stem[stem.len() - 1];
     let keep_double = move |_: &[u8]| !matches!(last, b'l' | b's' | b'z');
     let add_e = |stem: &[u8]| measure(stem) == 1 && ends_cvc(stem);
-    apply_rules(stem, &[("at", b"ate", &always), ("bl", b"ble", &always), ("iz", b"ize", &always), ("*d", &[last], &keep_double), ("", b"e", &add_e)])
+    apply_rules(
+        stem,
+        &[
+            ("at", b"ate", &always),
+            ("bl", b"ble", &always),
+            ("iz", b"ize", &always),
+            ("*d", &[last], &keep_double),
+            ("", b"e", &add_e),
+        ],
+    )
 }
 
 fn step1c(word: Vec<u8>) -> Vec<u8> {
@@ -195,7 +234,18 @@ fn step2(word: Vec<u8>) -> Vec<u8> {
 
 fn step3(word: Vec<u8>) -> Vec<u8> {
     let m: &dyn Fn(&[u8]) -> bool = &positive_measure;
-    apply_rules(word, &[("icate", b"ic", m), ("ative", b"", m), ("alize", b"al", m), ("iciti", b"ic", m), ("ical", b"ic", m), ("ful", b"", m), ("ness", b"", m)])
+    apply_rules(
+        word,
+        &[
+            ("icate", b"ic", m),
+            ("ative", b"", m),
+            ("alize", b"al", m),
+            ("iciti", b"ic", m),
+            ("ical", b"ic", m),
+            ("ful", b"", m),
+            ("ness", b"", m),
+        ],
+    )
 }
 
 fn step4(word: Vec<u8>) -> Vec<u8> {
@@ -273,7 +323,10 @@ mod tests {
 
     #[test]
     fn y_is_a_vowel_after_a_consonant() {
-        assert_eq!(consonant_flags(b"syzygy"), vec![true, false, true, false, true, false]);
+        assert_eq!(
+            consonant_flags(b"syzygy"),
+            vec![true, false, true, false, true, false]
+        );
         assert_eq!(consonant_flags(b"toy"), vec![true, false, true]);
     }
 }

@@ -35,14 +35,22 @@ impl Metric {
             let metric = match name.to_ascii_lowercase().as_str() {
                 "bleu" => Self::Bleu,
                 "rouge" => Self::Rouge,
-                _ => return Err(Error::UnknownMetric { name: name.to_owned(), available: Self::NAMES.to_owned() }),
+                _ => {
+                    return Err(Error::UnknownMetric {
+                        name: name.to_owned(),
+                        available: Self::NAMES.to_owned(),
+                    });
+                }
             };
             if !metrics.contains(&metric) {
                 metrics.push(metric);
             }
         }
         if metrics.is_empty() {
-            return Err(Error::UnknownMetric { name: list.to_owned(), available: Self::NAMES.to_owned() });
+            return Err(Error::UnknownMetric {
+                name: list.to_owned(),
+                available: Self::NAMES.to_owned(),
+            });
         }
         Ok(metrics)
     }
@@ -61,7 +69,13 @@ pub struct EvalConfig {
 
 impl Default for EvalConfig {
     fn default() -> Self {
-        Self { metrics: vec![Metric::Bleu, Metric::Rouge], bleu: BleuConfig::default(), bleu_tokenizer: None, rouge_tokenizer: None, rouge_stem: false }
+        Self {
+            metrics: vec![Metric::Bleu, Metric::Rouge],
+            bleu: BleuConfig::default(),
+            bleu_tokenizer: None,
+            rouge_tokenizer: None,
+            rouge_stem: false,
+        }
     }
 }
 
@@ -114,14 +128,42 @@ pub struct EvalReport {
 /// A sample's sentence BLEU and ROUGE scores.
 type Scored = (Option<f64>, Vec<(RougeType, Prf)>);
 
-const ROUGE_TYPES: [RougeType; 4] = [RougeType::N(1), RougeType::N(2), RougeType::L, RougeType::Lsum];
+const ROUGE_TYPES: [RougeType; 4] = [
+    RougeType::N(1),
+    RougeType::N(2),
+    RougeType::L,
+    RougeType::Lsum,
+];
 
 /// Scores every sample and the corpus.
-pub fn evaluate(samples: &[Sample], config: &EvalConfig, predictions: &str, references: &str) -> EvalReport {
-    let chinese = samples.iter().any(|s| has_han(&s.prediction) || s.references.iter().any(|r| has_han(r)));
-    let bleu_config = BleuConfig { tokenizer: config.bleu_tokenizer.unwrap_or(if chinese { BleuTokenizer::Zh } else { BleuTokenizer::V13a }), ..config.bleu };
-    let sentence_config = BleuConfig { effective_order: true, ..bleu_config };
-    let rouge_tokenizer = config.rouge_tokenizer.unwrap_or(if chinese { RougeTokenizer::Jieba } else { RougeTokenizer::Default { stem: config.rouge_stem } });
+pub fn evaluate(
+    samples: &[Sample],
+    config: &EvalConfig,
+    predictions: &str,
+    references: &str,
+) -> EvalReport {
+    let chinese = samples
+        .iter()
+        .any(|s| has_han(&s.prediction) || s.references.iter().any(|r| has_han(r)));
+    let bleu_config = BleuConfig {
+        tokenizer: config.bleu_tokenizer.unwrap_or(if chinese {
+            BleuTokenizer::Zh
+        } else {
+            BleuTokenizer::V13a
+        }),
+        ..config.bleu
+    };
+    let sentence_config = BleuConfig {
+        effective_order: true,
+        ..bleu_config
+    };
+    let rouge_tokenizer = config.rouge_tokenizer.unwrap_or(if chinese {
+        RougeTokenizer::Jieba
+    } else {
+        RougeTokenizer::Default {
+            stem: config.rouge_stem,
+        }
+    });
     let scorer = RougeScorer::new(ROUGE_TYPES.to_vec(), rouge_tokenizer);
     let want_bleu = config.metrics.contains(&Metric::Bleu);
     let want_rouge = config.metrics.contains(&Metric::Rouge);
@@ -130,22 +172,34 @@ pub fn evaluate(samples: &[Sample], config: &EvalConfig, predictions: &str, refe
         .par_iter()
         .map(|sample| {
             let references: Vec<&str> = sample.references.iter().map(String::as_str).collect();
-            let bleu = want_bleu.then(|| sentence_bleu(&sample.prediction, &references, &sentence_config).score);
-            let rouge = if want_rouge { scorer.score_multi(&references, &sample.prediction) } else { Vec::new() };
+            let bleu = want_bleu
+                .then(|| sentence_bleu(&sample.prediction, &references, &sentence_config).score);
+            let rouge = if want_rouge {
+                scorer.score_multi(&references, &sample.prediction)
+            } else {
+                Vec::new()
+            };
             (bleu, rouge)
         })
         .collect();
 
     let bleu = want_bleu.then(|| {
         let hypotheses: Vec<&str> = samples.iter().map(|s| s.prediction.as_str()).collect();
-        let references: Vec<Vec<&str>> = samples.iter().map(|s| s.references.iter().map(String::as_str).collect()).collect();
+        let references: Vec<Vec<&str>> = samples
+            .iter()
+            .map(|s| s.references.iter().map(String::as_str).collect())
+            .collect();
         let score: BleuScore = corpus_bleu(&hypotheses, &references, &bleu_config);
         let counts: Vec<usize> = samples.iter().map(|s| s.references.len()).collect();
         let num_refs = counts.iter().all(|c| *c == counts[0]).then(|| counts[0]);
         BleuResult {
             score: score.score,
             signature: bleu_config.signature(num_refs),
-            ratio: if score.ref_len > 0 { score.sys_len as f64 / score.ref_len as f64 } else { 0.0 },
+            ratio: if score.ref_len > 0 {
+                score.sys_len as f64 / score.ref_len as f64
+            } else {
+                0.0
+            },
             precisions: score.precisions,
             bp: score.bp,
             sys_len: score.sys_len,
@@ -157,10 +211,26 @@ pub fn evaluate(samples: &[Sample], config: &EvalConfig, predictions: &str, refe
         let mut scores = BTreeMap::new();
         for (slot, rouge_type) in ROUGE_TYPES.iter().enumerate() {
             let count = scored.len().max(1) as f64;
-            let sum = scored.iter().fold((0.0, 0.0, 0.0), |acc, (_, rouge)| (acc.0 + rouge[slot].1.precision, acc.1 + rouge[slot].1.recall, acc.2 + rouge[slot].1.fmeasure));
-            scores.insert(rouge_type.name(), Prf { precision: sum.0 / count, recall: sum.1 / count, fmeasure: sum.2 / count });
+            let sum = scored.iter().fold((0.0, 0.0, 0.0), |acc, (_, rouge)| {
+                (
+                    acc.0 + rouge[slot].1.precision,
+                    acc.1 + rouge[slot].1.recall,
+                    acc.2 + rouge[slot].1.fmeasure,
+                )
+            });
+            scores.insert(
+                rouge_type.name(),
+                Prf {
+                    precision: sum.0 / count,
+                    recall: sum.1 / count,
+                    fmeasure: sum.2 / count,
+                },
+            );
         }
-        RougeResult { tokenizer: rouge_tokenizer.name(), scores }
+        RougeResult {
+            tokenizer: rouge_tokenizer.name(),
+            scores,
+        }
     });
 
     let per_sample = samples
@@ -174,15 +244,29 @@ pub fn evaluate(samples: &[Sample], config: &EvalConfig, predictions: &str, refe
             prediction: sample.prediction.clone(),
             references: sample.references.clone(),
             bleu,
-            rouge: rouge.into_iter().map(|(t, prf)| (t.name(), prf.fmeasure)).collect(),
+            rouge: rouge
+                .into_iter()
+                .map(|(t, prf)| (t.name(), prf.fmeasure))
+                .collect(),
         })
         .collect();
-    EvalReport { predictions: predictions.to_owned(), references: references.to_owned(), samples: samples.len(), bleu, rouge, per_sample }
+    EvalReport {
+        predictions: predictions.to_owned(),
+        references: references.to_owned(),
+        samples: samples.len(),
+        bleu,
+        rouge,
+        per_sample,
+    }
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut file = AtomicFile::create(path)?;
-    file.write_all(bytes).map_err(|source| oxtune_data::Error::Write { path: path.to_path_buf(), source })?;
+    file.write_all(bytes)
+        .map_err(|source| oxtune_data::Error::Write {
+            path: path.to_path_buf(),
+            source,
+        })?;
     Ok(file.commit()?)
 }
 
@@ -206,7 +290,10 @@ fn truncate(text: &str, chars: usize) -> String {
 
 impl EvalReport {
     pub fn write_json(&self, path: &Path) -> Result<()> {
-        let json = serde_json::to_string_pretty(self).map_err(|e| Error::Invalid { message: e.to_string(), hint: "report this as a bug".to_owned() })?;
+        let json = serde_json::to_string_pretty(self).map_err(|e| Error::Invalid {
+            message: e.to_string(),
+            hint: "report this as a bug".to_owned(),
+        })?;
         write_atomic(path, json.as_bytes())
     }
 
@@ -218,11 +305,17 @@ impl EvalReport {
     pub fn summary(&self) -> String {
         let mut out = format!("{} samples", self.samples);
         if let Some(bleu) = &self.bleu {
-            out.push_str(&format!("\nBLEU = {:.2}  {}  (BP = {:.3}, ratio = {:.3}, hyp_len = {}, ref_len = {})", bleu.score, bleu.signature, bleu.bp, bleu.ratio, bleu.sys_len, bleu.ref_len));
+            out.push_str(&format!(
+                "\nBLEU = {:.2}  {}  (BP = {:.3}, ratio = {:.3}, hyp_len = {}, ref_len = {})",
+                bleu.score, bleu.signature, bleu.bp, bleu.ratio, bleu.sys_len, bleu.ref_len
+            ));
         }
         if let Some(rouge) = &self.rouge {
             for (name, prf) in &rouge.scores {
-                out.push_str(&format!("\n{name:<10} P {:.4}  R {:.4}  F1 {:.4}   (tokenizer: {})", prf.precision, prf.recall, prf.fmeasure, rouge.tokenizer));
+                out.push_str(&format!(
+                    "\n{name:<10} P {:.4}  R {:.4}  F1 {:.4}   (tokenizer: {})",
+                    prf.precision, prf.recall, prf.fmeasure, rouge.tokenizer
+                ));
             }
         }
         out
@@ -230,7 +323,11 @@ impl EvalReport {
 
     /// The HTML page.
     pub fn to_html(&self) -> String {
-        let mut body = format!("<p class=\"muted\">predictions: {} · references: {}</p><div class=\"cards\">", html::escape(&self.predictions), html::escape(&self.references));
+        let mut body = format!(
+            "<p class=\"muted\">predictions: {} · references: {}</p><div class=\"cards\">",
+            html::escape(&self.predictions),
+            html::escape(&self.references)
+        );
         body.push_str(&html::card(&self.samples.to_string(), "samples"));
         if let Some(bleu) = &self.bleu {
             body.push_str(&html::card(&format!("{:.2}", bleu.score), "corpus BLEU"));
@@ -238,7 +335,10 @@ impl EvalReport {
         if let Some(rouge) = &self.rouge {
             for name in ["rouge1", "rougeL"] {
                 if let Some(prf) = rouge.scores.get(name) {
-                    body.push_str(&html::card(&format!("{:.4}", prf.fmeasure), &format!("{name} F1")));
+                    body.push_str(&html::card(
+                        &format!("{:.4}", prf.fmeasure),
+                        &format!("{name} F1"),
+                    ));
                 }
             }
         }
@@ -246,25 +346,79 @@ impl EvalReport {
 
         if let Some(bleu) = &self.bleu {
             body.push_str("<h2>BLEU</h2>");
-            let precisions = bleu.precisions.iter().map(|p| format!("{p:.1}")).collect::<Vec<_>>().join(" / ");
+            let precisions = bleu
+                .precisions
+                .iter()
+                .map(|p| format!("{p:.1}"))
+                .collect::<Vec<_>>()
+                .join(" / ");
             body.push_str(&html::table(
-                &["score", "n-gram precisions", "BP", "ratio", "hyp_len", "ref_len", "signature"],
-                &[vec![format!("{:.2}", bleu.score), precisions, format!("{:.3}", bleu.bp), format!("{:.3}", bleu.ratio), bleu.sys_len.to_string(), bleu.ref_len.to_string(), format!("<code>{}</code>", html::escape(&bleu.signature))]],
+                &[
+                    "score",
+                    "n-gram precisions",
+                    "BP",
+                    "ratio",
+                    "hyp_len",
+                    "ref_len",
+                    "signature",
+                ],
+                &[vec![
+                    format!("{:.2}", bleu.score),
+                    precisions,
+                    format!("{:.3}", bleu.bp),
+                    format!("{:.3}", bleu.ratio),
+                    bleu.sys_len.to_string(),
+                    bleu.ref_len.to_string(),
+                    format!("<code>{}</code>", html::escape(&bleu.signature)),
+                ]],
             ));
             let values: Vec<f64> = self.per_sample.iter().filter_map(|s| s.bleu).collect();
-            body.push_str("<p class=\"muted\">Sentence BLEU per sample (exp smoothing, effective order):</p>");
-            body.push_str(&html::histogram_svg(&histogram(&values, 100.0), 0.0, 100.0, "sentence BLEU"));
+            body.push_str(
+                "<p class=\"muted\">Sentence BLEU per sample (exp smoothing, effective order):</p>",
+            );
+            body.push_str(&html::histogram_svg(
+                &histogram(&values, 100.0),
+                0.0,
+                100.0,
+                "sentence BLEU",
+            ));
         }
         if let Some(rouge) = &self.rouge {
             body.push_str(&format!("<h2>ROUGE</h2><p class=\"muted\">Mean over samples; tokenizer: <code>{}</code>.</p>", html::escape(rouge.tokenizer)));
-            let rows: Vec<Vec<String>> = rouge.scores.iter().map(|(name, prf)| vec![name.clone(), format!("{:.4}", prf.precision), format!("{:.4}", prf.recall), format!("{:.4}", prf.fmeasure)]).collect();
+            let rows: Vec<Vec<String>> = rouge
+                .scores
+                .iter()
+                .map(|(name, prf)| {
+                    vec![
+                        name.clone(),
+                        format!("{:.4}", prf.precision),
+                        format!("{:.4}", prf.recall),
+                        format!("{:.4}", prf.fmeasure),
+                    ]
+                })
+                .collect();
             body.push_str(&html::table(&["type", "precision", "recall", "F1"], &rows));
-            let values: Vec<f64> = self.per_sample.iter().filter_map(|s| s.rouge.get("rougeL").copied()).collect();
+            let values: Vec<f64> = self
+                .per_sample
+                .iter()
+                .filter_map(|s| s.rouge.get("rougeL").copied())
+                .collect();
             body.push_str("<p class=\"muted\">ROUGE-L F1 per sample:</p>");
-            body.push_str(&html::histogram_svg(&histogram(&values, 1.0), 0.0, 1.0, "ROUGE-L F1"));
+            body.push_str(&html::histogram_svg(
+                &histogram(&values, 1.0),
+                0.0,
+                1.0,
+                "ROUGE-L F1",
+            ));
         }
 
-        let key = |s: &SampleScores| s.rouge.get("rougeL").copied().or(s.bleu.map(|b| b / 100.0)).unwrap_or(0.0);
+        let key = |s: &SampleScores| {
+            s.rouge
+                .get("rougeL")
+                .copied()
+                .or(s.bleu.map(|b| b / 100.0))
+                .unwrap_or(0.0)
+        };
         let mut lowest: Vec<&SampleScores> = self.per_sample.iter().collect();
         lowest.sort_by(|a, b| key(a).total_cmp(&key(b)).then(a.index.cmp(&b.index)));
         body.push_str("<h2>For human review: the 10 lowest-scoring samples</h2>");
@@ -287,17 +441,33 @@ impl EvalReport {
         let rows: Vec<Vec<String>> = samples
             .iter()
             .map(|s| {
-                let mut row = vec![s.id.clone().unwrap_or_else(|| s.index.to_string()), s.line.to_string()];
+                let mut row = vec![
+                    s.id.clone().unwrap_or_else(|| s.index.to_string()),
+                    s.line.to_string(),
+                ];
                 if let Some(bleu) = s.bleu {
                     row.push(format!("{bleu:.2}"));
                 }
                 if self.rouge.is_some() {
                     for name in ["rouge1", "rouge2", "rougeL"] {
-                        row.push(s.rouge.get(name).map_or(String::new(), |f| format!("{f:.4}")));
+                        row.push(
+                            s.rouge
+                                .get(name)
+                                .map_or(String::new(), |f| format!("{f:.4}")),
+                        );
                     }
                 }
-                row.push(format!("<pre>{}</pre>", html::escape(&truncate(&s.prediction, max_chars))));
-                row.push(s.references.iter().map(|r| format!("<pre>{}</pre>", html::escape(&truncate(r, max_chars)))).collect::<Vec<_>>().join("<hr>"));
+                row.push(format!(
+                    "<pre>{}</pre>",
+                    html::escape(&truncate(&s.prediction, max_chars))
+                ));
+                row.push(
+                    s.references
+                        .iter()
+                        .map(|r| format!("<pre>{}</pre>", html::escape(&truncate(r, max_chars))))
+                        .collect::<Vec<_>>()
+                        .join("<hr>"),
+                );
                 row
             })
             .collect();
@@ -310,28 +480,70 @@ mod tests {
     use super::*;
 
     fn sample(prediction: &str, reference: &str) -> Sample {
-        Sample { id: None, line: 1, prediction: prediction.to_owned(), references: vec![reference.to_owned()] }
+        Sample {
+            id: None,
+            line: 1,
+            prediction: prediction.to_owned(),
+            references: vec![reference.to_owned()],
+        }
     }
 
     #[test]
     fn unknown_metrics_are_named_with_the_list() {
-        let error = Metric::parse_list("bleu,meteor").expect_err("meteor").to_string();
-        assert!(error.contains("unknown metric `meteor`") && error.contains("bleu, rouge"), "{error}");
-        assert_eq!(Metric::parse_list(" rouge , bleu,rouge").expect("list"), vec![Metric::Rouge, Metric::Bleu]);
+        let error = Metric::parse_list("bleu,meteor")
+            .expect_err("meteor")
+            .to_string();
+        assert!(
+            error.contains("unknown metric `meteor`") && error.contains("bleu, rouge"),
+            "{error}"
+        );
+        assert_eq!(
+            Metric::parse_list(" rouge , bleu,rouge").expect("list"),
+            vec![Metric::Rouge, Metric::Bleu]
+        );
     }
 
     #[test]
     fn chinese_text_picks_the_chinese_tokenizers() {
-        let report = evaluate(&[sample("支持手机号登录", "支持手机号验证码登录")], &EvalConfig::default(), "p", "r");
-        assert!(report.bleu.as_ref().expect("bleu").signature.contains("tok:zh"));
+        let report = evaluate(
+            &[sample("支持手机号登录", "支持手机号验证码登录")],
+            &EvalConfig::default(),
+            "p",
+            "r",
+        );
+        assert!(
+            report
+                .bleu
+                .as_ref()
+                .expect("bleu")
+                .signature
+                .contains("tok:zh")
+        );
         assert_eq!(report.rouge.as_ref().expect("rouge").tokenizer, "jieba");
-        let report = evaluate(&[sample("the cat", "the cat")], &EvalConfig::default(), "p", "r");
-        assert!(report.bleu.as_ref().expect("bleu").signature.contains("tok:13a"));
+        let report = evaluate(
+            &[sample("the cat", "the cat")],
+            &EvalConfig::default(),
+            "p",
+            "r",
+        );
+        assert!(
+            report
+                .bleu
+                .as_ref()
+                .expect("bleu")
+                .signature
+                .contains("tok:13a")
+        );
     }
 
     #[test]
     fn html_report_is_self_contained_and_escaped() {
-        let report = evaluate(&[sample("<b>x</b>", "x"), sample("y", "y")], &EvalConfig::default(), "p.jsonl", "r.jsonl");
+        let report = evaluate(
+            &[sample("<b>x</b>", "x"), sample("y", "y")],
+            &EvalConfig::default(),
+            "p.jsonl",
+            "r.jsonl",
+        );
         let page = report.to_html();
         assert!(page.contains("&lt;b&gt;x&lt;/b&gt;") && !page.contains("<b>x</b>"));
         assert!(page.contains("<svg") && !page.contains("<script") && !page.contains("<link"));

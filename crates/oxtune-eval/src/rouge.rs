@@ -39,7 +39,11 @@ impl RougeTokenizer {
         match name {
             "default" => Ok(Self::Default { stem }),
             "jieba" | "zh" => Ok(Self::Jieba),
-            _ => Err(Error::UnknownOption { what: "ROUGE tokenizer", name: name.to_owned(), available: Self::NAMES.to_owned() }),
+            _ => Err(Error::UnknownOption {
+                what: "ROUGE tokenizer",
+                name: name.to_owned(),
+                available: Self::NAMES.to_owned(),
+            }),
         }
     }
 
@@ -66,8 +70,19 @@ fn default_tokens(text: &str, stem: bool) -> Vec<String> {
     lower
         .split(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit()))
         .filter(|token| !token.is_empty())
-        .map(|token| if stem && token.len() > 3 { porter::stem(token) } else { token.to_owned() })
-        .filter(|token| !token.is_empty() && token.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()))
+        .map(|token| {
+            if stem && token.len() > 3 {
+                porter::stem(token)
+            } else {
+                token.to_owned()
+            }
+        })
+        .filter(|token| {
+            !token.is_empty()
+                && token
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        })
         .collect()
 }
 
@@ -80,11 +95,15 @@ fn default_tokens(text: &str, stem: bool) -> Vec<String> {
 /// no ASCII words holding those characters, so no dictionary word is split.)
 pub fn segment(text: &str) -> Vec<&str> {
     static PYTHON_SKIP: OnceLock<Regex> = OnceLock::new();
-    let skip = PYTHON_SKIP.get_or_init(|| Regex::new(r"[a-zA-Z0-9]+(?:\.[0-9]+)?%?").expect("a fixed pattern"));
+    let skip = PYTHON_SKIP
+        .get_or_init(|| Regex::new(r"[a-zA-Z0-9]+(?:\.[0-9]+)?%?").expect("a fixed pattern"));
     let mut segments = Vec::new();
     for token in jieba().cut(text, true) {
         let word = token.word;
-        let joined = word.len() > 1 && word.is_ascii() && word.bytes().any(|b| matches!(b, b'.' | b'_' | b'-')) && word.bytes().any(|b| b.is_ascii_alphanumeric());
+        let joined = word.len() > 1
+            && word.is_ascii()
+            && word.bytes().any(|b| matches!(b, b'.' | b'_' | b'-'))
+            && word.bytes().any(|b| b.is_ascii_alphanumeric());
         if !joined {
             segments.push(word);
             continue;
@@ -119,7 +138,11 @@ fn is_python_alnum(c: char) -> bool {
 }
 
 fn jieba_tokens(text: &str) -> Vec<String> {
-    segment(text).into_iter().filter(|word| word.chars().any(is_python_alnum)).map(str::to_lowercase).collect()
+    segment(text)
+        .into_iter()
+        .filter(|word| word.chars().any(is_python_alnum))
+        .map(str::to_lowercase)
+        .collect()
 }
 
 /// Precision, recall and F1 (0-1).
@@ -132,8 +155,16 @@ pub struct Prf {
 
 impl Prf {
     fn new(precision: f64, recall: f64) -> Self {
-        let fmeasure = if precision + recall > 0.0 { 2.0 * precision * recall / (precision + recall) } else { 0.0 };
-        Self { precision, recall, fmeasure }
+        let fmeasure = if precision + recall > 0.0 {
+            2.0 * precision * recall / (precision + recall)
+        } else {
+            0.0
+        };
+        Self {
+            precision,
+            recall,
+            fmeasure,
+        }
     }
 }
 
@@ -151,9 +182,16 @@ impl RougeType {
         match name {
             "rougeL" => Ok(Self::L),
             "rougeLsum" => Ok(Self::Lsum),
-            _ => match name.strip_prefix("rouge").and_then(|n| n.parse::<usize>().ok()) {
+            _ => match name
+                .strip_prefix("rouge")
+                .and_then(|n| n.parse::<usize>().ok())
+            {
                 Some(n) if (1..=9).contains(&n) => Ok(Self::N(n)),
-                _ => Err(Error::UnknownOption { what: "ROUGE type", name: name.to_owned(), available: "rouge1 … rouge9, rougeL, rougeLsum".to_owned() }),
+                _ => Err(Error::UnknownOption {
+                    what: "ROUGE type",
+                    name: name.to_owned(),
+                    available: "rouge1 … rouge9, rougeL, rougeLsum".to_owned(),
+                }),
             },
         }
     }
@@ -182,16 +220,29 @@ impl RougeScorer {
     /// rouge-score's `score(target, prediction)`.
     pub fn score(&self, target: &str, prediction: &str) -> Vec<(RougeType, Prf)> {
         let needs_tokens = self.types.iter().any(|t| *t != RougeType::Lsum);
-        let (target_tokens, prediction_tokens) = if needs_tokens { (self.tokenizer.tokenize(target), self.tokenizer.tokenize(prediction)) } else { (Vec::new(), Vec::new()) };
+        let (target_tokens, prediction_tokens) = if needs_tokens {
+            (
+                self.tokenizer.tokenize(target),
+                self.tokenizer.tokenize(prediction),
+            )
+        } else {
+            (Vec::new(), Vec::new())
+        };
         self.types
             .iter()
             .map(|rouge_type| {
                 let prf = match rouge_type {
-                    RougeType::N(n) => score_ngrams(&ngrams(&target_tokens, *n), &ngrams(&prediction_tokens, *n)),
+                    RougeType::N(n) => {
+                        score_ngrams(&ngrams(&target_tokens, *n), &ngrams(&prediction_tokens, *n))
+                    }
                     RougeType::L => score_lcs(&target_tokens, &prediction_tokens),
                     RougeType::Lsum => {
-                        let target_sentences: Vec<Vec<String>> = sentences(target).map(|s| self.tokenizer.tokenize(s)).collect();
-                        let prediction_sentences: Vec<Vec<String>> = sentences(prediction).map(|s| self.tokenizer.tokenize(s)).collect();
+                        let target_sentences: Vec<Vec<String>> = sentences(target)
+                            .map(|s| self.tokenizer.tokenize(s))
+                            .collect();
+                        let prediction_sentences: Vec<Vec<String>> = sentences(prediction)
+                            .map(|s| self.tokenizer.tokenize(s))
+                            .collect();
                         summary_level_lcs(&target_sentences, &prediction_sentences)
                     }
                 };
@@ -202,7 +253,10 @@ impl RougeScorer {
 
     /// rouge-score's `score_multi(targets, prediction)`: per type, the target with the best F1.
     pub fn score_multi(&self, targets: &[&str], prediction: &str) -> Vec<(RougeType, Prf)> {
-        let per_target: Vec<Vec<(RougeType, Prf)>> = targets.iter().map(|target| self.score(target, prediction)).collect();
+        let per_target: Vec<Vec<(RougeType, Prf)>> = targets
+            .iter()
+            .map(|target| self.score(target, prediction))
+            .collect();
         self.types
             .iter()
             .enumerate()
@@ -235,10 +289,16 @@ fn ngrams(tokens: &[String], n: usize) -> HashMap<&[String], u64> {
 }
 
 fn score_ngrams(target: &HashMap<&[String], u64>, prediction: &HashMap<&[String], u64>) -> Prf {
-    let overlap: u64 = target.iter().map(|(ngram, count)| (*count).min(prediction.get(ngram).copied().unwrap_or(0))).sum();
+    let overlap: u64 = target
+        .iter()
+        .map(|(ngram, count)| (*count).min(prediction.get(ngram).copied().unwrap_or(0)))
+        .sum();
     let target_count: u64 = target.values().sum();
     let prediction_count: u64 = prediction.values().sum();
-    Prf::new(overlap as f64 / prediction_count.max(1) as f64, overlap as f64 / target_count.max(1) as f64)
+    Prf::new(
+        overlap as f64 / prediction_count.max(1) as f64,
+        overlap as f64 / target_count.max(1) as f64,
+    )
 }
 
 /// The LCS length table, `(rows+1) × (cols+1)`.
@@ -246,7 +306,11 @@ fn lcs_table(reference: &[String], candidate: &[String]) -> Vec<Vec<u32>> {
     let mut table = vec![vec![0_u32; candidate.len() + 1]; reference.len() + 1];
     for i in 1..=reference.len() {
         for j in 1..=candidate.len() {
-            table[i][j] = if reference[i - 1] == candidate[j - 1] { table[i - 1][j - 1] + 1 } else { table[i - 1][j].max(table[i][j - 1]) };
+            table[i][j] = if reference[i - 1] == candidate[j - 1] {
+                table[i - 1][j - 1] + 1
+            } else {
+                table[i - 1][j].max(table[i][j - 1])
+            };
         }
     }
     table
@@ -300,12 +364,20 @@ fn summary_level_lcs(reference: &[Vec<String>], candidate: &[Vec<String>]) -> Pr
     }
     let mut hits = 0_u64;
     for sentence in reference {
-        let mut union: Vec<usize> = candidate.iter().flat_map(|c| lcs_indices(sentence, c)).collect();
+        let mut union: Vec<usize> = candidate
+            .iter()
+            .flat_map(|c| lcs_indices(sentence, c))
+            .collect();
         union.sort_unstable();
         union.dedup();
         for index in union {
             let token = sentence[index].as_str();
-            let (Some(c), Some(r)) = (candidate_counts.get_mut(token), reference_counts.get_mut(token)) else { continue };
+            let (Some(c), Some(r)) = (
+                candidate_counts.get_mut(token),
+                reference_counts.get_mut(token),
+            ) else {
+                continue;
+            };
             if *c > 0 && *r > 0 {
                 hits += 1;
                 *c -= 1;
@@ -322,15 +394,24 @@ mod tests {
 
     #[test]
     fn the_rouge_score_readme_example() {
-        let scorer = RougeScorer::new(vec![RougeType::N(1), RougeType::L], RougeTokenizer::Default { stem: true });
-        let scores = scorer.score("The quick brown fox jumps over the lazy dog", "The quick brown dog jumps on the log.");
+        let scorer = RougeScorer::new(
+            vec![RougeType::N(1), RougeType::L],
+            RougeTokenizer::Default { stem: true },
+        );
+        let scores = scorer.score(
+            "The quick brown fox jumps over the lazy dog",
+            "The quick brown dog jumps on the log.",
+        );
         assert!((scores[0].1.precision - 0.75).abs() < 1e-12);
         assert!((scores[0].1.recall - 0.666_666_666_666_666_6).abs() < 1e-12);
     }
 
     #[test]
     fn default_tokenizer_drops_everything_but_ascii_letters_and_digits() {
-        assert_eq!(RougeTokenizer::Default { stem: false }.tokenize("PRD评审 v2.1, OK!"), vec!["prd", "v2", "1", "ok"]);
+        assert_eq!(
+            RougeTokenizer::Default { stem: false }.tokenize("PRD评审 v2.1, OK!"),
+            vec!["prd", "v2", "1", "ok"]
+        );
     }
 
     #[test]
@@ -342,8 +423,14 @@ mod tests {
 
     #[test]
     fn rouge_types_parse() {
-        assert_eq!(RougeType::from_name("rouge2").expect("rouge2"), RougeType::N(2));
-        assert_eq!(RougeType::from_name("rougeLsum").expect("lsum"), RougeType::Lsum);
+        assert_eq!(
+            RougeType::from_name("rouge2").expect("rouge2"),
+            RougeType::N(2)
+        );
+        assert_eq!(
+            RougeType::from_name("rougeLsum").expect("lsum"),
+            RougeType::Lsum
+        );
         assert!(RougeType::from_name("rougeX").is_err());
     }
 }

@@ -8,7 +8,8 @@ pub fn is_python_space(c: char) -> bool {
 
 /// Python's `text.split()`: runs of whitespace separate, no empty pieces.
 pub fn python_split(text: &str) -> impl Iterator<Item = &str> {
-    text.split(is_python_space).filter(|piece| !piece.is_empty())
+    text.split(is_python_space)
+        .filter(|piece| !piece.is_empty())
 }
 
 /// Python's `' '.join(text.split())`.
@@ -32,7 +33,10 @@ mod tests {
 
     #[test]
     fn information_separators_are_whitespace_as_in_python() {
-        assert_eq!(python_split("a\u{1c}b\u{3000}c\u{a0}d\u{200b}e").collect::<Vec<_>>(), vec!["a", "b", "c", "d\u{200b}e"]);
+        assert_eq!(
+            python_split("a\u{1c}b\u{3000}c\u{a0}d\u{200b}e").collect::<Vec<_>>(),
+            vec!["a", "b", "c", "d\u{200b}e"]
+        );
         assert_eq!(python_strip("\u{1f} x \u{2003}"), "x");
     }
 }

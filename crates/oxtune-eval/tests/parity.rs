@@ -8,7 +8,9 @@
 
 use std::path::PathBuf;
 
-use oxtune_eval::bleu::{BleuConfig, Smoothing, compute_bleu, corpus_bleu, segment_stats, sentence_bleu};
+use oxtune_eval::bleu::{
+    BleuConfig, Smoothing, compute_bleu, corpus_bleu, segment_stats, sentence_bleu,
+};
 use oxtune_eval::bleu_tokenize::BleuTokenizer;
 use oxtune_eval::porter;
 use oxtune_eval::rouge::{self, RougeScorer, RougeTokenizer, RougeType};
@@ -27,18 +29,27 @@ fn fixtures() -> PathBuf {
 }
 
 fn load() -> (Vec<Pair>, Value) {
-    let pairs = std::fs::read_to_string(fixtures().join("pairs.jsonl")).expect("tests/fixtures/metrics/pairs.jsonl");
+    let pairs = std::fs::read_to_string(fixtures().join("pairs.jsonl"))
+        .expect("tests/fixtures/metrics/pairs.jsonl");
     let pairs = pairs
         .lines()
         .map(|line| {
             let row: Value = serde_json::from_str(line).expect("pair row");
             Pair {
                 prediction: row["prediction"].as_str().expect("prediction").to_owned(),
-                references: row["references"].as_array().expect("references").iter().map(|r| r.as_str().expect("reference").to_owned()).collect(),
+                references: row["references"]
+                    .as_array()
+                    .expect("references")
+                    .iter()
+                    .map(|r| r.as_str().expect("reference").to_owned())
+                    .collect(),
             }
         })
         .collect();
-    let reference = serde_json::from_str(&std::fs::read_to_string(fixtures().join("reference.json")).expect("reference.json")).expect("reference JSON");
+    let reference = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("reference.json")).expect("reference.json"),
+    )
+    .expect("reference JSON");
     (pairs, reference)
 }
 
@@ -61,10 +72,26 @@ impl Comparison {
     }
 
     fn assert_ok(&self, what: &str) {
-        eprintln!("{what}: {} values compared, max |diff| = {:.3e}", self.checked, self.max_diff);
+        eprintln!(
+            "{what}: {} values compared, max |diff| = {:.3e}",
+            self.checked, self.max_diff
+        );
         if !self.mismatches.is_empty() {
-            let first: Vec<String> = self.mismatches.iter().take(5).map(|(label, ours, theirs)| format!("  {label}: ours {ours:.6} reference {theirs:.6}")).collect();
-            panic!("{what}: {} of {} values differ by more than {TOLERANCE} (max {:.3e}); first:\n{}", self.mismatches.len(), self.checked, self.max_diff, first.join("\n"));
+            let first: Vec<String> = self
+                .mismatches
+                .iter()
+                .take(5)
+                .map(|(label, ours, theirs)| {
+                    format!("  {label}: ours {ours:.6} reference {theirs:.6}")
+                })
+                .collect();
+            panic!(
+                "{what}: {} of {} values differ by more than {TOLERANCE} (max {:.3e}); first:\n{}",
+                self.mismatches.len(),
+                self.checked,
+                self.max_diff,
+                first.join("\n")
+            );
         }
     }
 }
@@ -78,7 +105,10 @@ fn bleu_equals_sacrebleu() {
     let (pairs, reference) = load();
     assert!(pairs.len() >= 50, "the issue asks for at least 50 pairs");
     let hypotheses: Vec<&str> = pairs.iter().map(|p| p.prediction.as_str()).collect();
-    let references: Vec<Vec<&str>> = pairs.iter().map(|p| p.references.iter().map(String::as_str).collect()).collect();
+    let references: Vec<Vec<&str>> = pairs
+        .iter()
+        .map(|p| p.references.iter().map(String::as_str).collect())
+        .collect();
     let mut corpus = Comparison::default();
     let mut sentence = Comparison::default();
     for (key, entry) in reference["bleu"].as_object().expect("bleu section") {
@@ -92,23 +122,71 @@ fn bleu_equals_sacrebleu() {
                 Some(name) => (name, true),
                 None => (smooth.as_str(), false),
             };
-            let config = BleuConfig { tokenizer, smoothing: smoothing(smooth), lowercase, effective_order, ..BleuConfig::default() };
+            let config = BleuConfig {
+                tokenizer,
+                smoothing: smoothing(smooth),
+                lowercase,
+                effective_order,
+                ..BleuConfig::default()
+            };
             let score = corpus_bleu(&hypotheses, &references, &config);
-            let label = format!("corpus {key} {smooth}{}", if effective_order { " eff" } else { "" });
-            corpus.check(format!("{label} score"), score.score, expected["score"].as_f64().expect("score"));
-            corpus.check(format!("{label} bp"), score.bp, expected["bp"].as_f64().expect("bp"));
-            corpus.check(format!("{label} sys_len"), score.sys_len as f64, expected["sys_len"].as_f64().expect("sys_len"));
-            corpus.check(format!("{label} ref_len"), score.ref_len as f64, expected["ref_len"].as_f64().expect("ref_len"));
-            for (order, (ours, theirs)) in score.counts.iter().zip(expected["counts"].as_array().expect("counts")).enumerate() {
-                corpus.check(format!("{label} counts[{order}]"), *ours, theirs.as_f64().expect("count"));
+            let label = format!(
+                "corpus {key} {smooth}{}",
+                if effective_order { " eff" } else { "" }
+            );
+            corpus.check(
+                format!("{label} score"),
+                score.score,
+                expected["score"].as_f64().expect("score"),
+            );
+            corpus.check(
+                format!("{label} bp"),
+                score.bp,
+                expected["bp"].as_f64().expect("bp"),
+            );
+            corpus.check(
+                format!("{label} sys_len"),
+                score.sys_len as f64,
+                expected["sys_len"].as_f64().expect("sys_len"),
+            );
+            corpus.check(
+                format!("{label} ref_len"),
+                score.ref_len as f64,
+                expected["ref_len"].as_f64().expect("ref_len"),
+            );
+            for (order, (ours, theirs)) in score
+                .counts
+                .iter()
+                .zip(expected["counts"].as_array().expect("counts"))
+                .enumerate()
+            {
+                corpus.check(
+                    format!("{label} counts[{order}]"),
+                    *ours,
+                    theirs.as_f64().expect("count"),
+                );
             }
         }
         for (smooth, expected) in entry["sentence"].as_object().expect("sentence") {
-            let config = BleuConfig { tokenizer, smoothing: smoothing(smooth), lowercase, effective_order: true, ..BleuConfig::default() };
-            for (index, (pair, theirs)) in pairs.iter().zip(expected.as_array().expect("scores")).enumerate() {
+            let config = BleuConfig {
+                tokenizer,
+                smoothing: smoothing(smooth),
+                lowercase,
+                effective_order: true,
+                ..BleuConfig::default()
+            };
+            for (index, (pair, theirs)) in pairs
+                .iter()
+                .zip(expected.as_array().expect("scores"))
+                .enumerate()
+            {
                 let refs: Vec<&str> = pair.references.iter().map(String::as_str).collect();
                 let ours = sentence_bleu(&pair.prediction, &refs, &config).score;
-                sentence.check(format!("sentence {key} {smooth} pair {index}"), ours, theirs.as_f64().expect("score"));
+                sentence.check(
+                    format!("sentence {key} {smooth} pair {index}"),
+                    ours,
+                    theirs.as_f64().expect("score"),
+                );
             }
         }
     }
@@ -120,7 +198,16 @@ fn bleu_equals_sacrebleu() {
 fn corpus_bleu_is_the_bleu_of_summed_statistics() {
     let (pairs, _) = load();
     let config = BleuConfig::default();
-    let stats: Vec<_> = pairs.iter().map(|p| segment_stats(&p.prediction, &p.references.iter().map(String::as_str).collect::<Vec<_>>(), &config)).collect();
+    let stats: Vec<_> = pairs
+        .iter()
+        .map(|p| {
+            segment_stats(
+                &p.prediction,
+                &p.references.iter().map(String::as_str).collect::<Vec<_>>(),
+                &config,
+            )
+        })
+        .collect();
     let mut summed = stats[0].clone();
     for s in &stats[1..] {
         summed.sys_len += s.sys_len;
@@ -131,25 +218,56 @@ fn corpus_bleu_is_the_bleu_of_summed_statistics() {
         }
     }
     let hypotheses: Vec<&str> = pairs.iter().map(|p| p.prediction.as_str()).collect();
-    let references: Vec<Vec<&str>> = pairs.iter().map(|p| p.references.iter().map(String::as_str).collect()).collect();
-    assert_eq!(compute_bleu(&summed, &config), corpus_bleu(&hypotheses, &references, &config));
+    let references: Vec<Vec<&str>> = pairs
+        .iter()
+        .map(|p| p.references.iter().map(String::as_str).collect())
+        .collect();
+    assert_eq!(
+        compute_bleu(&summed, &config),
+        corpus_bleu(&hypotheses, &references, &config)
+    );
 }
 
 #[test]
 fn rouge_equals_rouge_score() {
     let (pairs, reference) = load();
-    let types = vec![RougeType::N(1), RougeType::N(2), RougeType::L, RougeType::Lsum];
-    for (name, tokenizer) in [("default", RougeTokenizer::Default { stem: false }), ("default-stem", RougeTokenizer::Default { stem: true }), ("jieba", RougeTokenizer::Jieba)] {
+    let types = vec![
+        RougeType::N(1),
+        RougeType::N(2),
+        RougeType::L,
+        RougeType::Lsum,
+    ];
+    for (name, tokenizer) in [
+        ("default", RougeTokenizer::Default { stem: false }),
+        ("default-stem", RougeTokenizer::Default { stem: true }),
+        ("jieba", RougeTokenizer::Jieba),
+    ] {
         let scorer = RougeScorer::new(types.clone(), tokenizer);
         let expected = &reference["rouge"][name];
         let mut comparison = Comparison::default();
         let mut sums = vec![[0.0_f64; 3]; types.len()];
-        for (index, (pair, theirs)) in pairs.iter().zip(expected["pairs"].as_array().expect("pairs")).enumerate() {
+        for (index, (pair, theirs)) in pairs
+            .iter()
+            .zip(expected["pairs"].as_array().expect("pairs"))
+            .enumerate()
+        {
             let refs: Vec<&str> = pair.references.iter().map(String::as_str).collect();
-            for (slot, (rouge_type, prf)) in scorer.score_multi(&refs, &pair.prediction).into_iter().enumerate() {
+            for (slot, (rouge_type, prf)) in scorer
+                .score_multi(&refs, &pair.prediction)
+                .into_iter()
+                .enumerate()
+            {
                 let values = &theirs[rouge_type.name()];
-                for (component, (ours, label)) in [(prf.precision, "p"), (prf.recall, "r"), (prf.fmeasure, "f")].into_iter().enumerate() {
-                    comparison.check(format!("{name} pair {index} {} {label}", rouge_type.name()), ours, values[component].as_f64().expect("value"));
+                for (component, (ours, label)) in
+                    [(prf.precision, "p"), (prf.recall, "r"), (prf.fmeasure, "f")]
+                        .into_iter()
+                        .enumerate()
+                {
+                    comparison.check(
+                        format!("{name} pair {index} {} {label}", rouge_type.name()),
+                        ours,
+                        values[component].as_f64().expect("value"),
+                    );
                     sums[slot][component] += ours;
                 }
             }
@@ -157,7 +275,13 @@ fn rouge_equals_rouge_score() {
         for (slot, rouge_type) in types.iter().enumerate() {
             for component in 0..3 {
                 let mean = sums[slot][component] / pairs.len() as f64;
-                comparison.check(format!("{name} mean {} [{component}]", rouge_type.name()), mean, expected["mean"][rouge_type.name()][component].as_f64().expect("mean"));
+                comparison.check(
+                    format!("{name} mean {} [{component}]", rouge_type.name()),
+                    mean,
+                    expected["mean"][rouge_type.name()][component]
+                        .as_f64()
+                        .expect("mean"),
+                );
             }
         }
         comparison.assert_ok(&format!("ROUGE ({name})"));
@@ -173,10 +297,16 @@ fn porter_stems_equal_nltk() {
         .iter()
         .filter_map(|(word, expected)| {
             let ours = porter::stem(word);
-            (ours != expected.as_str().expect("stem")).then(|| format!("{word}: ours {ours}, nltk {expected}"))
+            (ours != expected.as_str().expect("stem"))
+                .then(|| format!("{word}: ours {ours}, nltk {expected}"))
         })
         .collect();
-    assert!(mismatches.is_empty(), "{} stems differ:\n{}", mismatches.len(), mismatches.join("\n"));
+    assert!(
+        mismatches.is_empty(),
+        "{} stems differ:\n{}",
+        mismatches.len(),
+        mismatches.join("\n")
+    );
 }
 
 #[test]
@@ -188,9 +318,19 @@ fn jieba_segmentation_equals_python_jieba() {
         .iter()
         .filter_map(|(text, expected)| {
             let ours = rouge::segment(text);
-            let theirs: Vec<&str> = expected.as_array().expect("segments").iter().map(|s| s.as_str().expect("segment")).collect();
+            let theirs: Vec<&str> = expected
+                .as_array()
+                .expect("segments")
+                .iter()
+                .map(|s| s.as_str().expect("segment"))
+                .collect();
             (ours != theirs).then(|| format!("{text:?}:\n  ours   {ours:?}\n  python {theirs:?}"))
         })
         .collect();
-    assert!(mismatches.is_empty(), "{} segmentations differ:\n{}", mismatches.len(), mismatches.join("\n"));
+    assert!(
+        mismatches.is_empty(),
+        "{} segmentations differ:\n{}",
+        mismatches.len(),
+        mismatches.join("\n")
+    );
 }

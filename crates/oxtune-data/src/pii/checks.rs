@@ -31,13 +31,19 @@ pub fn id_check_char(first17: &[u8]) -> Option<u8> {
     if first17.len() != 17 || !first17.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    let sum: u32 = first17.iter().zip(WEIGHTS).map(|(byte, weight)| u32::from(byte - b'0') * weight).sum();
+    let sum: u32 = first17
+        .iter()
+        .zip(WEIGHTS)
+        .map(|(byte, weight)| u32::from(byte - b'0') * weight)
+        .sum();
     Some(CHECK[(sum % 11) as usize])
 }
 
 /// Whether the first two digits are a province-level code of the ID number system.
 pub fn province_code_valid(code: &[u8]) -> bool {
-    let Some(code) = parse_digits(code) else { return false };
+    let Some(code) = parse_digits(code) else {
+        return false;
+    };
     matches!(code, 11..=15 | 21..=23 | 31..=37 | 41..=46 | 50..=54 | 61..=65 | 71 | 81 | 82 | 83)
 }
 
@@ -59,7 +65,11 @@ pub fn parse_digits(digits: &[u8]) -> Option<u32> {
     if digits.is_empty() || digits.len() > 9 || !digits.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    Some(digits.iter().fold(0, |value, byte| value * 10 + u32::from(byte - b'0')))
+    Some(
+        digits
+            .iter()
+            .fold(0, |value, byte| value * 10 + u32::from(byte - b'0')),
+    )
 }
 
 /// What an 18-digit candidate is.
@@ -81,11 +91,18 @@ pub fn check_id18(candidate: &[u8]) -> IdCheck {
     let year = parse_digits(&candidate[6..10]).unwrap_or(0);
     let month = parse_digits(&candidate[10..12]).unwrap_or(0);
     let day = parse_digits(&candidate[12..14]).unwrap_or(0);
-    if !province_code_valid(&candidate[..2]) || !(1900..=2099).contains(&year) || !date_valid(year, month, day) {
+    if !province_code_valid(&candidate[..2])
+        || !(1900..=2099).contains(&year)
+        || !date_valid(year, month, day)
+    {
         return IdCheck::NotAnId;
     }
     let last = candidate[17].to_ascii_uppercase();
-    if id_check_char(&candidate[..17]) == Some(last) { IdCheck::Valid } else { IdCheck::ChecksumMismatch }
+    if id_check_char(&candidate[..17]) == Some(last) {
+        IdCheck::Valid
+    } else {
+        IdCheck::ChecksumMismatch
+    }
 }
 
 /// Whether a 15-digit candidate is a legacy (first-generation) ID number: province code and a
@@ -103,7 +120,9 @@ pub fn check_id15(candidate: &[u8]) -> bool {
 /// Whether a card number's first digits belong to a card scheme (UnionPay 62/81, Visa 4,
 /// Mastercard 51-55 and 2221-2720, Amex 34/37, JCB 35, Diners 30/36/38, Discover 6011/65).
 pub fn card_prefix_valid(digits: &[u8]) -> bool {
-    let Some(first4) = digits.get(..4).and_then(parse_digits) else { return false };
+    let Some(first4) = digits.get(..4).and_then(parse_digits) else {
+        return false;
+    };
     let first2 = first4 / 100;
     matches!(digits[0], b'4' | b'6')
         || (51..=55).contains(&first2)

@@ -88,27 +88,59 @@ impl ScrubConfig {
             if let Some(file) = &rule.words_file {
                 let file = base.join(file);
                 let words = std::fs::read_to_string(&file).map_err(|e| Error::read(&file, e))?;
-                rule.words.extend(words.lines().map(str::trim).filter(|w| !w.is_empty() && !w.starts_with('#')).map(str::to_owned));
+                rule.words.extend(
+                    words
+                        .lines()
+                        .map(str::trim)
+                        .filter(|w| !w.is_empty() && !w.starts_with('#'))
+                        .map(str::to_owned),
+                );
             }
         }
         Ok(config)
     }
 
     fn validate(&self) -> Result<()> {
-        let config_error = |message: String, hint: String| Error::Config { path: self.path.clone(), message, hint };
+        let config_error = |message: String, hint: String| Error::Config {
+            path: self.path.clone(),
+            message,
+            hint,
+        };
         for name in &self.disable {
             if !BUILTIN_NAMES.contains(&name.as_str()) {
-                let suggestion = closest(name, &BUILTIN_NAMES).map(|s| format!("did you mean `{s}`? ")).unwrap_or_default();
-                return Err(config_error(format!("disable: unknown detector `{name}`"), format!("{suggestion}built-in detectors: {}", BUILTIN_NAMES.join(", "))));
+                let suggestion = closest(name, &BUILTIN_NAMES)
+                    .map(|s| format!("did you mean `{s}`? "))
+                    .unwrap_or_default();
+                return Err(config_error(
+                    format!("disable: unknown detector `{name}`"),
+                    format!(
+                        "{suggestion}built-in detectors: {}",
+                        BUILTIN_NAMES.join(", ")
+                    ),
+                ));
             }
         }
         for rule in &self.custom {
-            if rule.name.is_empty() || !rule.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                return Err(config_error(format!("custom rule name `{}` is not a placeholder name", rule.name), "use letters, digits and `_`, e.g. EMPLOYEE_ID".to_owned()));
+            if rule.name.is_empty()
+                || !rule
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_')
+            {
+                return Err(config_error(
+                    format!("custom rule name `{}` is not a placeholder name", rule.name),
+                    "use letters, digits and `_`, e.g. EMPLOYEE_ID".to_owned(),
+                ));
             }
             let has_words = !rule.words.is_empty() || rule.words_file.is_some();
             if rule.pattern.is_some() == has_words {
-                return Err(config_error(format!("custom rule `{}` needs exactly one of `pattern` or `words`/`words_file`", rule.name), "split it into two rules".to_owned()));
+                return Err(config_error(
+                    format!(
+                        "custom rule `{}` needs exactly one of `pattern` or `words`/`words_file`",
+                        rule.name
+                    ),
+                    "split it into two rules".to_owned(),
+                ));
             }
         }
         Ok(())
@@ -117,7 +149,12 @@ impl ScrubConfig {
 
 /// The candidate nearest to `name` by edit distance, if near enough to be a typo.
 fn closest<'a>(name: &str, candidates: &[&'a str]) -> Option<&'a str> {
-    candidates.iter().map(|c| (edit_distance(name, c), *c)).filter(|(d, _)| *d <= 3).min().map(|(_, c)| c)
+    candidates
+        .iter()
+        .map(|c| (edit_distance(name, c), *c))
+        .filter(|(d, _)| *d <= 3)
+        .min()
+        .map(|(_, c)| c)
 }
 
 fn edit_distance(a: &str, b: &str) -> usize {
@@ -126,7 +163,9 @@ fn edit_distance(a: &str, b: &str) -> usize {
     for (i, ca) in a.chars().enumerate() {
         let mut current = vec![i + 1; b.len() + 1];
         for (j, cb) in b.iter().enumerate() {
-            current[j + 1] = (previous[j] + usize::from(ca != *cb)).min(previous[j + 1] + 1).min(current[j] + 1);
+            current[j + 1] = (previous[j] + usize::from(ca != *cb))
+                .min(previous[j + 1] + 1)
+                .min(current[j] + 1);
         }
         previous = current;
     }
@@ -154,7 +193,10 @@ mod tests {
         let path = dir.path().join("scrub.yaml");
         std::fs::write(&path, "disable: [emial]\n").expect("write");
         let error = ScrubConfig::load(&path).expect_err("typo").to_string();
-        assert!(error.contains("unknown detector `emial`") && error.contains("did you mean `email`?"), "{error}");
+        assert!(
+            error.contains("unknown detector `emial`") && error.contains("did you mean `email`?"),
+            "{error}"
+        );
     }
 
     #[test]
@@ -163,6 +205,9 @@ mod tests {
         let path = dir.path().join("scrub.yaml");
         std::fs::write(&path, "replce: pseudonym\n").expect("write");
         let error = ScrubConfig::load(&path).expect_err("typo").to_string();
-        assert!(error.contains("scrub.yaml") && error.contains("hint:"), "{error}");
+        assert!(
+            error.contains("scrub.yaml") && error.contains("hint:"),
+            "{error}"
+        );
     }
 }

@@ -89,8 +89,15 @@ impl PiiKind {
         match self {
             Self::Phone | Self::Landline | Self::BankCard => {
                 let digits: String = value.chars().filter(char::is_ascii_digit).collect();
-                let national = digits.strip_prefix("0086").or_else(|| digits.strip_prefix("86").filter(|_| value.contains("86") && digits.len() > 11));
-                national.unwrap_or(&digits).trim_start_matches('0').to_owned()
+                let national = digits.strip_prefix("0086").or_else(|| {
+                    digits
+                        .strip_prefix("86")
+                        .filter(|_| value.contains("86") && digits.len() > 11)
+                });
+                national
+                    .unwrap_or(&digits)
+                    .trim_start_matches('0')
+                    .to_owned()
             }
             Self::Email => value.to_lowercase(),
             Self::IdCard => value.to_ascii_uppercase(),
@@ -140,22 +147,32 @@ pub struct Scrubber {
 impl Scrubber {
     /// Every built-in detector, no custom rules.
     pub fn builtin() -> Self {
-        Self { detectors: detectors::builtin_detectors() }
+        Self {
+            detectors: detectors::builtin_detectors(),
+        }
     }
 
     /// The detectors a config asks for.
     pub fn from_config(config: &ScrubConfig) -> Result<Self> {
-        let mut detectors: Vec<Box<dyn Detector>> = detectors::builtin_detectors().into_iter().filter(|d| !config.disable.iter().any(|name| name == d.name())).collect();
+        let mut detectors: Vec<Box<dyn Detector>> = detectors::builtin_detectors()
+            .into_iter()
+            .filter(|d| !config.disable.iter().any(|name| name == d.name()))
+            .collect();
         for rule in &config.custom {
             let custom = match (&rule.pattern, rule.words.is_empty()) {
-                (Some(pattern), _) => detectors::Custom::pattern(&rule.name, pattern, rule.case_insensitive),
-                (None, false) => detectors::Custom::words(&rule.name, &rule.words, rule.case_insensitive),
+                (Some(pattern), _) => {
+                    detectors::Custom::pattern(&rule.name, pattern, rule.case_insensitive)
+                }
+                (None, false) => {
+                    detectors::Custom::words(&rule.name, &rule.words, rule.case_insensitive)
+                }
                 (None, true) => continue,
             };
             let custom = custom.map_err(|e| Error::Config {
                 path: config.path.clone(),
                 message: format!("custom rule `{}`: {e}", rule.name),
-                hint: "patterns use Rust regex syntax (no look-around or back-references)".to_owned(),
+                hint: "patterns use Rust regex syntax (no look-around or back-references)"
+                    .to_owned(),
             })?;
             detectors.push(Box::new(custom));
         }
@@ -180,18 +197,37 @@ impl Scrubber {
 /// Keeps the longest finding where findings overlap (ties: the kind that takes precedence,
 /// then the earlier one), and only the look-alikes that no finding covers.
 fn resolve(mut hits: Hits) -> Hits {
-    hits.findings.sort_by(|a, b| (b.end - b.start).cmp(&(a.end - a.start)).then(a.kind.precedence().cmp(&b.kind.precedence())).then(a.start.cmp(&b.start)));
+    hits.findings.sort_by(|a, b| {
+        (b.end - b.start)
+            .cmp(&(a.end - a.start))
+            .then(a.kind.precedence().cmp(&b.kind.precedence()))
+            .then(a.start.cmp(&b.start))
+    });
     let mut kept: Vec<Finding> = Vec::with_capacity(hits.findings.len());
     for finding in hits.findings {
-        if !kept.iter().any(|k| finding.start < k.end && k.start < finding.end) {
+        if !kept
+            .iter()
+            .any(|k| finding.start < k.end && k.start < finding.end)
+        {
             kept.push(finding);
         }
     }
     kept.sort_by_key(|f| f.start);
-    let mut near_misses: Vec<NearMiss> = hits.near_misses.into_iter().filter(|miss| !kept.iter().any(|f| f.start < miss.end && miss.start < f.end)).collect();
+    let mut near_misses: Vec<NearMiss> = hits
+        .near_misses
+        .into_iter()
+        .filter(|miss| {
+            !kept
+                .iter()
+                .any(|f| f.start < miss.end && miss.start < f.end)
+        })
+        .collect();
     near_misses.sort_by_key(|miss| (miss.start, std::cmp::Reverse(miss.end)));
     near_misses.dedup_by(|later, earlier| later.start < earlier.end);
-    Hits { findings: kept, near_misses }
+    Hits {
+        findings: kept,
+        near_misses,
+    }
 }
 
 /// Consistent pseudonyms within one run: the n-th distinct value of a kind becomes
@@ -230,7 +266,12 @@ impl Pseudonyms {
 
 /// The text with every finding replaced. `findings` must be sorted and not overlap, as
 /// [`Scrubber::detect`] returns them.
-pub fn apply(text: &str, findings: &[Finding], mode: ReplaceMode, pseudonyms: &mut Pseudonyms) -> String {
+pub fn apply(
+    text: &str,
+    findings: &[Finding],
+    mode: ReplaceMode,
+    pseudonyms: &mut Pseudonyms,
+) -> String {
     let mut out = String::with_capacity(text.len());
     let mut copied = 0;
     for finding in findings {
@@ -238,7 +279,12 @@ pub fn apply(text: &str, findings: &[Finding], mode: ReplaceMode, pseudonyms: &m
             continue;
         }
         out.push_str(&text[copied..finding.start]);
-        out.push_str(&replacement(&text[finding.start..finding.end], &finding.kind, mode, pseudonyms));
+        out.push_str(&replacement(
+            &text[finding.start..finding.end],
+            &finding.kind,
+            mode,
+            pseudonyms,
+        ));
         copied = finding.end;
     }
     out.push_str(&text[copied..]);
@@ -246,7 +292,12 @@ pub fn apply(text: &str, findings: &[Finding], mode: ReplaceMode, pseudonyms: &m
 }
 
 /// What one finding is replaced by.
-pub fn replacement(value: &str, kind: &PiiKind, mode: ReplaceMode, pseudonyms: &mut Pseudonyms) -> String {
+pub fn replacement(
+    value: &str,
+    kind: &PiiKind,
+    mode: ReplaceMode,
+    pseudonyms: &mut Pseudonyms,
+) -> String {
     match mode {
         ReplaceMode::Placeholder => format!("<{}>", kind.label()),
         ReplaceMode::Pseudonym => pseudonyms.get(kind, value),
@@ -284,14 +335,25 @@ mod tests {
     fn placeholders_replace_every_kind() {
         let text = "张经理手机13812345678，邮箱zhang@example.com，身份证11010519491231002X，卡号6222021234567890128，服务器10.20.30.40，车牌京A12345。";
         let out = scrub(text, ReplaceMode::Placeholder, &mut Pseudonyms::default());
-        assert_eq!(out, "张经理手机<PHONE>，邮箱<EMAIL>，身份证<ID_CARD>，卡号<BANK_CARD>，服务器<IPV4>，车牌<PLATE>。");
+        assert_eq!(
+            out,
+            "张经理手机<PHONE>，邮箱<EMAIL>，身份证<ID_CARD>，卡号<BANK_CARD>，服务器<IPV4>，车牌<PLATE>。"
+        );
     }
 
     #[test]
     fn pseudonyms_are_consistent_within_a_run() {
         let mut pseudonyms = Pseudonyms::default();
-        let first = scrub("找13812345678或13912345678", ReplaceMode::Pseudonym, &mut pseudonyms);
-        let second = scrub("再打+86 138 1234 5678", ReplaceMode::Pseudonym, &mut pseudonyms);
+        let first = scrub(
+            "找13812345678或13912345678",
+            ReplaceMode::Pseudonym,
+            &mut pseudonyms,
+        );
+        let second = scrub(
+            "再打+86 138 1234 5678",
+            ReplaceMode::Pseudonym,
+            &mut pseudonyms,
+        );
         assert_eq!(first, "找<PHONE_1>或<PHONE_2>");
         assert_eq!(second, "再打<PHONE_1>");
         assert_eq!(pseudonyms.len(), 2);

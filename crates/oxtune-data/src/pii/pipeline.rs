@@ -28,7 +28,10 @@ pub struct ScrubOptions {
 
 impl Default for ScrubOptions {
     fn default() -> Self {
-        Self { replace: ReplaceMode::Placeholder, batch_records: 4096 }
+        Self {
+            replace: ReplaceMode::Placeholder,
+            batch_records: 4096,
+        }
     }
 }
 
@@ -59,7 +62,13 @@ struct Scanned {
 
 /// Scrubs `input` into `output`; `progress(bytes_done, bytes_total)` is called after each
 /// batch.
-pub fn scrub_file(input: &Path, output: &Path, scrubber: &Scrubber, options: &ScrubOptions, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<ScrubReport> {
+pub fn scrub_file(
+    input: &Path,
+    output: &Path,
+    scrubber: &Scrubber,
+    options: &ScrubOptions,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<ScrubReport> {
     ensure_distinct(input, output)?;
     let mut reader = RecordReader::open(input)?;
     let headers: Vec<String> = reader.headers().map(<[String]>::to_vec).unwrap_or_default();
@@ -68,7 +77,11 @@ pub fn scrub_file(input: &Path, output: &Path, scrubber: &Scrubber, options: &Sc
         input: input.display().to_string(),
         output: output.display().to_string(),
         replace: options.replace.name().to_owned(),
-        detectors: scrubber.detector_names().into_iter().map(str::to_owned).collect(),
+        detectors: scrubber
+            .detector_names()
+            .into_iter()
+            .map(str::to_owned)
+            .collect(),
         ..ScrubReport::default()
     };
     let mut pseudonyms = Pseudonyms::default();
@@ -77,9 +90,18 @@ pub fn scrub_file(input: &Path, output: &Path, scrubber: &Scrubber, options: &Sc
         if batch.is_empty() {
             break;
         }
-        let scanned: Vec<Result<Scanned>> = batch.into_par_iter().map(|record| scan_record(input, &headers, record, scrubber)).collect();
+        let scanned: Vec<Result<Scanned>> = batch
+            .into_par_iter()
+            .map(|record| scan_record(input, &headers, record, scrubber))
+            .collect();
         for scanned in scanned {
-            write_scrubbed(scanned?, &mut writer, &mut report, &mut pseudonyms, options.replace)?;
+            write_scrubbed(
+                scanned?,
+                &mut writer,
+                &mut report,
+                &mut pseudonyms,
+                options.replace,
+            )?;
         }
         progress(reader.bytes_read(), reader.total_bytes());
     }
@@ -88,7 +110,12 @@ pub fn scrub_file(input: &Path, output: &Path, scrubber: &Scrubber, options: &Sc
     Ok(report)
 }
 
-fn scan_record(path: &Path, headers: &[String], record: RawRecord, scrubber: &Scrubber) -> Result<Scanned> {
+fn scan_record(
+    path: &Path,
+    headers: &[String],
+    record: RawRecord,
+    scrubber: &Scrubber,
+) -> Result<Scanned> {
     let mut fields = Vec::new();
     let mut fields_scanned = 0;
     let object = match &record.body {
@@ -97,7 +124,14 @@ fn scan_record(path: &Path, headers: &[String], record: RawRecord, scrubber: &Sc
             let value = Value::Object(row.value);
             let mut pointer = String::new();
             let mut label = String::new();
-            walk(&value, &mut pointer, &mut label, scrubber, &mut fields, &mut fields_scanned);
+            walk(
+                &value,
+                &mut pointer,
+                &mut label,
+                scrubber,
+                &mut fields,
+                &mut fields_scanned,
+            );
             match value {
                 Value::Object(map) => Some(map),
                 _ => None,
@@ -108,24 +142,49 @@ fn scan_record(path: &Path, headers: &[String], record: RawRecord, scrubber: &Sc
                 fields_scanned += 1;
                 let hits = scrubber.detect(cell);
                 if !hits.is_empty() {
-                    let label = headers.get(index).cloned().unwrap_or_else(|| format!("column {}", index + 1));
-                    fields.push(FieldHits { location: Location::Cell(index), label, text: cell.clone(), hits });
+                    let label = headers
+                        .get(index)
+                        .cloned()
+                        .unwrap_or_else(|| format!("column {}", index + 1));
+                    fields.push(FieldHits {
+                        location: Location::Cell(index),
+                        label,
+                        text: cell.clone(),
+                        hits,
+                    });
                 }
             }
             None
         }
     };
-    Ok(Scanned { record, object, fields_scanned, fields })
+    Ok(Scanned {
+        record,
+        object,
+        fields_scanned,
+        fields,
+    })
 }
 
 /// Visits every string under `value`, building its JSON pointer and report label.
-fn walk(value: &Value, pointer: &mut String, label: &mut String, scrubber: &Scrubber, fields: &mut Vec<FieldHits>, fields_scanned: &mut u64) {
+fn walk(
+    value: &Value,
+    pointer: &mut String,
+    label: &mut String,
+    scrubber: &Scrubber,
+    fields: &mut Vec<FieldHits>,
+    fields_scanned: &mut u64,
+) {
     match value {
         Value::String(text) => {
             *fields_scanned += 1;
             let hits = scrubber.detect(text);
             if !hits.is_empty() {
-                fields.push(FieldHits { location: Location::Pointer(pointer.clone()), label: label.clone(), text: text.clone(), hits });
+                fields.push(FieldHits {
+                    location: Location::Pointer(pointer.clone()),
+                    label: label.clone(),
+                    text: text.clone(),
+                    hits,
+                });
             }
         }
         Value::Array(items) => {
@@ -157,15 +216,32 @@ fn walk(value: &Value, pointer: &mut String, label: &mut String, scrubber: &Scru
     }
 }
 
-fn write_scrubbed(scanned: Scanned, writer: &mut RecordWriter, report: &mut ScrubReport, pseudonyms: &mut Pseudonyms, mode: ReplaceMode) -> Result<()> {
-    let Scanned { record, object, fields_scanned, fields } = scanned;
+fn write_scrubbed(
+    scanned: Scanned,
+    writer: &mut RecordWriter,
+    report: &mut ScrubReport,
+    pseudonyms: &mut Pseudonyms,
+    mode: ReplaceMode,
+) -> Result<()> {
+    let Scanned {
+        record,
+        object,
+        fields_scanned,
+        fields,
+    } = scanned;
     report.records += 1;
     report.fields_scanned += fields_scanned;
     let line = record.line;
     let mut changed: Vec<(Location, String)> = Vec::new();
     for field in fields {
         for miss in &field.hits.near_misses {
-            report.add_look_alike(line, &field.label, &field.text[miss.start..miss.end], &miss.kind, miss.reason);
+            report.add_look_alike(
+                line,
+                &field.label,
+                &field.text[miss.start..miss.end],
+                &miss.kind,
+                miss.reason,
+            );
         }
         if field.hits.findings.is_empty() {
             continue;
@@ -191,9 +267,10 @@ fn write_scrubbed(scanned: Scanned, writer: &mut RecordWriter, report: &mut Scru
         (RawBody::Csv(mut cells), _) => {
             for (location, text) in changed {
                 if let Location::Cell(index) = location
-                    && let Some(cell) = cells.get_mut(index) {
-                        *cell = text;
-                    }
+                    && let Some(cell) = cells.get_mut(index)
+                {
+                    *cell = text;
+                }
             }
             writer.write_raw(&RawBody::Csv(cells))
         }
@@ -201,16 +278,23 @@ fn write_scrubbed(scanned: Scanned, writer: &mut RecordWriter, report: &mut Scru
             let mut value = Value::Object(object);
             for (location, text) in changed {
                 if let Location::Pointer(pointer) = location
-                    && let Some(slot) = value.pointer_mut(&pointer) {
-                        *slot = Value::String(text);
-                    }
+                    && let Some(slot) = value.pointer_mut(&pointer)
+                {
+                    *slot = Value::String(text);
+                }
             }
             match value {
                 Value::Object(object) => writer.write_object(&object),
-                _ => Err(Error::Invalid { message: "a scrubbed record is no longer an object".to_owned(), hint: "report this as a bug".to_owned() }),
+                _ => Err(Error::Invalid {
+                    message: "a scrubbed record is no longer an object".to_owned(),
+                    hint: "report this as a bug".to_owned(),
+                }),
             }
         }
-        (RawBody::Json(_), None) => Err(Error::Invalid { message: "a JSON record was not parsed".to_owned(), hint: "report this as a bug".to_owned() }),
+        (RawBody::Json(_), None) => Err(Error::Invalid {
+            message: "a JSON record was not parsed".to_owned(),
+            hint: "report this as a bug".to_owned(),
+        }),
     }
 }
 
@@ -223,9 +307,17 @@ mod tests {
         let input = dir.path().join(name);
         std::fs::write(&input, text).expect("write");
         let output = dir.path().join(format!("out-{name}"));
-        let options = ScrubOptions { replace: mode, batch_records: 2 };
-        let report = scrub_file(&input, &output, &Scrubber::builtin(), &options, &|_, _| {}).expect("scrub");
-        assert_eq!(std::fs::read_to_string(&input).expect("input"), text, "the input is never modified");
+        let options = ScrubOptions {
+            replace: mode,
+            batch_records: 2,
+        };
+        let report =
+            scrub_file(&input, &output, &Scrubber::builtin(), &options, &|_, _| {}).expect("scrub");
+        assert_eq!(
+            std::fs::read_to_string(&input).expect("input"),
+            text,
+            "the input is never modified"
+        );
         (std::fs::read_to_string(&output).expect("output"), report)
     }
 
@@ -239,8 +331,17 @@ mod tests {
         let (output, report) = run("a.jsonl", input, ReplaceMode::Pseudonym);
         let lines: Vec<&str> = output.lines().collect();
         assert!(lines[0].contains("我的手机<PHONE_1>"), "{}", lines[0]);
-        assert_eq!(lines[1], "{\"instruction\":  \"无敏感信息\", \"output\": \"ok\"}");
-        assert!(lines[2].contains("邮箱 <EMAIL_1>") && lines[2].contains("再发到<EMAIL_1>") && lines[2].contains("卡号<BANK_CARD_1>"), "{}", lines[2]);
+        assert_eq!(
+            lines[1],
+            "{\"instruction\":  \"无敏感信息\", \"output\": \"ok\"}"
+        );
+        assert!(
+            lines[2].contains("邮箱 <EMAIL_1>")
+                && lines[2].contains("再发到<EMAIL_1>")
+                && lines[2].contains("卡号<BANK_CARD_1>"),
+            "{}",
+            lines[2]
+        );
         assert_eq!(report.records, 3);
         assert_eq!(report.records_changed, 2);
         assert_eq!(report.findings, 4);
@@ -250,7 +351,11 @@ mod tests {
 
     #[test]
     fn csv_cells_are_scrubbed_in_place() {
-        let (output, report) = run("a.csv", "query,response\n\"电话 010-62345678, 请回电\",好的\n", ReplaceMode::Placeholder);
+        let (output, report) = run(
+            "a.csv",
+            "query,response\n\"电话 010-62345678, 请回电\",好的\n",
+            ReplaceMode::Placeholder,
+        );
         assert_eq!(output, "query,response\n\"电话 <LANDLINE>, 请回电\",好的\n");
         assert_eq!(report.by_field["query"]["LANDLINE"], 1);
     }
@@ -261,8 +366,18 @@ mod tests {
         let input = dir.path().join("bad.jsonl");
         std::fs::write(&input, "{\"query\": \"a\", \"response\": \"b\"}\n{oops\n").expect("write");
         let output = dir.path().join("out.jsonl");
-        let error = scrub_file(&input, &output, &Scrubber::builtin(), &ScrubOptions::default(), &|_, _| {}).expect_err("broken row");
-        assert!(error.to_string().contains("bad.jsonl:2: not valid JSON"), "{error}");
+        let error = scrub_file(
+            &input,
+            &output,
+            &Scrubber::builtin(),
+            &ScrubOptions::default(),
+            &|_, _| {},
+        )
+        .expect_err("broken row");
+        assert!(
+            error.to_string().contains("bad.jsonl:2: not valid JSON"),
+            "{error}"
+        );
         assert!(!output.exists());
         assert_eq!(std::fs::read_dir(dir.path()).expect("list").count(), 1);
     }

@@ -64,30 +64,62 @@ pub struct Example {
 
 impl ScrubReport {
     /// Counts a replaced value.
-    pub fn add_finding(&mut self, line: u64, field: &str, value: &str, kind: &PiiKind, replacement: &str) {
+    pub fn add_finding(
+        &mut self,
+        line: u64,
+        field: &str,
+        value: &str,
+        kind: &PiiKind,
+        replacement: &str,
+    ) {
         self.findings += 1;
         let summary = self.by_kind.entry(kind.label().to_owned()).or_default();
         summary.count += 1;
         if summary.examples.len() < EXAMPLES_PER_KIND {
-            summary.examples.push(Example { line, field: field.to_owned(), masked: mask(value), note: replacement.to_owned() });
+            summary.examples.push(Example {
+                line,
+                field: field.to_owned(),
+                masked: mask(value),
+                note: replacement.to_owned(),
+            });
         }
-        *self.by_field.entry(field.to_owned()).or_default().entry(kind.label().to_owned()).or_default() += 1;
+        *self
+            .by_field
+            .entry(field.to_owned())
+            .or_default()
+            .entry(kind.label().to_owned())
+            .or_default() += 1;
     }
 
     /// Counts a look-alike that was left in place.
-    pub fn add_look_alike(&mut self, line: u64, field: &str, value: &str, kind: &PiiKind, reason: &str) {
+    pub fn add_look_alike(
+        &mut self,
+        line: u64,
+        field: &str,
+        value: &str,
+        kind: &PiiKind,
+        reason: &str,
+    ) {
         self.look_alikes_left += 1;
         let summary = self.look_alikes.entry(kind.label().to_owned()).or_default();
         summary.count += 1;
         *summary.reasons.entry(reason.to_owned()).or_default() += 1;
         if summary.examples.len() < EXAMPLES_PER_KIND {
-            summary.examples.push(Example { line, field: field.to_owned(), masked: mask(value), note: reason.to_owned() });
+            summary.examples.push(Example {
+                line,
+                field: field.to_owned(),
+                masked: mask(value),
+                note: reason.to_owned(),
+            });
         }
     }
 
     /// Writes the report as pretty JSON.
     pub fn write_json(&self, path: &Path) -> Result<()> {
-        let json = serde_json::to_string_pretty(self).map_err(|e| Error::Invalid { message: e.to_string(), hint: "report this as a bug".to_owned() })?;
+        let json = serde_json::to_string_pretty(self).map_err(|e| Error::Invalid {
+            message: e.to_string(),
+            hint: "report this as a bug".to_owned(),
+        })?;
         write_atomic(path, json.as_bytes())
     }
 
@@ -126,18 +158,44 @@ impl ScrubReport {
         ));
         body.push_str("<div class=\"cards\">");
         body.push_str(&html::card(&self.records.to_string(), "records"));
-        body.push_str(&html::card(&self.records_changed.to_string(), "records changed"));
-        body.push_str(&html::card(&self.fields_scanned.to_string(), "fields scanned"));
+        body.push_str(&html::card(
+            &self.records_changed.to_string(),
+            "records changed",
+        ));
+        body.push_str(&html::card(
+            &self.fields_scanned.to_string(),
+            "fields scanned",
+        ));
         body.push_str(&html::card(&self.findings.to_string(), "findings replaced"));
-        body.push_str(&html::card(&self.look_alikes_left.to_string(), "look-alikes left"));
+        body.push_str(&html::card(
+            &self.look_alikes_left.to_string(),
+            "look-alikes left",
+        ));
         body.push_str("</div>");
 
         body.push_str("<h2>Findings by kind</h2>");
         if self.by_kind.is_empty() {
             body.push_str("<p class=\"good\">No personal data found.</p>");
         } else {
-            let rows: Vec<Vec<String>> = self.by_kind.iter().map(|(kind, summary)| vec![format!("<code>{}</code>", html::escape(kind)), summary.count.to_string(), examples_html(&summary.examples)]).collect();
-            body.push_str(&html::table(&["kind", "count", "examples (masked): line · field → replacement"], &rows));
+            let rows: Vec<Vec<String>> = self
+                .by_kind
+                .iter()
+                .map(|(kind, summary)| {
+                    vec![
+                        format!("<code>{}</code>", html::escape(kind)),
+                        summary.count.to_string(),
+                        examples_html(&summary.examples),
+                    ]
+                })
+                .collect();
+            body.push_str(&html::table(
+                &[
+                    "kind",
+                    "count",
+                    "examples (masked): line · field → replacement",
+                ],
+                &rows,
+            ));
         }
 
         body.push_str("<h2>Findings by field</h2>");
@@ -150,7 +208,11 @@ impl ScrubReport {
                 .iter()
                 .map(|(field, counts)| {
                     let mut row = vec![format!("<code>{}</code>", html::escape(field))];
-                    row.extend(kinds.iter().map(|k| counts.get(*k).map_or(String::new(), u64::to_string)));
+                    row.extend(
+                        kinds
+                            .iter()
+                            .map(|k| counts.get(*k).map_or(String::new(), u64::to_string)),
+                    );
                     row
                 })
                 .collect();
@@ -165,11 +227,24 @@ impl ScrubReport {
                 .look_alikes
                 .iter()
                 .map(|(kind, summary)| {
-                    let reasons = summary.reasons.iter().map(|(reason, count)| format!("{} ({count})", html::escape(reason))).collect::<Vec<_>>().join("<br>");
-                    vec![format!("<code>{}</code>", html::escape(kind)), summary.count.to_string(), reasons, examples_html(&summary.examples)]
+                    let reasons = summary
+                        .reasons
+                        .iter()
+                        .map(|(reason, count)| format!("{} ({count})", html::escape(reason)))
+                        .collect::<Vec<_>>()
+                        .join("<br>");
+                    vec![
+                        format!("<code>{}</code>", html::escape(kind)),
+                        summary.count.to_string(),
+                        reasons,
+                        examples_html(&summary.examples),
+                    ]
                 })
                 .collect();
-            body.push_str(&html::table(&["kind", "count", "why left", "examples (masked)"], &rows));
+            body.push_str(&html::table(
+                &["kind", "count", "why left", "examples (masked)"],
+                &rows,
+            ));
         }
         html::page("oxtune data scrub report", &body)
     }
@@ -178,7 +253,15 @@ impl ScrubReport {
 fn examples_html(examples: &[Example]) -> String {
     examples
         .iter()
-        .map(|e| format!("line {} · <code>{}</code>: {} → {}", e.line, html::escape(&e.field), html::escape(&e.masked), html::escape(&e.note)))
+        .map(|e| {
+            format!(
+                "line {} · <code>{}</code>: {} → {}",
+                e.line,
+                html::escape(&e.field),
+                html::escape(&e.masked),
+                html::escape(&e.note)
+            )
+        })
         .collect::<Vec<_>>()
         .join("<br>")
 }
@@ -196,9 +279,21 @@ mod tests {
     #[test]
     fn counts_per_kind_and_field_with_masked_examples() {
         let mut report = ScrubReport::default();
-        report.add_finding(3, "messages[].content", "13812345678", &PiiKind::Phone, "<PHONE>");
+        report.add_finding(
+            3,
+            "messages[].content",
+            "13812345678",
+            &PiiKind::Phone,
+            "<PHONE>",
+        );
         report.add_finding(4, "output", "13912345678", &PiiKind::Phone, "<PHONE>");
-        report.add_look_alike(5, "output", "6222021234567890127", &PiiKind::BankCard, "Luhn");
+        report.add_look_alike(
+            5,
+            "output",
+            "6222021234567890127",
+            &PiiKind::BankCard,
+            "Luhn",
+        );
         assert_eq!(report.by_kind["PHONE"].count, 2);
         assert_eq!(report.by_field["output"]["PHONE"], 1);
         assert_eq!(report.by_kind["PHONE"].examples[0].masked, "138****5678");
