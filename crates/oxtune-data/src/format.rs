@@ -13,6 +13,8 @@
 //! Detection looks at the keys only; [`validate`] then checks types, roles and order and
 //! returns every problem of the row (the caller adds file and line).
 
+use std::borrow::Cow;
+
 use serde_json::{Map, Value};
 
 use crate::reader::json_type_name;
@@ -166,7 +168,9 @@ impl Role {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Turn<'a> {
     pub role: Role,
-    pub text: &'a str,
+    /// Borrowed from the row, except where a format joins fields (alpaca's instruction and
+    /// input make one user turn).
+    pub text: Cow<'a, str>,
 }
 
 /// Every problem of `row` read as `format` (empty when the row is well formed).
@@ -196,7 +200,7 @@ pub fn conversation(format: Format, row: &Map<String, Value>) -> Vec<Turn<'_>> {
     if let Some(system) = row.get("system").and_then(Value::as_str) {
         turns.push(Turn {
             role: Role::System,
-            text: system,
+            text: Cow::Borrowed(system),
         });
     }
     let text = |key: &str| row.get(key).and_then(Value::as_str);
@@ -216,34 +220,28 @@ pub fn conversation(format: Format, row: &Map<String, Value>) -> Vec<Turn<'_>> {
                 if let (Some(role), Some(text)) =
                     (role, message.get("value").and_then(Value::as_str))
                 {
-                    turns.push(Turn { role, text });
+                    turns.push(Turn {
+                        role,
+                        text: Cow::Borrowed(text),
+                    });
                 }
             }
         }
         Format::Alpaca => {
+            // One user turn, instruction and input joined by a newline (as ms-swift renders it).
             let instruction = text("instruction").unwrap_or("");
-            match text("input").filter(|input| !input.is_empty()) {
-                // The two parts of the prompt are separate turns here only for counting: they
-                // are one user turn when rendered, so count them as such.
-                Some(input) => {
-                    turns.push(Turn {
-                        role: Role::User,
-                        text: instruction,
-                    });
-                    turns.push(Turn {
-                        role: Role::User,
-                        text: input,
-                    });
-                }
-                None => turns.push(Turn {
-                    role: Role::User,
-                    text: instruction,
-                }),
-            }
+            let prompt = match text("input").filter(|input| !input.is_empty()) {
+                Some(input) => Cow::Owned(format!("{instruction}\n{input}")),
+                None => Cow::Borrowed(instruction),
+            };
+            turns.push(Turn {
+                role: Role::User,
+                text: prompt,
+            });
             if let Some(output) = text("output") {
                 turns.push(Turn {
                     role: Role::Assistant,
-                    text: output,
+                    text: Cow::Borrowed(output),
                 });
             }
         }
@@ -259,24 +257,24 @@ pub fn conversation(format: Format, row: &Map<String, Value>) -> Vec<Turn<'_>> {
                 {
                     turns.push(Turn {
                         role: Role::User,
-                        text: query,
+                        text: Cow::Borrowed(query),
                     });
                     turns.push(Turn {
                         role: Role::Assistant,
-                        text: response,
+                        text: Cow::Borrowed(response),
                     });
                 }
             }
             if let Some(query) = text("query") {
                 turns.push(Turn {
                     role: Role::User,
-                    text: query,
+                    text: Cow::Borrowed(query),
                 });
             }
             if let Some(response) = text("response") {
                 turns.push(Turn {
                     role: Role::Assistant,
-                    text: response,
+                    text: Cow::Borrowed(response),
                 });
             }
         }
@@ -287,13 +285,13 @@ pub fn conversation(format: Format, row: &Map<String, Value>) -> Vec<Turn<'_>> {
             if let Some(prompt) = text("prompt") {
                 turns.push(Turn {
                     role: Role::User,
-                    text: prompt,
+                    text: Cow::Borrowed(prompt),
                 });
             }
             if let Some(completion) = text("completion") {
                 turns.push(Turn {
                     role: Role::Assistant,
-                    text: completion,
+                    text: Cow::Borrowed(completion),
                 });
             }
         }
@@ -301,7 +299,7 @@ pub fn conversation(format: Format, row: &Map<String, Value>) -> Vec<Turn<'_>> {
             match row.get("prompt") {
                 Some(Value::String(prompt)) => turns.push(Turn {
                     role: Role::User,
-                    text: prompt,
+                    text: Cow::Borrowed(prompt),
                 }),
                 prompt @ Some(Value::Array(_)) => push_messages(&mut turns, prompt),
                 _ => {}
@@ -309,7 +307,7 @@ pub fn conversation(format: Format, row: &Map<String, Value>) -> Vec<Turn<'_>> {
             match row.get("chosen") {
                 Some(Value::String(chosen)) => turns.push(Turn {
                     role: Role::Assistant,
-                    text: chosen,
+                    text: Cow::Borrowed(chosen),
                 }),
                 chosen @ Some(Value::Array(_)) => push_messages(&mut turns, chosen),
                 _ => {}
@@ -327,7 +325,10 @@ fn push_messages<'a>(turns: &mut Vec<Turn<'a>>, value: Option<&'a Value>) {
             .and_then(Value::as_str)
             .and_then(Role::from_messages);
         if let (Some(role), Some(text)) = (role, message.get("content").and_then(Value::as_str)) {
-            turns.push(Turn { role, text });
+            turns.push(Turn {
+                role,
+                text: Cow::Borrowed(text),
+            });
         }
     }
 }

@@ -220,7 +220,11 @@ pub fn dataset_stats(path: &Path, options: &StatsOptions) -> Result<DatasetStats
                 let turns = format
                     .map(|format| conversation(format, &row.value))
                     .unwrap_or_default();
-                let text = turns.iter().map(|t| t.text).collect::<Vec<_>>().join("\n");
+                let text = turns
+                    .iter()
+                    .map(|t| t.text.as_ref())
+                    .collect::<Vec<_>>()
+                    .join("\n");
                 let tokens = match &tokenizer {
                     Some(tokenizer) => Some(
                         tokenizer

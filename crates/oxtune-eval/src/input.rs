@@ -108,7 +108,7 @@ fn last_assistant_turn(row: &Map<String, Value>) -> Option<String> {
         .iter()
         .rev()
         .find(|turn| turn.role == Role::Assistant)
-        .map(|turn| turn.text.to_owned())
+        .map(|turn| turn.text.to_string())
 }
 
 /// The texts of `field` in a row (a list gives several).
