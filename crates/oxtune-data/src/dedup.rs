@@ -9,7 +9,7 @@
 //!
 //! One pass; signatures are computed on all cores batch by batch, decisions are made in file
 //! order. Memory per kept record: `num_perm × 4` bytes of signature plus one bucket entry per
-//! band (about 0.6 KiB with the defaults).
+//! band (about 0.7 KiB with the defaults).
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
