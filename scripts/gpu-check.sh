@@ -20,7 +20,7 @@ OXTUNE_TEST_DEVICE=cuda OXTUNE_TEST_DTYPE=bfloat16 .gpu/parity --test-threads 1 
 bench() {
     local name=$1; shift
     echo "== bench infer: $name"
-    .gpu/oxtune bench infer --device cuda "$@" --output_json "$out/bench-$name.json" 2>&1 | tee -a "$out/bench.txt"
+    timeout 300 .gpu/oxtune bench infer --device cuda "$@" --output_json "$out/bench-$name.json" 2>&1 | tee -a "$out/bench.txt"
 }
 if [ -f models/SmolLM2-135M-Instruct/config.json ]; then
     echo "== demo model answers on cuda"
@@ -29,3 +29,13 @@ if [ -f models/SmolLM2-135M-Instruct/config.json ]; then
 fi
 bench qwen3-0.6b --config tools/bench/configs/qwen3-0.6b.json --prompt_tokens 512 --max_new_tokens 256
 bench qwen3-8b --config tools/bench/configs/qwen3-8b.json --prompt_tokens 512 --max_new_tokens 128 --repeats 2
+
+train() {
+    local name=$1; shift
+    echo "== bench train: $name"
+    timeout 240 .gpu/oxtune bench train --device cuda "$@" --output_json "$out/train-$name.json" 2>&1 | tee -a "$out/train.txt"
+}
+train qwen3-0.6b-lora-b1 --config tools/bench/configs/qwen3-0.6b.json --train_type lora --lora_rank 64 \
+    --per_device_train_batch_size 1 --max_length 2048 --max_steps 8
+train qwen3-0.6b-lora-b4-ckpt --config tools/bench/configs/qwen3-0.6b.json --train_type lora --lora_rank 64 \
+    --per_device_train_batch_size 4 --max_length 2048 --max_steps 6 --gradient_checkpointing true

@@ -38,9 +38,13 @@ fn tolerance(dtype: DType, scale: f32) -> f32 {
     }
 }
 
+/// `tests/fixtures/NAME`, or under `$OXTUNE_FIXTURES` when the test binary runs elsewhere.
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
+    std::env::var_os("OXTUNE_FIXTURES")
+        .map_or_else(
+            || Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures"),
+            PathBuf::from,
+        )
         .join(name)
 }
 
