@@ -82,6 +82,31 @@ impl Drop for AtomicFile {
     }
 }
 
+/// Writes `bytes` to `path` atomically.
+pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut file = AtomicFile::create(path)?;
+    file.write_all(bytes).map_err(|e| Error::write(path, e))?;
+    file.commit()
+}
+
+/// Writes `value` as pretty-printed JSON to `path` atomically.
+pub fn write_json_pretty<T: serde::Serialize + ?Sized>(path: &Path, value: &T) -> Result<()> {
+    let json = serde_json::to_string_pretty(value).map_err(|e| Error::Invalid {
+        message: format!("cannot serialize {}: {e}", path.display()),
+        hint: "report this as a bug".to_owned(),
+    })?;
+    write_file(path, json.as_bytes())
+}
+
+/// `dir/name.ext` → `dir/name{suffix}`: where reports and outputs go by default.
+pub fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!("{stem}{suffix}"))
+}
+
 /// Refuses an output path that is the input file (the input is never modified).
 pub fn ensure_distinct(input: &Path, output: &Path) -> Result<()> {
     let input = std::fs::canonicalize(input).map_err(|e| Error::read(input, e))?;

@@ -3,11 +3,10 @@
 //! review, and every sample).
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::Path;
 
 use oxtune_data::html;
-use oxtune_data::writer::AtomicFile;
+use oxtune_data::writer::{write_file, write_json_pretty};
 use rayon::prelude::*;
 use serde::Serialize;
 
@@ -260,16 +259,6 @@ pub fn evaluate(
     }
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut file = AtomicFile::create(path)?;
-    file.write_all(bytes)
-        .map_err(|source| oxtune_data::Error::Write {
-            path: path.to_path_buf(),
-            source,
-        })?;
-    Ok(file.commit()?)
-}
-
 /// Histogram of per-sample values in [0, high] over 20 bins.
 fn histogram(values: &[f64], high: f64) -> Vec<u64> {
     let mut counts = vec![0; 20];
@@ -290,15 +279,11 @@ fn truncate(text: &str, chars: usize) -> String {
 
 impl EvalReport {
     pub fn write_json(&self, path: &Path) -> Result<()> {
-        let json = serde_json::to_string_pretty(self).map_err(|e| Error::Invalid {
-            message: e.to_string(),
-            hint: "report this as a bug".to_owned(),
-        })?;
-        write_atomic(path, json.as_bytes())
+        Ok(write_json_pretty(path, self)?)
     }
 
     pub fn write_html(&self, path: &Path) -> Result<()> {
-        write_atomic(path, self.to_html().as_bytes())
+        Ok(write_file(path, self.to_html().as_bytes())?)
     }
 
     /// A few lines for the terminal.

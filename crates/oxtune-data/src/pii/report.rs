@@ -3,7 +3,6 @@
 //! machines and CI) and as a self-contained HTML page (for people).
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::Path;
 
 use serde::Serialize;
@@ -11,7 +10,7 @@ use serde::Serialize;
 use super::{PiiKind, mask};
 use crate::error::{Error, Result};
 use crate::html;
-use crate::writer::AtomicFile;
+use crate::writer::{write_file, write_json_pretty};
 
 /// Examples kept per kind.
 const EXAMPLES_PER_KIND: usize = 5;
@@ -62,6 +61,18 @@ pub struct Example {
     pub note: String,
 }
 
+/// Keeps the first few examples of a kind, masked.
+fn keep_example(examples: &mut Vec<Example>, line: u64, field: &str, value: &str, note: &str) {
+    if examples.len() < EXAMPLES_PER_KIND {
+        examples.push(Example {
+            line,
+            field: field.to_owned(),
+            masked: mask(value),
+            note: note.to_owned(),
+        });
+    }
+}
+
 impl ScrubReport {
     /// Counts a replaced value.
     pub fn add_finding(
@@ -75,14 +86,7 @@ impl ScrubReport {
         self.findings += 1;
         let summary = self.by_kind.entry(kind.label().to_owned()).or_default();
         summary.count += 1;
-        if summary.examples.len() < EXAMPLES_PER_KIND {
-            summary.examples.push(Example {
-                line,
-                field: field.to_owned(),
-                masked: mask(value),
-                note: replacement.to_owned(),
-            });
-        }
+        keep_example(&mut summary.examples, line, field, value, replacement);
         *self
             .by_field
             .entry(field.to_owned())
@@ -104,28 +108,17 @@ impl ScrubReport {
         let summary = self.look_alikes.entry(kind.label().to_owned()).or_default();
         summary.count += 1;
         *summary.reasons.entry(reason.to_owned()).or_default() += 1;
-        if summary.examples.len() < EXAMPLES_PER_KIND {
-            summary.examples.push(Example {
-                line,
-                field: field.to_owned(),
-                masked: mask(value),
-                note: reason.to_owned(),
-            });
-        }
+        keep_example(&mut summary.examples, line, field, value, reason);
     }
 
     /// Writes the report as pretty JSON.
     pub fn write_json(&self, path: &Path) -> Result<()> {
-        let json = serde_json::to_string_pretty(self).map_err(|e| Error::Invalid {
-            message: e.to_string(),
-            hint: "report this as a bug".to_owned(),
-        })?;
-        write_atomic(path, json.as_bytes())
+        write_json_pretty(path, self)
     }
 
     /// Writes the report as a self-contained HTML page.
     pub fn write_html(&self, path: &Path) -> Result<()> {
-        write_atomic(path, self.to_html().as_bytes())
+        write_file(path, self.to_html().as_bytes())
     }
 
     /// A few lines for the terminal.
@@ -264,12 +257,6 @@ fn examples_html(examples: &[Example]) -> String {
         })
         .collect::<Vec<_>>()
         .join("<br>")
-}
-
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut file = AtomicFile::create(path)?;
-    file.write_all(bytes).map_err(|e| Error::write(path, e))?;
-    file.commit()
 }
 
 #[cfg(test)]

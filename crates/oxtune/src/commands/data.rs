@@ -21,6 +21,7 @@ use oxtune_data::format::Format;
 use oxtune_data::pii::{ReplaceMode, ScrubConfig, ScrubOptions, Scrubber, scrub_file};
 use oxtune_data::split::{SplitOptions, split_file};
 use oxtune_data::stats::{StatsOptions, dataset_stats};
+use oxtune_data::writer::{sibling, write_json_pretty};
 
 #[derive(Debug, Args)]
 pub struct DataArgs {
@@ -184,15 +185,6 @@ pub fn run(args: &DataArgs) -> anyhow::Result<()> {
     }
 }
 
-/// `dir/name.ext` → `dir/name{suffix}`.
-fn sibling(path: &Path, suffix: &str) -> PathBuf {
-    let stem = path
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!("{stem}{suffix}"))
-}
-
 fn byte_progress(total: u64) -> ProgressBar {
     let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
     if let Ok(style) = ProgressStyle::with_template(
@@ -238,7 +230,9 @@ fn scrub(args: &ScrubArgs) -> anyhow::Result<()> {
     bar.finish_and_clear();
     let report = report?;
     let base = match &args.report {
-        Some(path) if path.extension().is_some_and(|e| e == "json" || e == "html") => path.with_extension(""),
+        Some(path) if path.extension().is_some_and(|e| e == "json" || e == "html") => {
+            path.with_extension("")
+        }
         Some(path) => path.clone(),
         None => sibling(&args.output, ".scrub_report"),
     };
@@ -269,8 +263,7 @@ fn check(args: &CheckArgs) -> anyhow::Result<()> {
     };
     let report = check_file(&args.input, &options)?;
     if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&report)?)
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        write_json_pretty(path, &report)?;
     }
     let mut stdout = std::io::stdout().lock();
     for line in report.problem_lines() {
@@ -330,8 +323,7 @@ fn stats(args: &StatsArgs) -> anyhow::Result<()> {
     };
     let stats = dataset_stats(&args.input, &options)?;
     if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&stats)?)
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        write_json_pretty(path, &stats)?;
     }
     writeln!(std::io::stdout().lock(), "{}", stats.summary())?;
     Ok(())
@@ -353,8 +345,7 @@ fn dedup(args: &DedupArgs) -> anyhow::Result<()> {
     bar.finish_and_clear();
     let report = report?;
     if let Some(path) = &args.report {
-        std::fs::write(path, serde_json::to_string_pretty(&report)?)
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        write_json_pretty(path, &report)?;
     }
     writeln!(
         std::io::stdout().lock(),

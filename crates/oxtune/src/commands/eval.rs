@@ -7,9 +7,10 @@
 //! ```
 
 use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use clap::Args;
+use oxtune_data::writer::sibling;
 use oxtune_eval::bleu::{BleuConfig, Smoothing};
 use oxtune_eval::bleu_tokenize::BleuTokenizer;
 use oxtune_eval::rouge::RougeTokenizer;
@@ -81,14 +82,6 @@ pub struct EvalArgs {
     /// HTML report [default: PREDICTIONS' name + .eval.html].
     #[arg(long, value_name = "FILE")]
     pub report: Option<PathBuf>,
-}
-
-fn sibling(path: &Path, suffix: &str) -> PathBuf {
-    let stem = path
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!("{stem}{suffix}"))
 }
 
 pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
