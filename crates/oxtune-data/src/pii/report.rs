@@ -8,7 +8,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use super::{PiiKind, mask};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::html;
 use crate::writer::{write_file, write_json_pretty};
 
