@@ -17,6 +17,7 @@ pub mod format;
 pub mod html;
 pub mod pii;
 pub mod reader;
+pub mod sft;
 pub mod split;
 pub mod stats;
 pub mod writer;
