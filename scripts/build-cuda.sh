@@ -55,4 +55,8 @@ cp target/cuda/release/oxtune .gpu/oxtune
 parity=$(cargo_cuda test -p oxtune-models --test parity --no-run --message-format=json \
     | python3 -c 'import json,sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable")][-1])')
 cp "$parity" .gpu/parity
-echo "built .gpu/oxtune and .gpu/parity"
+# Every op on the GPU against the CPU at real checkpoint shapes.
+ops=$(cargo_cuda test -p oxtune-tensor --test cuda_ops --no-run --message-format=json \
+    | python3 -c 'import json,sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable")][-1])')
+cp "$ops" .gpu/cuda-ops
+echo "built .gpu/oxtune, .gpu/parity and .gpu/cuda-ops"

@@ -297,8 +297,9 @@ pub fn dataset_stats(path: &Path, options: &StatsOptions) -> Result<DatasetStats
 
 static FONT: OnceLock<bool> = OnceLock::new();
 
-/// Registers the bundled ASCII font (DejaVu Sans subset) with plotters once.
-fn ensure_font() -> bool {
+/// Registers the bundled ASCII font (DejaVu Sans subset) with plotters once, as
+/// `sans-serif`; every PNG plot of oxtune draws its text with it. False if it failed to load.
+pub fn ensure_font() -> bool {
     *FONT.get_or_init(|| {
         plotters::style::register_font(
             "sans-serif",

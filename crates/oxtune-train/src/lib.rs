@@ -13,6 +13,7 @@
 pub mod checkpoint;
 pub mod loss;
 pub mod optimizer;
+pub mod plot;
 pub mod schedule;
 pub mod synthetic;
 pub mod trainer;

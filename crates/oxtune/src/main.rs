@@ -19,6 +19,10 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Supervised fine-tuning (LoRA, DoRA, full): `oxtune sft -c job.yaml [--key value ...]`.
+    Sft(commands::train::TrainCommandArgs),
+    /// Continued pre-training on raw text: `oxtune pt -c job.yaml [--key value ...]`.
+    Pt(commands::train::TrainCommandArgs),
     /// Chat with a model in the terminal, answer piped input, or run a dataset in batch.
     Infer(commands::infer::InferArgs),
     /// Convert checkpoints: import a GGUF file into a Hugging Face directory.
@@ -36,6 +40,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     commands::init_logging();
     let result = match cli.command {
+        Command::Sft(args) => commands::train::run(oxtune_config::Command::Sft, &args),
+        Command::Pt(args) => commands::train::run(oxtune_config::Command::Pt, &args),
         Command::Infer(args) => commands::infer::run(&args),
         Command::Export(args) => commands::export::run(&args),
         Command::Bench(command) => commands::bench::run(&command),

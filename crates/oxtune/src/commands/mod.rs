@@ -6,6 +6,7 @@ pub mod data;
 pub mod eval;
 pub mod export;
 pub mod infer;
+pub mod train;
 
 use std::path::PathBuf;
 
@@ -145,6 +146,7 @@ pub fn init_logging() {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,oxtune=info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
