@@ -688,6 +688,15 @@ impl CausalLm {
         let (b, t) = input_ids.dims2()?;
         let half = self.config.head_dim / 2;
         let positions = layout.positions.flatten_all()?;
+        let context = self.rope.cos.dim(0)?;
+        let last: u32 = positions.max(0)?.to_scalar()?;
+        if last as usize >= context {
+            return Err(oxtune_tensor::candle::Error::Msg(format!(
+                "a sample of {} tokens exceeds the model's context of {context} tokens\nhint: lower max_length",
+                last + 1
+            ))
+            .into());
+        }
         let cos = self
             .rope
             .cos

@@ -113,9 +113,19 @@ pub fn run(command: Command, args: &TrainCommandArgs) -> anyhow::Result<()> {
         .sum();
 
     // 3. Data.
-    let max_length = config
-        .max_length
-        .unwrap_or(loaded.config.max_position_embeddings);
+    let context = loaded.config.max_position_embeddings;
+    let max_length = match config.max_length {
+        Some(length) if length > context => {
+            tracing::warn!(
+                max_length = length,
+                context,
+                "max_length exceeds the model's context; using the context length"
+            );
+            context
+        }
+        Some(length) => length,
+        None => context,
+    };
     let options = DataOptions {
         task: if command == Command::Pt {
             Task::Pt
