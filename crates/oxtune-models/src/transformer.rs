@@ -356,10 +356,13 @@ impl Attention {
         let k = ops::repeat_kv(&k, h / kv_h)?.contiguous()?;
         let v = ops::repeat_kv(&v, h / kv_h)?.contiguous()?;
 
-        // 5. Scores (b, h, t, p + t) in f32, masked, softmax, back to the compute dtype
+        // 5. Scores (b, h, t, p + t) computed in f32, masked, softmax, back to the compute
+        //    dtype. Not in bf16: scores of a few hundred would be rounded to whole numbers,
+        //    enough to change which token a head attends to (SmolLM2 turns to gibberish).
         #[expect(clippy::cast_precision_loss, reason = "head_dim is small")]
         let scale = 1.0 / (d as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+        let q = (q.to_dtype(DType::F32)? * scale)?;
+        let scores = q.matmul(&k.to_dtype(DType::F32)?.t()?)?;
         let scores = match &context.mask {
             Some(mask) => scores.broadcast_add(mask)?,
             None => scores,

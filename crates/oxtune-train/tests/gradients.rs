@@ -137,3 +137,72 @@ fn full_fine_tuning_every_family() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Two samples packed into one row give the loss and gradients of the same two samples as
+/// separate rows: attention never crosses the samples, positions restart at each.
+#[test]
+fn packed_rows_train_like_separate_rows() -> anyhow::Result<()> {
+    let mut loaded = LoadedModel::load(&fixture("tiny-qwen3"), &Device::Cpu, DType::F32)?;
+    let parameters = make_all_trainable(&mut loaded.model)?;
+    let first: Vec<u32> = (0..9).map(|i| (i * 53 + 5) % 500).collect();
+    let second: Vec<u32> = (0..7).map(|i| (i * 71 + 3) % 500).collect();
+    let labels_of = |ids: &[u32]| -> Vec<i64> {
+        ids.iter()
+            .enumerate()
+            .map(|(i, &id)| if i == 0 { -100 } else { i64::from(id) })
+            .collect()
+    };
+
+    let mut separate_ids = first.clone();
+    separate_ids.extend(second.iter().copied().chain(std::iter::repeat_n(0, 2)));
+    let mut separate_labels = labels_of(&first);
+    separate_labels.extend(
+        labels_of(&second)
+            .into_iter()
+            .chain(std::iter::repeat_n(-100, 2)),
+    );
+    let separate = (
+        Tensor::from_vec(separate_ids, (2, 9), &Device::Cpu)?,
+        Tensor::from_vec(separate_labels, (2, 9), &Device::Cpu)?,
+        BatchLayout::unpacked(&[9, 7], 9, None, &Device::Cpu)?,
+    );
+    let packed_ids: Vec<u32> = first.iter().chain(&second).copied().collect();
+    let packed_labels: Vec<i64> = labels_of(&first)
+        .into_iter()
+        .chain(labels_of(&second))
+        .collect();
+    let packed = (
+        Tensor::from_vec(packed_ids, (1, 16), &Device::Cpu)?,
+        Tensor::from_vec(packed_labels, (1, 16), &Device::Cpu)?,
+        BatchLayout::packed(&[vec![9, 7]], 16, None, &Device::Cpu)?,
+    );
+    let run = |(ids, labels, layout): &(Tensor, Tensor, BatchLayout)| -> anyhow::Result<(f32, HashMap<String, Tensor>)> {
+        let loss = loss_of(&loaded.model.forward_batch(ids, layout)?, labels)?;
+        let mut grads = HashMap::new();
+        accumulate_gradients(&parameters, &loss.backward()?, &mut grads)?;
+        Ok((loss.to_scalar()?, grads))
+    };
+    let (separate_loss, separate_grads) = run(&separate)?;
+    let (packed_loss, packed_grads) = run(&packed)?;
+    ensure!(
+        (separate_loss - packed_loss).abs() <= 1e-5,
+        "loss {separate_loss} vs {packed_loss}"
+    );
+    for (name, _) in &parameters {
+        let scale: f32 = separate_grads[name]
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar()?;
+        let diff: f32 = (&separate_grads[name] - &packed_grads[name])?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar()?;
+        ensure!(
+            diff <= 1e-5 * scale.max(1e-6),
+            "packed gradient of {name} differs by {diff:e}"
+        );
+    }
+    Ok(())
+}

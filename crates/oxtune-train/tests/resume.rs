@@ -153,3 +153,38 @@ fn lora_with_dropout_resumes_exactly() -> anyhow::Result<()> {
 fn full_fine_tuning_with_accumulation_and_checkpointing_resumes_exactly() -> anyhow::Result<()> {
     resume_equals_straight(true, 2, true)
 }
+
+/// A model whose loss is not finite: every step is skipped (nothing is updated) and the run
+/// stops after `max_consecutive_skipped_steps` with an error saying what to do.
+#[test]
+fn non_finite_steps_are_skipped_then_abort() -> anyhow::Result<()> {
+    let (model, trainable) = build(true)?;
+    if let Trainable::Full(parameters) = &trainable {
+        let (_, norm) = parameters
+            .iter()
+            .find(|(name, _)| name == "model.norm.weight")
+            .ok_or_else(|| anyhow::anyhow!("no final norm"))?;
+        norm.set(&(norm.as_tensor() * f64::NAN)?)?;
+    }
+    let dir = tempfile::tempdir()?;
+    let error = train(
+        &model.model,
+        &trainable,
+        &mut batches_of(8),
+        None,
+        &settings(dir.path(), 1, false),
+        None,
+        &mut Quiet,
+    )
+    .err()
+    .map(|e| e.to_string())
+    .unwrap_or_default();
+    ensure!(
+        error.contains("4 consecutive steps had a non-finite loss"),
+        "{error}"
+    );
+    ensure!(error.contains("hint: lower learning_rate"), "{error}");
+    let logged = std::fs::read_to_string(dir.path().join("logging.jsonl"))?;
+    ensure!(logged.contains("\"skipped\":true"), "{logged}");
+    Ok(())
+}
