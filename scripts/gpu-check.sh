@@ -24,7 +24,10 @@ bench() {
 }
 if [ -f models/SmolLM2-135M-Instruct/config.json ]; then
     echo "== demo model answers on cuda"
-    echo "What is the capital of France?" | .gpu/oxtune infer --model models/SmolLM2-135M-Instruct --device cuda --max_new_tokens 40 2>&1 | tee "$out/demo-answer.txt"
+    for dtype in bfloat16 float32; do
+        echo "What is the capital of France?" | .gpu/oxtune infer --model models/SmolLM2-135M-Instruct --device cuda \
+            --torch_dtype $dtype --max_new_tokens 40 2>/dev/null | tee -a "$out/demo-answer.txt"
+    done
     bench smollm2-135m --model models/SmolLM2-135M-Instruct --prompt_tokens 512 --max_new_tokens 256
 fi
 bench qwen3-0.6b --config tools/bench/configs/qwen3-0.6b.json --prompt_tokens 512 --max_new_tokens 256
@@ -37,5 +40,5 @@ train() {
 }
 train qwen3-0.6b-lora-b1 --config tools/bench/configs/qwen3-0.6b.json --train_type lora --lora_rank 64 \
     --per_device_train_batch_size 1 --max_length 2048 --max_steps 8
-train qwen3-0.6b-lora-b4-ckpt --config tools/bench/configs/qwen3-0.6b.json --train_type lora --lora_rank 64 \
-    --per_device_train_batch_size 4 --max_length 2048 --max_steps 6 --gradient_checkpointing true
+train qwen3-0.6b-lora-b1-ckpt --config tools/bench/configs/qwen3-0.6b.json --train_type lora --lora_rank 64 \
+    --per_device_train_batch_size 1 --max_length 2048 --max_steps 6 --gradient_checkpointing true
