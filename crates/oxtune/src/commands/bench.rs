@@ -181,15 +181,7 @@ fn bench_infer(args: &BenchInferArgs) -> anyhow::Result<()> {
             100.0 * decode_rate / bound
         ));
     }
-    #[expect(clippy::print_stdout, reason = "the report is the command's output")]
-    {
-        print!("{table}");
-    }
-    if let Some(path) = &args.output_json {
-        std::fs::write(path, serde_json::to_string_pretty(&report)?)
-            .with_context(|| format!("writing {}", path.display()))?;
-    }
-    Ok(())
+    publish(&table, &report, args.output_json.as_deref())
 }
 
 /// A model from `--config` (random weights) or `--model`, and its name for the report.
@@ -344,12 +336,21 @@ fn bench_train(args: &BenchTrainArgs) -> anyhow::Result<()> {
             bytes as f64 / (1u64 << 30) as f64
         ));
     }
+    publish(&table, &report, args.output_json.as_deref())
+}
+
+/// Prints the table and writes the JSON report when asked.
+fn publish(
+    table: &str,
+    report: &serde_json::Value,
+    output_json: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
     #[expect(clippy::print_stdout, reason = "the report is the command's output")]
     {
         print!("{table}");
     }
-    if let Some(path) = &args.output_json {
-        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+    if let Some(path) = output_json {
+        std::fs::write(path, serde_json::to_string_pretty(report)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
