@@ -309,7 +309,11 @@ pub fn train(
         };
         observer.on_step(&log);
         let last = state.global_step == total_steps;
-        if state.global_step.is_multiple_of(settings.logging_steps.max(1)) || last || state.global_step == 1
+        if state
+            .global_step
+            .is_multiple_of(settings.logging_steps.max(1))
+            || last
+            || state.global_step == 1
         {
             let line = serde_json::to_value(&log).map_err(|e| Error::State(e.to_string()))?;
             writeln!(log_file, "{line}")
@@ -327,7 +331,9 @@ pub fn train(
                 .map_err(|e| Error::State(format!("{}: {e}", log_path.display())))?;
             state.log_history.push(line);
         }
-        if (settings.save_steps > 0 && state.global_step.is_multiple_of(settings.save_steps)) || last {
+        if (settings.save_steps > 0 && state.global_step.is_multiple_of(settings.save_steps))
+            || last
+        {
             let path = save_checkpoint(settings, trainable, &optimizer, &state)?;
             observer.on_save(&path);
             last_checkpoint = Some(path);

@@ -180,7 +180,10 @@ impl LoraTuner {
             let (out_features, in_features) = linear.weight().dims2()?;
             let device = linear.weight().device();
             // kaiming_uniform(a = sqrt(5)) on (r, in): bound = 1 / sqrt(in)
-            #[expect(clippy::cast_precision_loss, reason = "layer widths are far below 2^24")]
+            #[expect(
+                clippy::cast_precision_loss,
+                reason = "layer widths are far below 2^24"
+            )]
             let bound = 1.0 / (in_features as f32).sqrt();
             let a: Vec<f32> = (0..settings.rank * in_features)
                 .map(|_| rng.random_range(-bound..bound))

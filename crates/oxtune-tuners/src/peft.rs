@@ -152,8 +152,7 @@ pub fn load(model: &mut CausalLm, dir: &Path, device: &Device) -> Result<LoraTun
             )
         })?;
     // Module names present in the file; peft keeps `.default` in some versions' keys.
-    let mut parts: HashMap<String, AdapterTensors> =
-        HashMap::new();
+    let mut parts: HashMap<String, AdapterTensors> = HashMap::new();
     for (key, tensor) in tensors.drain() {
         let key = key.replace(".default", "");
         let Some(rest) = key.strip_prefix(PREFIX) else {

@@ -18,8 +18,7 @@ pub enum Arch {
 }
 
 /// For error messages.
-pub const SUPPORTED_ARCHITECTURES: &str =
-    "llama (Llama 2/3, SmolLM2, Mistral-like; -> LlamaForCausalLM), qwen2 (-> Qwen2ForCausalLM), qwen3 (-> Qwen3ForCausalLM)";
+pub const SUPPORTED_ARCHITECTURES: &str = "llama (Llama 2/3, SmolLM2, Mistral-like; -> LlamaForCausalLM), qwen2 (-> Qwen2ForCausalLM), qwen3 (-> Qwen3ForCausalLM)";
 
 impl Arch {
     pub fn from_gguf(name: &str) -> Option<Self> {
@@ -103,10 +102,15 @@ impl HyperParams {
             key: key(name),
             message,
         };
-        if num_attention_heads == 0 || num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
+        if num_attention_heads == 0
+            || num_key_value_heads == 0
+            || num_attention_heads % num_key_value_heads != 0
+        {
             return Err(invalid(
                 "attention.head_count_kv",
-                format!("{num_key_value_heads} key/value heads do not divide {num_attention_heads} attention heads"),
+                format!(
+                    "{num_key_value_heads} key/value heads do not divide {num_attention_heads} attention heads"
+                ),
             ));
         }
         let head_dim = match meta.usize(&key("attention.key_length"))? {
@@ -115,7 +119,9 @@ impl HyperParams {
             None => {
                 return Err(invalid(
                     "attention.key_length",
-                    format!("missing, and embedding_length {hidden_size} is not a multiple of head_count {num_attention_heads}"),
+                    format!(
+                        "missing, and embedding_length {hidden_size} is not a multiple of head_count {num_attention_heads}"
+                    ),
                 ));
             }
         };
@@ -124,7 +130,9 @@ impl HyperParams {
         {
             return Err(invalid(
                 "attention.value_length",
-                format!("{value_length} differs from key_length {head_dim}; oxtune's models use one head size"),
+                format!(
+                    "{value_length} differs from key_length {head_dim}; oxtune's models use one head size"
+                ),
             ));
         }
         if let Some(rotary) = meta.usize(&key("rope.dimension_count"))?
@@ -132,7 +140,9 @@ impl HyperParams {
         {
             return Err(invalid(
                 "rope.dimension_count",
-                format!("{rotary} rotary dimensions for heads of {head_dim}; partial rotary embeddings are not supported"),
+                format!(
+                    "{rotary} rotary dimensions for heads of {head_dim}; partial rotary embeddings are not supported"
+                ),
             ));
         }
         let max_position_embeddings = meta.required_usize(&key("context_length"), hint)?;
@@ -157,23 +167,44 @@ impl HyperParams {
 /// `rope_scaling` from `{arch}.rope.scaling.type/factor/original_context_length` (or the older
 /// `{arch}.rope.scale_linear`). Llama 3.1's scaling is not here: llama.cpp stores it as the
 /// `rope_freqs` tensor instead (see [`super::tensors::llama3_rope_scaling`]).
-fn rope_scaling(meta: &Metadata<'_>, prefix: &str, context_length: usize) -> Result<Option<Json>, GgufError> {
+fn rope_scaling(
+    meta: &Metadata<'_>,
+    prefix: &str,
+    context_length: usize,
+) -> Result<Option<Json>, GgufError> {
     let key = |name: &str| format!("{prefix}.rope.{name}");
     let factor = meta.f64(&key("scaling.factor"))?;
     let scaling_type = meta.string(&key("scaling.type"))?;
     let linear = meta.f64(&key("scale_linear"))?;
-    let need_factor = || factor.ok_or_else(|| meta.missing(&key("scaling.factor"), "a rope scaling type needs its factor"));
+    let need_factor = || {
+        factor.ok_or_else(|| {
+            meta.missing(
+                &key("scaling.factor"),
+                "a rope scaling type needs its factor",
+            )
+        })
+    };
     match scaling_type {
-        None | Some("none") => Ok(linear.filter(|f| (*f - 1.0).abs() > f64::EPSILON).map(|f| json!({"rope_type": "linear", "factor": f}))),
-        Some("linear") => Ok(Some(json!({"rope_type": "linear", "factor": need_factor()?}))),
+        None | Some("none") => Ok(linear
+            .filter(|f| (*f - 1.0).abs() > f64::EPSILON)
+            .map(|f| json!({"rope_type": "linear", "factor": f}))),
+        Some("linear") => Ok(Some(
+            json!({"rope_type": "linear", "factor": need_factor()?}),
+        )),
         Some("yarn") => {
-            let original = meta.usize(&key("scaling.original_context_length"))?.unwrap_or(context_length);
-            Ok(Some(json!({"rope_type": "yarn", "factor": need_factor()?, "original_max_position_embeddings": original})))
+            let original = meta
+                .usize(&key("scaling.original_context_length"))?
+                .unwrap_or(context_length);
+            Ok(Some(
+                json!({"rope_type": "yarn", "factor": need_factor()?, "original_max_position_embeddings": original}),
+            ))
         }
         Some(other) => Err(GgufError::InvalidMetadata {
             path: meta.path.to_path_buf(),
             key: key("scaling.type"),
-            message: format!("rope scaling `{other}` is not supported; supported: none, linear, yarn"),
+            message: format!(
+                "rope scaling `{other}` is not supported; supported: none, linear, yarn"
+            ),
         }),
     }
 }
@@ -217,7 +248,14 @@ pub fn config_json(
     put("max_position_embeddings", json!(hp.max_position_embeddings));
     put("rms_norm_eps", json!(hp.rms_norm_eps));
     put("rope_theta", json!(hp.rope_theta));
-    put("rope_scaling", facts.rope_scaling.clone().or_else(|| hp.rope_scaling.clone()).unwrap_or(Json::Null));
+    put(
+        "rope_scaling",
+        facts
+            .rope_scaling
+            .clone()
+            .or_else(|| hp.rope_scaling.clone())
+            .unwrap_or(Json::Null),
+    );
     put("vocab_size", json!(facts.vocab_size));
     put("tie_word_embeddings", json!(facts.tie_word_embeddings));
     put("bos_token_id", bos.map_or(Json::Null, Json::from));

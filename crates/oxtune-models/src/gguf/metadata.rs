@@ -71,7 +71,9 @@ fn as_f64(value: &Value) -> Option<f64> {
     match *value {
         Value::F32(v) => Some(f32_to_f64_decimal(v)),
         Value::F64(v) => Some(v),
-        _ => as_i64(value).and_then(|v| i32::try_from(v).ok()).map(f64::from),
+        _ => as_i64(value)
+            .and_then(|v| i32::try_from(v).ok())
+            .map(f64::from),
     }
 }
 
@@ -85,19 +87,35 @@ impl<'a> Metadata<'a> {
     }
 
     fn invalid(&self, key: &str, message: String) -> GgufError {
-        GgufError::InvalidMetadata { path: self.path.to_path_buf(), key: key.to_owned(), message }
+        GgufError::InvalidMetadata {
+            path: self.path.to_path_buf(),
+            key: key.to_owned(),
+            message,
+        }
     }
 
     pub fn missing(&self, key: &str, hint: &str) -> GgufError {
-        GgufError::MissingMetadata { path: self.path.to_path_buf(), key: key.to_owned(), hint: hint.to_owned() }
+        GgufError::MissingMetadata {
+            path: self.path.to_path_buf(),
+            key: key.to_owned(),
+            hint: hint.to_owned(),
+        }
     }
 
-    fn typed<T>(&self, key: &str, expected: &str, read: impl Fn(&Value) -> Option<T>) -> Result<Option<T>, GgufError> {
+    fn typed<T>(
+        &self,
+        key: &str,
+        expected: &str,
+        read: impl Fn(&Value) -> Option<T>,
+    ) -> Result<Option<T>, GgufError> {
         match self.map.get(key) {
             None => Ok(None),
-            Some(value) => read(value)
-                .map(Some)
-                .ok_or_else(|| self.invalid(key, format!("expected {expected}, found {}", describe(value)))),
+            Some(value) => read(value).map(Some).ok_or_else(|| {
+                self.invalid(
+                    key,
+                    format!("expected {expected}, found {}", describe(value)),
+                )
+            }),
         }
     }
 
@@ -110,7 +128,9 @@ impl<'a> Metadata<'a> {
     pub fn usize(&self, key: &str) -> Result<Option<usize>, GgufError> {
         match self.u64(key)? {
             None => Ok(None),
-            Some(v) => usize::try_from(v).map(Some).map_err(|_| self.invalid(key, format!("{v} is too large"))),
+            Some(v) => usize::try_from(v)
+                .map(Some)
+                .map_err(|_| self.invalid(key, format!("{v} is too large"))),
         }
     }
 
@@ -118,7 +138,9 @@ impl<'a> Metadata<'a> {
     pub fn token_id(&self, key: &str) -> Result<Option<u32>, GgufError> {
         match self.u64(key)? {
             None => Ok(None),
-            Some(v) => u32::try_from(v).map(Some).map_err(|_| self.invalid(key, format!("{v} is not a token id"))),
+            Some(v) => u32::try_from(v)
+                .map(Some)
+                .map_err(|_| self.invalid(key, format!("{v} is not a token id"))),
         }
     }
 
@@ -142,7 +164,9 @@ impl<'a> Metadata<'a> {
         match self.map.get(key) {
             None => Ok(None),
             Some(Value::String(s)) => Ok(Some(s.as_str())),
-            Some(value) => Err(self.invalid(key, format!("expected a string, found {}", describe(value)))),
+            Some(value) => {
+                Err(self.invalid(key, format!("expected a string, found {}", describe(value))))
+            }
         }
     }
 
@@ -150,11 +174,18 @@ impl<'a> Metadata<'a> {
         match self.map.get(key) {
             None => Ok(None),
             Some(Value::Array(items)) => Ok(Some(items.as_slice())),
-            Some(value) => Err(self.invalid(key, format!("expected an array, found {}", describe(value)))),
+            Some(value) => {
+                Err(self.invalid(key, format!("expected an array, found {}", describe(value))))
+            }
         }
     }
 
-    fn array_of<T>(&self, key: &str, expected: &str, read: impl Fn(&'a Value) -> Option<T>) -> Result<Option<Vec<T>>, GgufError> {
+    fn array_of<T>(
+        &self,
+        key: &str,
+        expected: &str,
+        read: impl Fn(&'a Value) -> Option<T>,
+    ) -> Result<Option<Vec<T>>, GgufError> {
         let Some(items) = self.array(key)? else {
             return Ok(None);
         };
@@ -162,7 +193,12 @@ impl<'a> Metadata<'a> {
             .iter()
             .enumerate()
             .map(|(i, item)| {
-                read(item).ok_or_else(|| self.invalid(key, format!("element {i}: expected {expected}, found {}", describe(item))))
+                read(item).ok_or_else(|| {
+                    self.invalid(
+                        key,
+                        format!("element {i}: expected {expected}, found {}", describe(item)),
+                    )
+                })
             })
             .collect::<Result<Vec<T>, GgufError>>()
             .map(Some)
@@ -192,7 +228,10 @@ impl<'a> Metadata<'a> {
         if let Some(Value::Array(items)) = self.map.get(key) {
             return Err(self.invalid(
                 key,
-                format!("a per-layer array of {} values; oxtune supports one value for all layers", items.len()),
+                format!(
+                    "a per-layer array of {} values; oxtune supports one value for all layers",
+                    items.len()
+                ),
             ));
         }
         self.required_usize(key, hint)

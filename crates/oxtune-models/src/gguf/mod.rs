@@ -43,37 +43,74 @@ pub const DEFAULT_MAX_SHARD_BYTES: u64 = 2_000_000_000;
 /// Errors of the GGUF import. Each names the file, key or tensor at fault and says what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum GgufError {
-    #[error("{path}: no such file\nhint: pass the path of a .gguf file; scripts/fetch-demo-model.sh downloads a small one (SmolLM2-135M-Instruct)")]
+    #[error(
+        "{path}: no such file\nhint: pass the path of a .gguf file; scripts/fetch-demo-model.sh downloads a small one (SmolLM2-135M-Instruct)"
+    )]
     NotFound { path: PathBuf },
 
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 
     #[error("cannot write {path}: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 
-    #[error("{path} is not a readable GGUF file: {message}\nhint: the file may be truncated or not a GGUF (llama.cpp) file; download it again and compare its size or checksum")]
+    #[error(
+        "{path} is not a readable GGUF file: {message}\nhint: the file may be truncated or not a GGUF (llama.cpp) file; download it again and compare its size or checksum"
+    )]
     Corrupt { path: PathBuf, message: String },
 
-    #[error("{path}: {message}\nhint: candle dequantizes F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and Q2_K..Q8_K; pick one of those quantizations of the model (e.g. Q8_0 or Q4_K_M), or re-quantize with llama.cpp's llama-quantize")]
+    #[error(
+        "{path}: {message}\nhint: candle dequantizes F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and Q2_K..Q8_K; pick one of those quantizations of the model (e.g. Q8_0 or Q4_K_M), or re-quantize with llama.cpp's llama-quantize"
+    )]
     UnsupportedQuantization { path: PathBuf, message: String },
 
-    #[error("{path}: architecture `{name}` (general.architecture) is not supported by the GGUF import\nhint: supported architectures: {supported}")]
-    UnsupportedArchitecture { path: PathBuf, name: String, supported: String },
+    #[error(
+        "{path}: architecture `{name}` (general.architecture) is not supported by the GGUF import\nhint: supported architectures: {supported}"
+    )]
+    UnsupportedArchitecture {
+        path: PathBuf,
+        name: String,
+        supported: String,
+    },
 
     #[error("{path}: metadata key `{key}` is missing\nhint: {hint}")]
-    MissingMetadata { path: PathBuf, key: String, hint: String },
+    MissingMetadata {
+        path: PathBuf,
+        key: String,
+        hint: String,
+    },
 
     #[error("{path}: metadata key `{key}`: {message}")]
-    InvalidMetadata { path: PathBuf, key: String, message: String },
+    InvalidMetadata {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
 
     #[error("{path}: tensor `{name}`: {message}\nhint: {hint}")]
-    Tensor { path: PathBuf, name: String, message: String, hint: String },
+    Tensor {
+        path: PathBuf,
+        name: String,
+        message: String,
+        hint: String,
+    },
 
     #[error("{path}: tokenizer: {message}\nhint: {hint}")]
-    Tokenizer { path: PathBuf, message: String, hint: String },
+    Tokenizer {
+        path: PathBuf,
+        message: String,
+        hint: String,
+    },
 
-    #[error("{path} already exists and is not empty\nhint: choose another output directory, or overwrite it (`oxtune export --overwrite`)")]
+    #[error(
+        "{path} already exists and is not empty\nhint: choose another output directory, or overwrite it (`oxtune export --overwrite`)"
+    )]
     OutputExists { path: PathBuf },
 
     #[error("{path}: not a usable output directory: {message}")]
@@ -82,7 +119,9 @@ pub enum GgufError {
     #[error("output dtype {dtype} is not supported\nhint: use float32, bfloat16 or float16")]
     UnsupportedDtype { dtype: String },
 
-    #[error("internal error in the GGUF import: {0}\nhint: please report this with the GGUF file's name")]
+    #[error(
+        "internal error in the GGUF import: {0}\nhint: please report this with the GGUF file's name"
+    )]
     Internal(String),
 }
 
@@ -101,7 +140,11 @@ pub struct ImportOptions {
 impl Default for ImportOptions {
     /// bfloat16, as Hugging Face checkpoints are usually stored; no overwrite; 2 GB shards.
     fn default() -> Self {
-        Self { dtype: DType::BF16, overwrite: false, max_shard_bytes: DEFAULT_MAX_SHARD_BYTES }
+        Self {
+            dtype: DType::BF16,
+            overwrite: false,
+            max_shard_bytes: DEFAULT_MAX_SHARD_BYTES,
+        }
     }
 }
 
@@ -128,7 +171,12 @@ pub struct ImportSummary {
 
 /// Imports `gguf_path` into `output_dir` as bfloat16 (see [`ImportOptions::default`]).
 pub fn import(gguf_path: &Path, output_dir: &Path) -> Result<ImportSummary, GgufError> {
-    import_with(gguf_path, output_dir, &ImportOptions::default(), &mut |_, _, _| {})
+    import_with(
+        gguf_path,
+        output_dir,
+        &ImportOptions::default(),
+        &mut |_, _, _| {},
+    )
 }
 
 /// Imports `gguf_path` into `output_dir`. `on_tensor(done, total, name)` is called after each
@@ -140,16 +188,21 @@ pub fn import_with(
     on_tensor: &mut dyn FnMut(usize, usize, &str),
 ) -> Result<ImportSummary, GgufError> {
     if !matches!(options.dtype, DType::F32 | DType::BF16 | DType::F16) {
-        return Err(GgufError::UnsupportedDtype { dtype: format!("{:?}", options.dtype) });
+        return Err(GgufError::UnsupportedDtype {
+            dtype: format!("{:?}", options.dtype),
+        });
     }
     check_output_dir(output_dir, options.overwrite)?;
 
     // 1. Header: metadata and tensor infos (names, shapes, quantization, offsets).
     let content = read_content(gguf_path)?;
     let meta = Metadata::new(gguf_path, &content.metadata);
-    let arch_name = meta
-        .string("general.architecture")?
-        .ok_or_else(|| meta.missing("general.architecture", "every GGUF model file names its architecture; this may not be a model file"))?;
+    let arch_name = meta.string("general.architecture")?.ok_or_else(|| {
+        meta.missing(
+            "general.architecture",
+            "every GGUF model file names its architecture; this may not be a model file",
+        )
+    })?;
     let arch = Arch::from_gguf(arch_name).ok_or_else(|| GgufError::UnsupportedArchitecture {
         path: gguf_path.to_path_buf(),
         name: arch_name.to_owned(),
@@ -165,7 +218,10 @@ pub fn import_with(
         None => None,
         Some(_) => {
             let factors = read_tensor(gguf_path, &content, &mut reader, "rope_freqs.weight")?;
-            let factors: Vec<f32> = factors.flatten_all().and_then(|t| t.to_vec1()).map_err(|e| tensor_error(gguf_path, "rope_freqs.weight", &e))?;
+            let factors: Vec<f32> = factors
+                .flatten_all()
+                .and_then(|t| t.to_vec1())
+                .map_err(|e| tensor_error(gguf_path, "rope_freqs.weight", &e))?;
             tensors::llama3_rope_scaling(&factors, hp.head_dim, hp.rope_theta).map_err(|message| GgufError::Tensor {
                 path: gguf_path.to_path_buf(),
                 name: "rope_freqs.weight".into(),
@@ -181,23 +237,45 @@ pub fn import_with(
     if tokenizer.num_tokens > facts.vocab_size {
         return Err(GgufError::Tokenizer {
             path: gguf_path.to_path_buf(),
-            message: format!("{} tokens for an embedding of {} rows", tokenizer.num_tokens, facts.vocab_size),
+            message: format!(
+                "{} tokens for an embedding of {} rows",
+                tokenizer.num_tokens, facts.vocab_size
+            ),
             hint: "the vocabulary and the weights disagree; the file is inconsistent".into(),
         });
     }
     let dtype_name = oxtune_tensor::dtype_name(options.dtype);
-    let config = hf_config::config_json(&hp, &facts, tokenizer.bos_token_id, tokenizer.eos_token_id, dtype_name);
-    let generation = hf_config::generation_config_json(tokenizer.bos_token_id, &tokenizer.stop_token_ids, tokenizer.pad_token_id);
+    let config = hf_config::config_json(
+        &hp,
+        &facts,
+        tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
+        dtype_name,
+    );
+    let generation = hf_config::generation_config_json(
+        tokenizer.bos_token_id,
+        &tokenizer.stop_token_ids,
+        tokenizer.pad_token_id,
+    );
 
     // 4. Write everything into a temporary sibling directory, then move it into place.
     let staging = Staging::create(output_dir)?;
     let dir = staging.path.clone();
-    let mut files = vec!["config.json".to_owned(), "generation_config.json".to_owned()];
+    let mut files = vec![
+        "config.json".to_owned(),
+        "generation_config.json".to_owned(),
+    ];
     write_json(&dir.join("config.json"), &config)?;
     write_json(&dir.join("generation_config.json"), &generation)?;
     write_text(&dir.join("tokenizer.json"), &tokenizer.to_json()?)?;
-    write_json(&dir.join("tokenizer_config.json"), &tokenizer.tokenizer_config)?;
-    files.extend(["tokenizer.json".to_owned(), "tokenizer_config.json".to_owned()]);
+    write_json(
+        &dir.join("tokenizer_config.json"),
+        &tokenizer.tokenizer_config,
+    )?;
+    files.extend([
+        "tokenizer.json".to_owned(),
+        "tokenizer_config.json".to_owned(),
+    ]);
 
     let shards = writer::shard(&plan, options.max_shard_bytes);
     let names = writer::shard_names(shards.len());
@@ -237,8 +315,13 @@ pub fn import_with(
 fn open(path: &Path) -> Result<BufReader<File>, GgufError> {
     match File::open(path) {
         Ok(file) => Ok(BufReader::with_capacity(1 << 20, file)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(GgufError::NotFound { path: path.to_path_buf() }),
-        Err(source) => Err(GgufError::Read { path: path.to_path_buf(), source }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(GgufError::NotFound {
+            path: path.to_path_buf(),
+        }),
+        Err(source) => Err(GgufError::Read {
+            path: path.to_path_buf(),
+            source,
+        }),
     }
 }
 
@@ -271,18 +354,32 @@ pub(crate) fn read_content(path: &Path) -> Result<Content, GgufError> {
     let mut reader = open(path)?;
     Content::read(&mut reader).map_err(|e| {
         let message = e.to_string();
-        if let Some(id) = message.strip_prefix("unknown dtype for tensor ").and_then(|s| s.trim().parse::<u32>().ok()) {
-            let name = ggml_type_name(id).map_or_else(|| format!("GGML type {id}"), |n| format!("{n} (GGML type {id})"));
+        if let Some(id) = message
+            .strip_prefix("unknown dtype for tensor ")
+            .and_then(|s| s.trim().parse::<u32>().ok())
+        {
+            let name = ggml_type_name(id).map_or_else(
+                || format!("GGML type {id}"),
+                |n| format!("{n} (GGML type {id})"),
+            );
             return GgufError::UnsupportedQuantization {
                 path: path.to_path_buf(),
                 message: format!("a tensor is quantized as {name}, which candle cannot dequantize"),
             };
         }
         match e {
-            oxtune_tensor::candle::Error::Io(source) if source.kind() == std::io::ErrorKind::UnexpectedEof => {
-                GgufError::Corrupt { path: path.to_path_buf(), message: "the file ends inside its header".into() }
+            oxtune_tensor::candle::Error::Io(source)
+                if source.kind() == std::io::ErrorKind::UnexpectedEof =>
+            {
+                GgufError::Corrupt {
+                    path: path.to_path_buf(),
+                    message: "the file ends inside its header".into(),
+                }
             }
-            _ => GgufError::Corrupt { path: path.to_path_buf(), message },
+            _ => GgufError::Corrupt {
+                path: path.to_path_buf(),
+                message,
+            },
         }
     })
 }
@@ -290,7 +387,12 @@ pub(crate) fn read_content(path: &Path) -> Result<Content, GgufError> {
 /// Checks, before anything is written, that every tensor's data lies inside the file (a
 /// truncated download fails here, naming the first tensor it cuts).
 fn check_tensor_data(path: &Path, content: &Content) -> Result<(), GgufError> {
-    let file_size = std::fs::metadata(path).map_err(|source| GgufError::Read { path: path.to_path_buf(), source })?.len();
+    let file_size = std::fs::metadata(path)
+        .map_err(|source| GgufError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .len();
     let mut infos: Vec<_> = content.tensor_infos.iter().collect();
     infos.sort_by_key(|(_, info)| info.offset);
     for (name, info) in infos {
@@ -300,12 +402,18 @@ fn check_tensor_data(path: &Path, content: &Content) -> Result<(), GgufError> {
             return Err(GgufError::Tensor {
                 path: path.to_path_buf(),
                 name: name.clone(),
-                message: format!("{elements} elements are not a whole number of {:?} blocks of {block}", info.ggml_dtype),
+                message: format!(
+                    "{elements} elements are not a whole number of {:?} blocks of {block}",
+                    info.ggml_dtype
+                ),
                 hint: "the file is corrupt".into(),
             });
         }
         let bytes = (elements / block * info.ggml_dtype.type_size()) as u64;
-        let end = content.tensor_data_offset.saturating_add(info.offset).saturating_add(bytes);
+        let end = content
+            .tensor_data_offset
+            .saturating_add(info.offset)
+            .saturating_add(bytes);
         if end > file_size {
             return Err(GgufError::Tensor {
                 path: path.to_path_buf(),
@@ -328,7 +436,12 @@ fn tensor_error(path: &Path, name: &str, error: &oxtune_tensor::candle::Error) -
 }
 
 /// One tensor, dequantized to f32 on the CPU.
-fn read_tensor(path: &Path, content: &Content, reader: &mut BufReader<File>, name: &str) -> Result<Tensor, GgufError> {
+fn read_tensor(
+    path: &Path,
+    content: &Content,
+    reader: &mut BufReader<File>,
+    name: &str,
+) -> Result<Tensor, GgufError> {
     content
         .tensor(reader, name, &Device::Cpu)
         .and_then(|q| q.dequantize(&Device::Cpu))
@@ -336,17 +449,30 @@ fn read_tensor(path: &Path, content: &Content, reader: &mut BufReader<File>, nam
 }
 
 /// One output tensor: dequantized, un-permuted where planned, in the planned dtype.
-fn produce_tensor(path: &Path, content: &Content, reader: &mut BufReader<File>, planned: &Planned) -> Result<Tensor, GgufError> {
+fn produce_tensor(
+    path: &Path,
+    content: &Content,
+    reader: &mut BufReader<File>,
+    planned: &Planned,
+) -> Result<Tensor, GgufError> {
     let tensor = read_tensor(path, content, reader, &planned.gguf_name)?;
     let tensor = match planned.unpermute_heads {
-        Some(heads) => tensors::unpermute(&tensor, heads).map_err(|e| tensor_error(path, &planned.gguf_name, &e))?,
+        Some(heads) => tensors::unpermute(&tensor, heads)
+            .map_err(|e| tensor_error(path, &planned.gguf_name, &e))?,
         None => tensor,
     };
-    tensor.to_dtype(planned.dtype).map_err(|e| tensor_error(path, &planned.gguf_name, &e))
+    tensor
+        .to_dtype(planned.dtype)
+        .map_err(|e| tensor_error(path, &planned.gguf_name, &e))
 }
 
 /// Maps every tensor (in file order) to its output; unknown tensors are an error.
-fn plan_tensors(path: &Path, content: &Content, hp: &HyperParams, dtype: DType) -> Result<Vec<Planned>, GgufError> {
+fn plan_tensors(
+    path: &Path,
+    content: &Content,
+    hp: &HyperParams,
+    dtype: DType,
+) -> Result<Vec<Planned>, GgufError> {
     let mut infos: Vec<_> = content.tensor_infos.iter().collect();
     infos.sort_by_key(|(_, info)| info.offset);
     let mut plan = Vec::with_capacity(infos.len());
@@ -357,12 +483,18 @@ fn plan_tensors(path: &Path, content: &Content, hp: &HyperParams, dtype: DType) 
             message: "not a tensor of the supported model layout".into(),
             hint: unmapped.hint,
         })?;
-        let Target::Weight { name, unpermute_heads } = target else {
+        let Target::Weight {
+            name,
+            unpermute_heads,
+        } = target
+        else {
             continue;
         };
         let shape = info.shape.dims().to_vec();
         if let Some(heads) = unpermute_heads
-            && shape.first().is_none_or(|rows| heads == 0 || rows % (2 * heads) != 0)
+            && shape
+                .first()
+                .is_none_or(|rows| heads == 0 || rows % (2 * heads) != 0)
         {
             return Err(GgufError::Tensor {
                 path: path.to_path_buf(),
@@ -371,20 +503,36 @@ fn plan_tensors(path: &Path, content: &Content, hp: &HyperParams, dtype: DType) 
                 hint: "the tensor does not match the attention head counts in the metadata".into(),
             });
         }
-        let out_dtype = if info.ggml_dtype == GgmlDType::F32 { DType::F32 } else { dtype };
-        plan.push(Planned { gguf_name: gguf_name.clone(), hf_name: name, shape, dtype: out_dtype, unpermute_heads });
+        let out_dtype = if info.ggml_dtype == GgmlDType::F32 {
+            DType::F32
+        } else {
+            dtype
+        };
+        plan.push(Planned {
+            gguf_name: gguf_name.clone(),
+            hf_name: name,
+            shape,
+            dtype: out_dtype,
+            unpermute_heads,
+        });
     }
     Ok(plan)
 }
 
 /// Facts config.json needs from the tensors; checks that the essential tensors exist.
-fn tensor_facts(path: &Path, plan: &[Planned], hp: &HyperParams, rope_scaling: Option<serde_json::Value>) -> Result<hf_config::TensorFacts, GgufError> {
+fn tensor_facts(
+    path: &Path,
+    plan: &[Planned],
+    hp: &HyperParams,
+    rope_scaling: Option<serde_json::Value>,
+) -> Result<hf_config::TensorFacts, GgufError> {
     let find = |name: &str| plan.iter().find(|p| p.hf_name == name);
     let missing = |gguf_name: &str| GgufError::Tensor {
         path: path.to_path_buf(),
         name: gguf_name.to_owned(),
         message: "missing".into(),
-        hint: "the file is incomplete; every model file has its embeddings, layers and final norm".into(),
+        hint: "the file is incomplete; every model file has its embeddings, layers and final norm"
+            .into(),
     };
     let embed = find("model.embed_tokens.weight").ok_or_else(|| missing("token_embd.weight"))?;
     let (vocab_size, hidden) = match embed.shape.as_slice() {
@@ -402,20 +550,29 @@ fn tensor_facts(path: &Path, plan: &[Planned], hp: &HyperParams, rope_scaling: O
         return Err(GgufError::Tensor {
             path: path.to_path_buf(),
             name: "token_embd.weight".into(),
-            message: format!("width {hidden} differs from embedding_length {}", hp.hidden_size),
+            message: format!(
+                "width {hidden} differs from embedding_length {}",
+                hp.hidden_size
+            ),
             hint: "the weights and the metadata disagree; the file is inconsistent".into(),
         });
     }
     find("model.norm.weight").ok_or_else(|| missing("output_norm.weight"))?;
     for layer in 0..hp.num_hidden_layers {
-        for (hf, gguf) in [("self_attn.q_proj.weight", "attn_q.weight"), ("mlp.down_proj.weight", "ffn_down.weight")] {
-            find(&format!("model.layers.{layer}.{hf}")).ok_or_else(|| missing(&format!("blk.{layer}.{gguf}")))?;
+        for (hf, gguf) in [
+            ("self_attn.q_proj.weight", "attn_q.weight"),
+            ("mlp.down_proj.weight", "ffn_down.weight"),
+        ] {
+            find(&format!("model.layers.{layer}.{hf}"))
+                .ok_or_else(|| missing(&format!("blk.{layer}.{gguf}")))?;
         }
         if hp.arch == Arch::Qwen3 {
-            find(&format!("model.layers.{layer}.self_attn.q_norm.weight")).ok_or_else(|| missing(&format!("blk.{layer}.attn_q_norm.weight")))?;
+            find(&format!("model.layers.{layer}.self_attn.q_norm.weight"))
+                .ok_or_else(|| missing(&format!("blk.{layer}.attn_q_norm.weight")))?;
         }
         if hp.arch == Arch::Qwen2 {
-            find(&format!("model.layers.{layer}.self_attn.q_proj.bias")).ok_or_else(|| missing(&format!("blk.{layer}.attn_q.bias")))?;
+            find(&format!("model.layers.{layer}.self_attn.q_proj.bias"))
+                .ok_or_else(|| missing(&format!("blk.{layer}.attn_q.bias")))?;
         }
     }
     Ok(hf_config::TensorFacts {
@@ -430,17 +587,28 @@ fn tensor_facts(path: &Path, plan: &[Planned], hp: &HyperParams, rope_scaling: O
 /// Refuses a non-empty output directory unless overwriting.
 fn check_output_dir(output_dir: &Path, overwrite: bool) -> Result<(), GgufError> {
     if output_dir.file_name().is_none() {
-        return Err(GgufError::BadOutput { path: output_dir.to_path_buf(), message: "name a directory (not `/`, `.` or `..`)".into() });
+        return Err(GgufError::BadOutput {
+            path: output_dir.to_path_buf(),
+            message: "name a directory (not `/`, `.` or `..`)".into(),
+        });
     }
     if !output_dir.exists() {
         return Ok(());
     }
     if !output_dir.is_dir() {
-        return Err(GgufError::BadOutput { path: output_dir.to_path_buf(), message: "exists and is not a directory".into() });
+        return Err(GgufError::BadOutput {
+            path: output_dir.to_path_buf(),
+            message: "exists and is not a directory".into(),
+        });
     }
-    let mut entries = std::fs::read_dir(output_dir).map_err(|source| GgufError::Read { path: output_dir.to_path_buf(), source })?;
+    let mut entries = std::fs::read_dir(output_dir).map_err(|source| GgufError::Read {
+        path: output_dir.to_path_buf(),
+        source,
+    })?;
     if entries.next().is_some() && !overwrite {
-        return Err(GgufError::OutputExists { path: output_dir.to_path_buf() });
+        return Err(GgufError::OutputExists {
+            path: output_dir.to_path_buf(),
+        });
     }
     Ok(())
 }
@@ -453,7 +621,10 @@ struct Staging {
 }
 
 fn sibling(dir: &Path, suffix: &str) -> PathBuf {
-    let mut name = dir.file_name().map(std::ffi::OsStr::to_os_string).unwrap_or_default();
+    let mut name = dir
+        .file_name()
+        .map(std::ffi::OsStr::to_os_string)
+        .unwrap_or_default();
     name.push(suffix);
     dir.with_file_name(name)
 }
@@ -461,14 +632,26 @@ fn sibling(dir: &Path, suffix: &str) -> PathBuf {
 impl Staging {
     fn create(output_dir: &Path) -> Result<Self, GgufError> {
         if let Some(parent) = output_dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(|source| GgufError::Write { path: parent.to_path_buf(), source })?;
+            std::fs::create_dir_all(parent).map_err(|source| GgufError::Write {
+                path: parent.to_path_buf(),
+                source,
+            })?;
         }
         let path = sibling(output_dir, &format!(".tmp-{}", std::process::id()));
         if path.exists() {
-            std::fs::remove_dir_all(&path).map_err(|source| GgufError::Write { path: path.clone(), source })?;
+            std::fs::remove_dir_all(&path).map_err(|source| GgufError::Write {
+                path: path.clone(),
+                source,
+            })?;
         }
-        std::fs::create_dir(&path).map_err(|source| GgufError::Write { path: path.clone(), source })?;
-        Ok(Self { path, committed: false })
+        std::fs::create_dir(&path).map_err(|source| GgufError::Write {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(Self {
+            path,
+            committed: false,
+        })
     }
 
     /// Moves the finished directory to `output_dir`. An existing `output_dir` is first moved
@@ -504,7 +687,10 @@ impl Drop for Staging {
 }
 
 fn write_text(path: &Path, text: &str) -> Result<(), GgufError> {
-    let error = |source| GgufError::Write { path: path.to_path_buf(), source };
+    let error = |source| GgufError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
     let mut file = File::create(path).map_err(error)?;
     file.write_all(text.as_bytes()).map_err(error)?;
     file.sync_all().map_err(error)
@@ -512,7 +698,8 @@ fn write_text(path: &Path, text: &str) -> Result<(), GgufError> {
 
 /// Pretty-printed JSON with a trailing newline, as transformers writes its configs.
 pub(crate) fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), GgufError> {
-    let mut text = serde_json::to_string_pretty(value).map_err(|e| GgufError::Internal(format!("{}: {e}", path.display())))?;
+    let mut text = serde_json::to_string_pretty(value)
+        .map_err(|e| GgufError::Internal(format!("{}: {e}", path.display())))?;
     text.push('\n');
     write_text(path, &text)
 }

@@ -28,7 +28,10 @@ use super::hf_config::{Arch, HyperParams};
 pub enum Target {
     /// Written under `name`; `unpermute_heads` undoes llama.cpp's q/k permutation over that
     /// many heads.
-    Weight { name: String, unpermute_heads: Option<usize> },
+    Weight {
+        name: String,
+        unpermute_heads: Option<usize>,
+    },
     /// `rope_freqs.weight`: read into config.json's `rope_scaling`.
     RopeFreqs,
 }
@@ -41,7 +44,12 @@ pub struct Unmapped {
 
 /// The Hugging Face name (and layout fix) for a GGUF tensor of `arch`.
 pub fn target(gguf_name: &str, hp: &HyperParams) -> Result<Target, Unmapped> {
-    let weight = |name: &str| Ok(Target::Weight { name: name.to_owned(), unpermute_heads: None });
+    let weight = |name: &str| {
+        Ok(Target::Weight {
+            name: name.to_owned(),
+            unpermute_heads: None,
+        })
+    };
     match gguf_name {
         "token_embd.weight" => return weight("model.embed_tokens.weight"),
         "output_norm.weight" => return weight("model.norm.weight"),
@@ -66,7 +74,10 @@ pub fn target(gguf_name: &str, hp: &HyperParams) -> Result<Target, Unmapped> {
     };
     if layer >= hp.num_hidden_layers {
         return Err(Unmapped {
-            hint: format!("layer {layer} is beyond block_count {}; the file is inconsistent", hp.num_hidden_layers),
+            hint: format!(
+                "layer {layer} is beyond block_count {}; the file is inconsistent",
+                hp.num_hidden_layers
+            ),
         });
     }
     let Some((kind, suffix)) = rest.rsplit_once('.') else {
@@ -94,7 +105,10 @@ pub fn target(gguf_name: &str, hp: &HyperParams) -> Result<Target, Unmapped> {
         "attn_k" if hp.arch.permutes_qk() => Some(hp.num_key_value_heads),
         _ => None,
     };
-    Ok(Target::Weight { name: format!("model.layers.{layer}.{module}.{suffix}"), unpermute_heads })
+    Ok(Target::Weight {
+        name: format!("model.layers.{layer}.{module}.{suffix}"),
+        unpermute_heads,
+    })
 }
 
 /// Undoes convert_hf_to_gguf.py's `permute` of q/k rows (and biases).
@@ -106,11 +120,17 @@ pub fn unpermute(tensor: &Tensor, heads: usize) -> oxtune_tensor::Result<Tensor>
     let dims = tensor.dims().to_vec();
     let rows = dims.first().copied().unwrap_or(0);
     if heads == 0 || rows == 0 || rows % (2 * heads) != 0 {
-        oxtune_tensor::candle::bail!("{rows} rows cannot be split into {heads} heads of rotary pairs");
+        oxtune_tensor::candle::bail!(
+            "{rows} rows cannot be split into {heads} heads of rotary pairs"
+        );
     }
     let mut grid = vec![heads, rows / heads / 2, 2];
     grid.extend_from_slice(dims.get(1..).unwrap_or_default());
-    tensor.reshape(grid)?.transpose(1, 2)?.contiguous()?.reshape(dims)
+    tensor
+        .reshape(grid)?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape(dims)
 }
 
 /// The inverse of [`unpermute`], as llama.cpp's converter applies it (tests use it to check the
@@ -119,11 +139,17 @@ pub fn permute(tensor: &Tensor, heads: usize) -> oxtune_tensor::Result<Tensor> {
     let dims = tensor.dims().to_vec();
     let rows = dims.first().copied().unwrap_or(0);
     if heads == 0 || rows == 0 || rows % (2 * heads) != 0 {
-        oxtune_tensor::candle::bail!("{rows} rows cannot be split into {heads} heads of rotary pairs");
+        oxtune_tensor::candle::bail!(
+            "{rows} rows cannot be split into {heads} heads of rotary pairs"
+        );
     }
     let mut grid = vec![heads, 2, rows / heads / 2];
     grid.extend_from_slice(dims.get(1..).unwrap_or_default());
-    tensor.reshape(grid)?.transpose(1, 2)?.contiguous()?.reshape(dims)
+    tensor
+        .reshape(grid)?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape(dims)
 }
 
 /// The factor llama.cpp stores for one rotary frequency under Llama 3 scaling
@@ -149,16 +175,25 @@ fn llama3_factor(freq: f64, factor: f64, low: f64, high: f64, original: f64) -> 
 /// powers of two. The first set that reproduces every stored factor (to 1e-4) is returned;
 /// any such set gives the same frequencies, hence the same model.
 /// `Ok(None)`: all factors are 1 (no scaling). `Err(message)`: not Llama 3 scaling.
-pub fn llama3_rope_scaling(factors: &[f32], head_dim: usize, rope_theta: f64) -> Result<Option<Json>, String> {
+pub fn llama3_rope_scaling(
+    factors: &[f32],
+    head_dim: usize,
+    rope_theta: f64,
+) -> Result<Option<Json>, String> {
     if factors.len() * 2 != head_dim {
-        return Err(format!("{} factors for head_dim {head_dim}; expected head_dim / 2", factors.len()));
+        return Err(format!(
+            "{} factors for head_dim {head_dim}; expected head_dim / 2",
+            factors.len()
+        ));
     }
     if factors.iter().all(|f| (f - 1.0).abs() < 1e-6) {
         return Ok(None);
     }
     let factor = f64::from(factors.iter().copied().fold(f32::MIN, f32::max));
     let factor = (factor * 1000.0).round() / 1000.0;
-    let freqs: Vec<f64> = (0..factors.len()).map(|i| 1.0 / rope_theta.powf((2 * i) as f64 / head_dim as f64)).collect();
+    let freqs: Vec<f64> = (0..factors.len())
+        .map(|i| 1.0 / rope_theta.powf((2 * i) as f64 / head_dim as f64))
+        .collect();
     let reproduces = |low: f64, high: f64, original: f64| {
         freqs.iter().zip(factors).all(|(&freq, &stored)| {
             let expected = llama3_factor(freq, factor, low, high, original);
@@ -172,7 +207,9 @@ pub fn llama3_rope_scaling(factors: &[f32], head_dim: usize, rope_theta: f64) ->
             candidates.push((low, high, original));
         }
     }
-    let found = candidates.into_iter().find(|&(low, high, original)| reproduces(low, high, original));
+    let found = candidates
+        .into_iter()
+        .find(|&(low, high, original)| reproduces(low, high, original));
     let Some((low, high, original)) = found else {
         return Err(format!(
             "the factors (largest {factor}) do not follow Llama 3 scaling with any usual low_freq_factor, high_freq_factor and original_max_position_embeddings"
@@ -189,7 +226,14 @@ pub fn llama3_rope_scaling(factors: &[f32], head_dim: usize, rope_theta: f64) ->
 
 /// The `rope_freqs` factors llama.cpp's converter writes for Llama 3 scaling (tests build
 /// GGUF files with them).
-pub fn llama3_rope_factors(head_dim: usize, rope_theta: f64, factor: f64, low: f64, high: f64, original: f64) -> Vec<f32> {
+pub fn llama3_rope_factors(
+    head_dim: usize,
+    rope_theta: f64,
+    factor: f64,
+    low: f64,
+    high: f64,
+    original: f64,
+) -> Vec<f32> {
     (0..head_dim / 2)
         .map(|i| {
             let freq = 1.0 / rope_theta.powf((2 * i) as f64 / head_dim as f64);
@@ -221,7 +265,10 @@ mod tests {
 
     fn name(gguf: &str, arch: Arch) -> Option<(String, Option<usize>)> {
         match target(gguf, &hp(arch)) {
-            Ok(Target::Weight { name, unpermute_heads }) => Some((name, unpermute_heads)),
+            Ok(Target::Weight {
+                name,
+                unpermute_heads,
+            }) => Some((name, unpermute_heads)),
             _ => None,
         }
     }
@@ -229,21 +276,57 @@ mod tests {
     #[test]
     fn names_map_to_hugging_face() {
         let llama = |g: &str| name(g, Arch::Llama);
-        assert_eq!(llama("token_embd.weight"), Some(("model.embed_tokens.weight".into(), None)));
-        assert_eq!(llama("blk.1.attn_q.weight"), Some(("model.layers.1.self_attn.q_proj.weight".into(), Some(4))));
-        assert_eq!(llama("blk.1.attn_k.weight"), Some(("model.layers.1.self_attn.k_proj.weight".into(), Some(2))));
-        assert_eq!(llama("blk.0.attn_v.weight"), Some(("model.layers.0.self_attn.v_proj.weight".into(), None)));
-        assert_eq!(llama("blk.0.ffn_norm.weight"), Some(("model.layers.0.post_attention_layernorm.weight".into(), None)));
-        assert_eq!(llama("blk.0.ffn_down.weight"), Some(("model.layers.0.mlp.down_proj.weight".into(), None)));
-        assert_eq!(llama("output.weight"), Some(("lm_head.weight".into(), None)));
-        assert_eq!(llama("output_norm.weight"), Some(("model.norm.weight".into(), None)));
+        assert_eq!(
+            llama("token_embd.weight"),
+            Some(("model.embed_tokens.weight".into(), None))
+        );
+        assert_eq!(
+            llama("blk.1.attn_q.weight"),
+            Some(("model.layers.1.self_attn.q_proj.weight".into(), Some(4)))
+        );
+        assert_eq!(
+            llama("blk.1.attn_k.weight"),
+            Some(("model.layers.1.self_attn.k_proj.weight".into(), Some(2)))
+        );
+        assert_eq!(
+            llama("blk.0.attn_v.weight"),
+            Some(("model.layers.0.self_attn.v_proj.weight".into(), None))
+        );
+        assert_eq!(
+            llama("blk.0.ffn_norm.weight"),
+            Some((
+                "model.layers.0.post_attention_layernorm.weight".into(),
+                None
+            ))
+        );
+        assert_eq!(
+            llama("blk.0.ffn_down.weight"),
+            Some(("model.layers.0.mlp.down_proj.weight".into(), None))
+        );
+        assert_eq!(
+            llama("output.weight"),
+            Some(("lm_head.weight".into(), None))
+        );
+        assert_eq!(
+            llama("output_norm.weight"),
+            Some(("model.norm.weight".into(), None))
+        );
         // Qwen files are not permuted, Qwen2 has biases, Qwen3 has q/k norms.
-        assert_eq!(name("blk.0.attn_q.bias", Arch::Qwen2), Some(("model.layers.0.self_attn.q_proj.bias".into(), None)));
-        assert_eq!(name("blk.1.attn_k_norm.weight", Arch::Qwen3), Some(("model.layers.1.self_attn.k_norm.weight".into(), None)));
+        assert_eq!(
+            name("blk.0.attn_q.bias", Arch::Qwen2),
+            Some(("model.layers.0.self_attn.q_proj.bias".into(), None))
+        );
+        assert_eq!(
+            name("blk.1.attn_k_norm.weight", Arch::Qwen3),
+            Some(("model.layers.1.self_attn.k_norm.weight".into(), None))
+        );
         assert_eq!(llama("blk.1.attn_k_norm.weight"), None);
         assert_eq!(llama("blk.2.attn_q.weight"), None, "beyond block_count");
         assert_eq!(llama("blk.0.ffn_gate_exps.weight"), None, "MoE");
-        assert_eq!(target("rope_freqs.weight", &hp(Arch::Llama)), Ok(Target::RopeFreqs));
+        assert_eq!(
+            target("rope_freqs.weight", &hp(Arch::Llama)),
+            Ok(Target::RopeFreqs)
+        );
     }
 
     #[test]
@@ -259,7 +342,10 @@ mod tests {
         assert_eq!(back.to_vec2::<f32>()?, hf.to_vec2::<f32>()?);
         // Biases are 1-D.
         let bias = Tensor::arange(0f32, 8.0, &Device::Cpu)?;
-        assert_eq!(unpermute(&permute(&bias, 2)?, 2)?.to_vec1::<f32>()?, bias.to_vec1::<f32>()?);
+        assert_eq!(
+            unpermute(&permute(&bias, 2)?, 2)?.to_vec1::<f32>()?,
+            bias.to_vec1::<f32>()?
+        );
         assert!(unpermute(&bias, 3).is_err());
         Ok(())
     }
@@ -270,11 +356,17 @@ mod tests {
         let factors = llama3_rope_factors(128, 500_000.0, 8.0, 1.0, 4.0, 8192.0);
         let scaling = llama3_rope_scaling(&factors, 128, 500_000.0)?.ok_or("no scaling found")?;
         assert_eq!(scaling["factor"].as_f64(), Some(8.0));
-        assert_eq!(scaling["original_max_position_embeddings"].as_u64(), Some(8192));
+        assert_eq!(
+            scaling["original_max_position_embeddings"].as_u64(),
+            Some(8192)
+        );
         // An unusual original context (the tiny test model's 64) is found too.
         let tiny = llama3_rope_factors(16, 500_000.0, 8.0, 1.0, 4.0, 64.0);
         let scaling = llama3_rope_scaling(&tiny, 16, 500_000.0)?.ok_or("no scaling found")?;
-        assert_eq!(scaling["original_max_position_embeddings"].as_u64(), Some(64));
+        assert_eq!(
+            scaling["original_max_position_embeddings"].as_u64(),
+            Some(64)
+        );
         assert_eq!(llama3_rope_scaling(&vec![1.0; 64], 128, 500_000.0)?, None);
         let mut odd = factors;
         odd[40] = 3.0;

@@ -39,7 +39,8 @@ const SPIECE_UNDERLINE: &str = "\u{2581}";
 /// GPT-2's split: contractions, letters, numbers, other symbols, spaces. HF's `ByteLevel`
 /// pre-tokenizer with `use_regex: true` has it built in; a test checks the two agree.
 #[cfg(test)]
-const GPT2_REGEX: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
+const GPT2_REGEX: &str =
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
 /// Llama 3's split (also DBRX, Smaug, Falcon 3): numbers in groups of at most three.
 const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// Qwen2's split (also Qwen3, DeepSeek-R1-Distill-Qwen): single digits.
@@ -81,10 +82,13 @@ impl PreTokenizer {
     pub fn from_gguf(name: &str) -> Option<Self> {
         Some(match name {
             "default" => Self::Default,
-            "gpt-2" | "gpt2" | "phi-2" | "mpt" | "olmo" | "jais" | "jina-es" | "jina-de" | "jina-v2-es" | "jina-v2-de"
-            | "gigachat" | "a.x-4.0" | "mellum" | "exaone4" | "trillion" | "granite-docling" => Self::Gpt2,
-            "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" => Self::SmolLm,
-            "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0" | "lfm2" => Self::Llama3,
+            "gpt-2" | "gpt2" | "phi-2" | "mpt" | "olmo" | "jais" | "jina-es" | "jina-de"
+            | "jina-v2-es" | "jina-v2-de" | "gigachat" | "a.x-4.0" | "mellum" | "exaone4"
+            | "trillion" | "granite-docling" => Self::Gpt2,
+            "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone"
+            | "minerva-7b" => Self::SmolLm,
+            "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral"
+            | "midm-2.0" | "lfm2" => Self::Llama3,
             "dbrx" | "smaug-bpe" => Self::Llama3Regex,
             "qwen2" | "deepseek-r1-qwen" | "megrez" | "kormo" => Self::Qwen2,
             "tekken" => Self::Tekken,
@@ -110,12 +114,8 @@ impl PreTokenizer {
     }
 
     fn pre_tokenizer(self) -> Json {
-        let split = |regex: &str| {
-            json!({"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false})
-        };
-        let byte_level = |use_regex: bool| {
-            json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex})
-        };
+        let split = |regex: &str| json!({"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false});
+        let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
         let sequence = |items: Vec<Json>| json!({"type": "Sequence", "pretokenizers": items});
         match self {
             Self::Default => {
@@ -125,8 +125,13 @@ impl PreTokenizer {
             }
             // HF's ByteLevel regex is GPT-2's.
             Self::Gpt2 => byte_level(true),
-            Self::SmolLm => sequence(vec![json!({"type": "Digits", "individual_digits": true}), byte_level(true)]),
-            Self::Llama3 | Self::Llama3Regex => sequence(vec![split(LLAMA3_REGEX), byte_level(false)]),
+            Self::SmolLm => sequence(vec![
+                json!({"type": "Digits", "individual_digits": true}),
+                byte_level(true),
+            ]),
+            Self::Llama3 | Self::Llama3Regex => {
+                sequence(vec![split(LLAMA3_REGEX), byte_level(false)])
+            }
             Self::Qwen2 => sequence(vec![split(QWEN2_REGEX), byte_level(false)]),
             Self::Tekken => sequence(vec![split(TEKKEN_REGEX), byte_level(false)]),
         }
@@ -163,14 +168,22 @@ pub struct GgufTokenizer {
 impl GgufTokenizer {
     /// `tokenizer.json` text, as the `tokenizers` crate serialises it.
     pub fn to_json(&self) -> Result<String, GgufError> {
-        self.tokenizer.to_string(false).map_err(|e| GgufError::Internal(format!("serialising tokenizer.json: {e}")))
+        self.tokenizer
+            .to_string(false)
+            .map_err(|e| GgufError::Internal(format!("serialising tokenizer.json: {e}")))
     }
 
     /// A one-line description, e.g. `byte-level BPE (pre-tokenizer smollm), 49152 tokens`.
     pub fn describe(&self) -> String {
         match self.kind {
-            VocabKind::ByteLevelBpe(pre) => format!("byte-level BPE ({pre:?} pre-tokenizer), {} tokens", self.num_tokens),
-            VocabKind::SentencePiece => format!("SentencePiece BPE with byte fallback, {} tokens", self.num_tokens),
+            VocabKind::ByteLevelBpe(pre) => format!(
+                "byte-level BPE ({pre:?} pre-tokenizer), {} tokens",
+                self.num_tokens
+            ),
+            VocabKind::SentencePiece => format!(
+                "SentencePiece BPE with byte fallback, {} tokens",
+                self.num_tokens
+            ),
         }
     }
 }
@@ -184,28 +197,44 @@ pub fn read_tokenizer(gguf_path: &Path) -> Result<GgufTokenizer, GgufError> {
 }
 
 /// Rebuilds the tokenizer from `tokenizer.ggml.*` metadata.
-pub(crate) fn from_metadata(meta: &Metadata<'_>, model_max_length: Option<usize>) -> Result<GgufTokenizer, GgufError> {
+pub(crate) fn from_metadata(
+    meta: &Metadata<'_>,
+    model_max_length: Option<usize>,
+) -> Result<GgufTokenizer, GgufError> {
     let path = meta.path;
     let tokenizer_error = |message: String, hint: &str| GgufError::Tokenizer {
         path: path.to_path_buf(),
         message,
         hint: hint.to_owned(),
     };
-    let model = meta
-        .string("tokenizer.ggml.model")?
-        .ok_or_else(|| meta.missing("tokenizer.ggml.model", "the file has no tokenizer; oxtune needs one to build tokenizer.json"))?;
-    let tokens = meta
-        .string_array("tokenizer.ggml.tokens")?
-        .ok_or_else(|| meta.missing("tokenizer.ggml.tokens", "the file has no vocabulary; oxtune needs one to build tokenizer.json"))?;
+    let model = meta.string("tokenizer.ggml.model")?.ok_or_else(|| {
+        meta.missing(
+            "tokenizer.ggml.model",
+            "the file has no tokenizer; oxtune needs one to build tokenizer.json",
+        )
+    })?;
+    let tokens = meta.string_array("tokenizer.ggml.tokens")?.ok_or_else(|| {
+        meta.missing(
+            "tokenizer.ggml.tokens",
+            "the file has no vocabulary; oxtune needs one to build tokenizer.json",
+        )
+    })?;
     let tokens = unique_tokens(&tokens).map_err(|message| {
-        tokenizer_error(message, "llama.cpp refuses such a vocabulary too; the file was written by a broken converter")
+        tokenizer_error(
+            message,
+            "llama.cpp refuses such a vocabulary too; the file was written by a broken converter",
+        )
     })?;
     let token_types = meta.i64_array("tokenizer.ggml.token_type")?;
     if let Some(types) = &token_types
         && types.len() != tokens.len()
     {
         return Err(tokenizer_error(
-            format!("tokenizer.ggml.token_type has {} entries for {} tokens", types.len(), tokens.len()),
+            format!(
+                "tokenizer.ggml.token_type has {} entries for {} tokens",
+                types.len(),
+                tokens.len()
+            ),
             "the file is inconsistent; convert the model again with llama.cpp's convert_hf_to_gguf.py",
         ));
     }
@@ -236,7 +265,10 @@ pub(crate) fn from_metadata(meta: &Metadata<'_>, model_max_length: Option<usize>
             Some(id) => Err(GgufError::InvalidMetadata {
                 path: path.to_path_buf(),
                 key: key.to_owned(),
-                message: format!("token id {id} is outside the vocabulary of {} tokens", tokens.len()),
+                message: format!(
+                    "token id {id} is outside the vocabulary of {} tokens",
+                    tokens.len()
+                ),
             }),
             None => Ok(None),
         }
@@ -247,34 +279,57 @@ pub(crate) fn from_metadata(meta: &Metadata<'_>, model_max_length: Option<usize>
     let pad = token_id("tokenizer.ggml.padding_token_id")?;
     let eot = token_id("tokenizer.ggml.eot_token_id")?;
     let eom = token_id("tokenizer.ggml.eom_token_id")?;
-    let add_bos = meta.bool("tokenizer.ggml.add_bos_token")?.unwrap_or(match kind {
-        VocabKind::ByteLevelBpe(pre) => pre.adds_bos_by_default(),
-        VocabKind::SentencePiece => true,
-    });
+    let add_bos = meta
+        .bool("tokenizer.ggml.add_bos_token")?
+        .unwrap_or(match kind {
+            VocabKind::ByteLevelBpe(pre) => pre.adds_bos_by_default(),
+            VocabKind::SentencePiece => true,
+        });
     let add_eos = meta.bool("tokenizer.ggml.add_eos_token")?.unwrap_or(false);
-    let token_str = |id: Option<u32>| id.and_then(|i| usize::try_from(i).ok()).and_then(|i| tokens.get(i)).cloned();
+    let token_str = |id: Option<u32>| {
+        id.and_then(|i| usize::try_from(i).ok())
+            .and_then(|i| tokens.get(i))
+            .cloned()
+    };
     if add_bos && bos.is_none() {
-        return Err(meta.missing("tokenizer.ggml.bos_token_id", "tokenizer.ggml.add_bos_token is set, so the BOS token must be named"));
+        return Err(meta.missing(
+            "tokenizer.ggml.bos_token_id",
+            "tokenizer.ggml.add_bos_token is set, so the BOS token must be named",
+        ));
     }
     if add_eos && eos.is_none() {
-        return Err(meta.missing("tokenizer.ggml.eos_token_id", "tokenizer.ggml.add_eos_token is set, so the EOS token must be named"));
+        return Err(meta.missing(
+            "tokenizer.ggml.eos_token_id",
+            "tokenizer.ggml.add_eos_token is set, so the EOS token must be named",
+        ));
     }
 
     let model_json = match kind {
         VocabKind::ByteLevelBpe(pre) => {
             let merges = meta.string_array("tokenizer.ggml.merges")?.ok_or_else(|| {
-                meta.missing("tokenizer.ggml.merges", "a byte-level BPE vocabulary needs its merges")
+                meta.missing(
+                    "tokenizer.ggml.merges",
+                    "a byte-level BPE vocabulary needs its merges",
+                )
             })?;
-            let merges = split_merges(&merges).map_err(|message| tokenizer_error(message, "the merges list is corrupt"))?;
+            let merges = split_merges(&merges)
+                .map_err(|message| tokenizer_error(message, "the merges list is corrupt"))?;
             bpe_model(&tokens, &merges, None, false, pre.ignores_merges())
         }
         VocabKind::SentencePiece => {
             let scores = meta.f32_array("tokenizer.ggml.scores")?.ok_or_else(|| {
-                meta.missing("tokenizer.ggml.scores", "a SentencePiece vocabulary needs its scores to rebuild the merges")
+                meta.missing(
+                    "tokenizer.ggml.scores",
+                    "a SentencePiece vocabulary needs its scores to rebuild the merges",
+                )
             })?;
             if scores.len() != tokens.len() {
                 return Err(tokenizer_error(
-                    format!("tokenizer.ggml.scores has {} entries for {} tokens", scores.len(), tokens.len()),
+                    format!(
+                        "tokenizer.ggml.scores has {} entries for {} tokens",
+                        scores.len(),
+                        tokens.len()
+                    ),
                     "the file is inconsistent; convert the model again",
                 ));
             }
@@ -289,7 +344,9 @@ pub(crate) fn from_metadata(meta: &Metadata<'_>, model_max_length: Option<usize>
     let eos_entry = if add_eos { special_token(eos) } else { None };
     let template = template_processing(bos_entry.as_ref(), eos_entry.as_ref());
 
-    let add_space_prefix = meta.bool("tokenizer.ggml.add_space_prefix")?.unwrap_or(true);
+    let add_space_prefix = meta
+        .bool("tokenizer.ggml.add_space_prefix")?
+        .unwrap_or(true);
     let (normalizer, pre_tokenizer, post_processor, decoder) = match kind {
         VocabKind::ByteLevelBpe(pre) => {
             let byte_level_post = json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true});
@@ -301,7 +358,8 @@ pub(crate) fn from_metadata(meta: &Metadata<'_>, model_max_length: Option<usize>
             (pre.normalizer(), pre.pre_tokenizer(), post, decoder)
         }
         VocabKind::SentencePiece => {
-            let replace_space = json!({"type": "Replace", "pattern": {"String": " "}, "content": SPIECE_UNDERLINE});
+            let replace_space =
+                json!({"type": "Replace", "pattern": {"String": " "}, "content": SPIECE_UNDERLINE});
             let normalizer = if add_space_prefix {
                 json!({"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": SPIECE_UNDERLINE}, replace_space]})
             } else {
@@ -316,7 +374,12 @@ pub(crate) fn from_metadata(meta: &Metadata<'_>, model_max_length: Option<usize>
                 decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
             }
             let decoder = json!({"type": "Sequence", "decoders": decoders});
-            (normalizer, Json::Null, template.unwrap_or(Json::Null), decoder)
+            (
+                normalizer,
+                Json::Null,
+                template.unwrap_or(Json::Null),
+                decoder,
+            )
         }
     };
 
@@ -332,7 +395,10 @@ pub(crate) fn from_metadata(meta: &Metadata<'_>, model_max_length: Option<usize>
         "model": model_json,
     });
     let tokenizer: tokenizers::Tokenizer = serde_json::from_value(tokenizer_json).map_err(|e| {
-        tokenizer_error(format!("the rebuilt tokenizer.json does not load: {e}"), "please report this with the GGUF file's name")
+        tokenizer_error(
+            format!("the rebuilt tokenizer.json does not load: {e}"),
+            "please report this with the GGUF file's name",
+        )
     })?;
 
     let mut stop_token_ids: Vec<u32> = Vec::new();
@@ -341,15 +407,18 @@ pub(crate) fn from_metadata(meta: &Metadata<'_>, model_max_length: Option<usize>
             stop_token_ids.push(id);
         }
     }
-    let tokenizer_config = tokenizer_config(meta, TokenizerConfig {
-        bos: token_str(bos),
-        eos: token_str(eos),
-        unk: token_str(unk),
-        pad: token_str(pad),
-        add_bos,
-        add_eos,
-        model_max_length,
-    })?;
+    let tokenizer_config = tokenizer_config(
+        meta,
+        TokenizerConfig {
+            bos: token_str(bos),
+            eos: token_str(eos),
+            unk: token_str(unk),
+            pad: token_str(pad),
+            add_bos,
+            add_eos,
+            model_max_length,
+        },
+    )?;
     Ok(GgufTokenizer {
         tokenizer,
         tokenizer_config,
@@ -374,7 +443,9 @@ fn unique_tokens(tokens: &[&str]) -> Result<Vec<String>, String> {
             continue;
         }
         if let Some(first) = seen.insert(token, id) {
-            return Err(format!("token {token:?} appears twice in tokenizer.ggml.tokens (ids {first} and {id})"));
+            return Err(format!(
+                "token {token:?} appears twice in tokenizer.ggml.tokens (ids {first} and {id})"
+            ));
         }
         out.push(token.to_owned());
     }
@@ -393,8 +464,13 @@ fn split_merges(merges: &[&str]) -> Result<Vec<(String, String)>, String> {
                 .skip(1)
                 .find(|&(_, c)| c == ' ')
                 .map(|(at, _)| at)
-                .ok_or_else(|| format!("merge {i} ({merge:?}) is not two tokens separated by a space"))?;
-            Ok((merge[..split_at].to_owned(), merge[split_at + 1..].to_owned()))
+                .ok_or_else(|| {
+                    format!("merge {i} ({merge:?}) is not two tokens separated by a space")
+                })?;
+            Ok((
+                merge[..split_at].to_owned(),
+                merge[split_at + 1..].to_owned(),
+            ))
         })
         .collect()
 }
@@ -404,7 +480,11 @@ fn split_merges(merges: &[&str]) -> Result<Vec<(String, String)>, String> {
 /// the scores of their parts (best first), and all merges by the score of the piece they make
 /// (best first; ties keep vocabulary order) — the order transformers' GGUF converter uses.
 pub(crate) fn merges_from_scores(tokens: &[String], scores: &[f32]) -> Vec<(String, String)> {
-    let score_of: HashMap<&str, f32> = tokens.iter().map(String::as_str).zip(scores.iter().copied()).collect();
+    let score_of: HashMap<&str, f32> = tokens
+        .iter()
+        .map(String::as_str)
+        .zip(scores.iter().copied())
+        .collect();
     // (left, right, score of the merged piece)
     let mut merges: Vec<(&str, &str, f32)> = Vec::new();
     for (piece, &score) in tokens.iter().zip(scores) {
@@ -413,11 +493,15 @@ pub(crate) fn merges_from_scores(tokens: &[String], scores: &[f32]) -> Vec<(Stri
             .skip(1)
             .filter_map(|(at, _)| {
                 let (left, right) = piece.split_at(at);
-                (score_of.contains_key(left) && score_of.contains_key(right)).then_some((left, right, score))
+                (score_of.contains_key(left) && score_of.contains_key(right))
+                    .then_some((left, right, score))
             })
             .collect();
         let part_scores = |m: &(&str, &str, f32)| {
-            (score_of.get(m.0).copied().unwrap_or(f32::MIN), score_of.get(m.1).copied().unwrap_or(f32::MIN))
+            (
+                score_of.get(m.0).copied().unwrap_or(f32::MIN),
+                score_of.get(m.1).copied().unwrap_or(f32::MIN),
+            )
         };
         local.sort_by(|a, b| {
             let (a0, a1) = part_scores(a);
@@ -427,12 +511,24 @@ pub(crate) fn merges_from_scores(tokens: &[String], scores: &[f32]) -> Vec<(Stri
         merges.extend(local);
     }
     merges.sort_by(|a, b| b.2.total_cmp(&a.2));
-    merges.into_iter().map(|(l, r, _)| (l.to_owned(), r.to_owned())).collect()
+    merges
+        .into_iter()
+        .map(|(l, r, _)| (l.to_owned(), r.to_owned()))
+        .collect()
 }
 
-fn bpe_model(tokens: &[String], merges: &[(String, String)], unk: Option<&str>, byte_fallback: bool, ignore_merges: bool) -> Json {
-    let vocab: serde_json::Map<String, Json> =
-        tokens.iter().enumerate().map(|(id, token)| (token.clone(), Json::from(id))).collect();
+fn bpe_model(
+    tokens: &[String],
+    merges: &[(String, String)],
+    unk: Option<&str>,
+    byte_fallback: bool,
+    ignore_merges: bool,
+) -> Json {
+    let vocab: serde_json::Map<String, Json> = tokens
+        .iter()
+        .enumerate()
+        .map(|(id, token)| (token.clone(), Json::from(id)))
+        .collect();
     let merges: Vec<Json> = merges.iter().map(|(l, r)| json!([l, r])).collect();
     json!({
         "type": "BPE",
@@ -473,7 +569,11 @@ fn added_tokens(tokens: &[String], token_types: Option<&[i64]>, unk: Option<u32>
                 _ => None,
             })
             .collect(),
-        None => unk.and_then(|id| usize::try_from(id).ok()).and_then(|id| entry(id, true)).into_iter().collect(),
+        None => unk
+            .and_then(|id| usize::try_from(id).ok())
+            .and_then(|id| entry(id, true))
+            .into_iter()
+            .collect(),
     }
 }
 
@@ -482,7 +582,8 @@ fn template_processing(bos: Option<&(String, u32)>, eos: Option<&(String, u32)>)
     if bos.is_none() && eos.is_none() {
         return None;
     }
-    let special = |token: &str, type_id: u32| json!({"SpecialToken": {"id": token, "type_id": type_id}});
+    let special =
+        |token: &str, type_id: u32| json!({"SpecialToken": {"id": token, "type_id": type_id}});
     let sequence = |id: &str, type_id: u32| json!({"Sequence": {"id": id, "type_id": type_id}});
     let mut single = Vec::new();
     let mut pair = Vec::new();
@@ -502,9 +603,14 @@ fn template_processing(bos: Option<&(String, u32)>, eos: Option<&(String, u32)>)
     }
     let mut special_tokens = serde_json::Map::new();
     for (token, id) in [bos, eos].into_iter().flatten() {
-        special_tokens.insert(token.clone(), json!({"id": token, "ids": [id], "tokens": [token]}));
+        special_tokens.insert(
+            token.clone(),
+            json!({"id": token, "ids": [id], "tokens": [token]}),
+        );
     }
-    Some(json!({"type": "TemplateProcessing", "single": single, "pair": pair, "special_tokens": special_tokens}))
+    Some(
+        json!({"type": "TemplateProcessing", "single": single, "pair": pair, "special_tokens": special_tokens}),
+    )
 }
 
 struct TokenizerConfig {
@@ -524,7 +630,12 @@ fn tokenizer_config(meta: &Metadata<'_>, config: TokenizerConfig) -> Result<Json
     out.insert("tokenizer_class".into(), json!("PreTrainedTokenizerFast"));
     out.insert("add_bos_token".into(), json!(config.add_bos));
     out.insert("add_eos_token".into(), json!(config.add_eos));
-    for (key, value) in [("bos_token", config.bos), ("eos_token", config.eos), ("unk_token", config.unk), ("pad_token", config.pad)] {
+    for (key, value) in [
+        ("bos_token", config.bos),
+        ("eos_token", config.eos),
+        ("unk_token", config.unk),
+        ("pad_token", config.pad),
+    ] {
         out.insert(key.into(), value.map_or(Json::Null, Json::from));
     }
     out.insert("clean_up_tokenization_spaces".into(), json!(false));
@@ -541,7 +652,9 @@ fn tokenizer_config(meta: &Metadata<'_>, config: TokenizerConfig) -> Result<Json
 /// names, `tokenizer.chat_template.NAME` holds each), in tokenizer_config.json's list form.
 fn chat_template(meta: &Metadata<'_>) -> Result<Option<Json>, GgufError> {
     let default = meta.string("tokenizer.chat_template")?;
-    let names = meta.string_array("tokenizer.chat_templates")?.unwrap_or_default();
+    let names = meta
+        .string_array("tokenizer.chat_templates")?
+        .unwrap_or_default();
     let mut named = Vec::new();
     for name in names {
         let key = format!("tokenizer.chat_template.{name}");
@@ -575,7 +688,10 @@ mod tests {
         let merges = merges_from_scores(&vocab, &scores);
         // "abc" (score -0.5) first, its cuts ordered by part scores: (a, bc) has a=0 > ab=-1.
         let expected = [("a", "bc"), ("ab", "c"), ("a", "b"), ("b", "c")];
-        let got: Vec<(&str, &str)> = merges.iter().map(|(l, r)| (l.as_str(), r.as_str())).collect();
+        let got: Vec<(&str, &str)> = merges
+            .iter()
+            .map(|(l, r)| (l.as_str(), r.as_str()))
+            .collect();
         assert_eq!(got, expected);
     }
 
@@ -616,14 +732,25 @@ mod tests {
             let pre: tokenizers::PreTokenizerWrapper = serde_json::from_value(pre)?;
             let mut s = PreTokenizedString::from(text);
             pre.pre_tokenize(&mut s).map_err(|e| e.to_string())?;
-            Ok(s.get_splits(OffsetReferential::Original, OffsetType::Byte).into_iter().map(|(w, _, _)| w.to_owned()).collect())
+            Ok(s.get_splits(OffsetReferential::Original, OffsetType::Byte)
+                .into_iter()
+                .map(|(w, _, _)| w.to_owned())
+                .collect())
         };
         let regex = json!({"type": "Sequence", "pretokenizers": [
             {"type": "Split", "pattern": {"Regex": GPT2_REGEX}, "behavior": "Isolated", "invert": false},
             {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]});
         let builtin = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
-        for text in ["Hello, world!  It's 2024.\n\n\tdone  ", "   leading", "a\u{00a0}b 你好"] {
-            assert_eq!(split(regex.clone(), text)?, split(builtin.clone(), text)?, "{text:?}");
+        for text in [
+            "Hello, world!  It's 2024.\n\n\tdone  ",
+            "   leading",
+            "a\u{00a0}b 你好",
+        ] {
+            assert_eq!(
+                split(regex.clone(), text)?,
+                split(builtin.clone(), text)?,
+                "{text:?}"
+            );
         }
         Ok(())
     }

@@ -47,7 +47,9 @@ fn safetensors_dtype(dtype: DType) -> Result<&'static str, GgufError> {
         DType::F32 => Ok("F32"),
         DType::BF16 => Ok("BF16"),
         DType::F16 => Ok("F16"),
-        other => Err(GgufError::UnsupportedDtype { dtype: format!("{other:?}") }),
+        other => Err(GgufError::UnsupportedDtype {
+            dtype: format!("{other:?}"),
+        }),
     }
 }
 
@@ -77,7 +79,9 @@ pub fn shard_names(n: usize) -> Vec<String> {
     if n <= 1 {
         return vec![SINGLE_FILE.to_owned()];
     }
-    (1..=n).map(|i| format!("model-{i:05}-of-{n:05}.safetensors")).collect()
+    (1..=n)
+        .map(|i| format!("model-{i:05}-of-{n:05}.safetensors"))
+        .collect()
 }
 
 /// The safetensors header for `tensors`, padded to a multiple of 8 bytes.
@@ -93,7 +97,8 @@ fn header(tensors: &[Planned]) -> Result<Vec<u8>, GgufError> {
         );
         offset = end;
     }
-    let mut bytes = serde_json::to_vec(&map).map_err(|e| GgufError::Internal(format!("safetensors header: {e}")))?;
+    let mut bytes = serde_json::to_vec(&map)
+        .map_err(|e| GgufError::Internal(format!("safetensors header: {e}")))?;
     while bytes.len() % 8 != 0 {
         bytes.push(b' ');
     }
@@ -126,11 +131,18 @@ pub fn write_file(
     produce: &mut dyn FnMut(&Planned) -> Result<Tensor, GgufError>,
     done: &mut dyn FnMut(&Planned),
 ) -> Result<(), GgufError> {
-    let io_error = |source| GgufError::Write { path: path.to_path_buf(), source };
+    let io_error = |source| GgufError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
     let file = File::create(path).map_err(io_error)?;
-    let mut out = Counting { inner: BufWriter::with_capacity(1 << 22, file), written: 0 };
+    let mut out = Counting {
+        inner: BufWriter::with_capacity(1 << 22, file),
+        written: 0,
+    };
     let header = header(tensors)?;
-    out.write_all(&(header.len() as u64).to_le_bytes()).map_err(io_error)?;
+    out.write_all(&(header.len() as u64).to_le_bytes())
+        .map_err(io_error)?;
     out.write_all(&header).map_err(io_error)?;
     for tensor in tensors {
         let data = produce(tensor)?;
@@ -159,13 +171,21 @@ pub fn write_file(
         }
         done(tensor);
     }
-    let file = out.inner.into_inner().map_err(|e| io_error(e.into_error()))?;
+    let file = out
+        .inner
+        .into_inner()
+        .map_err(|e| io_error(e.into_error()))?;
     file.sync_all().map_err(io_error)?;
     Ok(())
 }
 
 /// `model.safetensors.index.json` for a sharded checkpoint.
-pub fn write_index(dir: &Path, tensors: &[Planned], shards: &[std::ops::Range<usize>], names: &[String]) -> Result<PathBuf, GgufError> {
+pub fn write_index(
+    dir: &Path,
+    tensors: &[Planned],
+    shards: &[std::ops::Range<usize>],
+    names: &[String],
+) -> Result<PathBuf, GgufError> {
     let mut weight_map = serde_json::Map::new();
     for (range, name) in shards.iter().zip(names) {
         for tensor in tensors.get(range.clone()).unwrap_or_default() {
@@ -184,12 +204,20 @@ mod tests {
     use super::*;
 
     fn planned(name: &str, elements: usize, dtype: DType) -> Planned {
-        Planned { gguf_name: name.into(), hf_name: name.into(), shape: vec![elements], dtype, unpermute_heads: None }
+        Planned {
+            gguf_name: name.into(),
+            hf_name: name.into(),
+            shape: vec![elements],
+            dtype,
+            unpermute_heads: None,
+        }
     }
 
     #[test]
     fn shards_respect_the_size_limit() {
-        let tensors: Vec<Planned> = (0..5).map(|i| planned(&format!("t{i}"), 100, DType::F32)).collect();
+        let tensors: Vec<Planned> = (0..5)
+            .map(|i| planned(&format!("t{i}"), 100, DType::F32))
+            .collect();
         assert_eq!(shard(&tensors, 10_000), vec![0..5]);
         assert_eq!(shard(&tensors, 800), vec![0..2, 2..4, 4..5]);
         // A tensor bigger than the limit still gets written, alone.
@@ -206,18 +234,30 @@ mod tests {
         let a = Tensor::arange(0f32, 6.0, &device)?.reshape((2, 3))?;
         let b = Tensor::arange(0f32, 3.0, &device)?.to_dtype(DType::BF16)?;
         let plan = vec![
-            Planned { shape: vec![2, 3], ..planned("a", 6, DType::F32) },
+            Planned {
+                shape: vec![2, 3],
+                ..planned("a", 6, DType::F32)
+            },
             planned("b", 3, DType::BF16),
         ];
         let (a2, b2) = (a.clone(), b.clone());
-        let mut produce = move |p: &Planned| Ok(if p.hf_name == "a" { a2.clone() } else { b2.clone() });
+        let mut produce = move |p: &Planned| {
+            Ok(if p.hf_name == "a" {
+                a2.clone()
+            } else {
+                b2.clone()
+            })
+        };
         let mut count = 0;
         write_file(&path, &plan, &mut produce, &mut |_| count += 1)?;
         assert_eq!(count, 2);
         let loaded = oxtune_tensor::candle::safetensors::load(&path, &device)?;
         assert_eq!(loaded["a"].to_vec2::<f32>()?, a.to_vec2::<f32>()?);
         assert_eq!(loaded["b"].dtype(), DType::BF16);
-        assert_eq!(loaded["b"].to_dtype(DType::F32)?.to_vec1::<f32>()?, vec![0.0, 1.0, 2.0]);
+        assert_eq!(
+            loaded["b"].to_dtype(DType::F32)?.to_vec1::<f32>()?,
+            vec![0.0, 1.0, 2.0]
+        );
         Ok(())
     }
 }
