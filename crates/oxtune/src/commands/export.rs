@@ -279,7 +279,16 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(
-            message.contains("--from_gguf") && message.contains("Hugging Face directory"),
+            message.contains("--from_gguf") && message.contains("--merge_lora true"),
+            "{message}"
+        );
+        let cli = Cli::try_parse_from(["export", "--merge_lora", "true"])?;
+        let message = run(&cli.args)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            message.contains("--merge_lora true needs --adapters DIR"),
             "{message}"
         );
         let cli = Cli::try_parse_from(["export", "--from_gguf", "x/SmolLM2.Q4_1.gguf"])?;
