@@ -141,9 +141,20 @@ impl Weights {
         })
     }
 
-    /// Names of all tensors in the checkpoint.
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.locations.keys().map(String::as_str)
+    /// Every tensor's name and shape, file by file in the checkpoint's own order, read from
+    /// the headers without loading any data.
+    pub fn plan(&self) -> Vec<(String, Vec<usize>)> {
+        let mut plan = Vec::with_capacity(self.locations.len());
+        for (_, mapped) in &self.files {
+            let mut tensors: Vec<(String, Vec<usize>)> = mapped
+                .tensors()
+                .into_iter()
+                .map(|(name, view)| (name, view.shape().to_vec()))
+                .collect();
+            tensors.sort_by(|a, b| a.0.cmp(&b.0));
+            plan.extend(tensors);
+        }
+        plan
     }
 
     fn describe(&self) -> String {
@@ -201,19 +212,47 @@ impl WeightSource for Weights {
 
 /// Writes `tensors` as a Hugging Face checkpoint into `dir`: one `model.safetensors`, or
 /// shards of at most `max_shard_bytes` (`model-0000i-of-0000n.safetensors`) with
-/// `model.safetensors.index.json`. Tensors are converted to `dtype` one shard at a time, so
-/// at most one shard's worth of converted data is in memory. Each file is written under a
-/// temporary name and renamed.
+/// `model.safetensors.index.json`; see [`save_sharded_with`].
 pub fn save_sharded(
     dir: &Path,
     tensors: &[(String, Tensor)],
     dtype: DType,
     max_shard_bytes: usize,
 ) -> Result<Vec<PathBuf>> {
-    let mut shards: Vec<Vec<&(String, Tensor)>> = vec![Vec::new()];
+    let plan: Vec<(String, Vec<usize>)> = tensors
+        .iter()
+        .map(|(name, t)| (name.clone(), t.dims().to_vec()))
+        .collect();
+    let by_name: HashMap<&str, &Tensor> =
+        tensors.iter().map(|(name, t)| (name.as_str(), t)).collect();
+    save_sharded_with(dir, &plan, dtype, max_shard_bytes, &mut |name| {
+        by_name
+            .get(name)
+            .map(|t| t.detach())
+            .ok_or_else(|| Error::MissingTensor {
+                name: name.into(),
+                location: "the tensors to save".into(),
+                hint: "internal: the plan names a tensor that was not given".into(),
+            })
+    })
+}
+
+/// Writes the tensors of `plan` (name, shape), in order, as a Hugging Face checkpoint in
+/// `dtype`, asking `produce` for each tensor only when its shard is written: at most one
+/// shard's tensors are in memory, so a checkpoint larger than memory can be written tensor
+/// by tensor from another one. Each file is written under a temporary name and renamed.
+pub fn save_sharded_with(
+    dir: &Path,
+    plan: &[(String, Vec<usize>)],
+    dtype: DType,
+    max_shard_bytes: usize,
+    produce: &mut dyn FnMut(&str) -> Result<Tensor>,
+) -> Result<Vec<PathBuf>> {
+    let bytes_of = |shape: &[usize]| shape.iter().product::<usize>() * dtype.size_in_bytes();
+    let mut shards: Vec<Vec<&(String, Vec<usize>)>> = vec![Vec::new()];
     let mut bytes = 0;
-    for entry in tensors {
-        let size = entry.1.elem_count() * dtype.size_in_bytes();
+    for entry in plan {
+        let size = bytes_of(&entry.1);
         if bytes > 0 && bytes + size > max_shard_bytes {
             shards.push(Vec::new());
             bytes = 0;
@@ -225,7 +264,7 @@ pub fn save_sharded(
             .push(entry);
     }
     let count = shards.len();
-    let mut written = Vec::with_capacity(count);
+    let mut written = Vec::with_capacity(count + 1);
     let mut weight_map = serde_json::Map::new();
     for (index, shard) in shards.into_iter().enumerate() {
         let name = if count == 1 {
@@ -233,13 +272,18 @@ pub fn save_sharded(
         } else {
             format!("model-{:05}-of-{count:05}.safetensors", index + 1)
         };
-        let converted: HashMap<String, Tensor> = shard
-            .iter()
-            .map(|(tensor_name, tensor)| {
-                Ok((tensor_name.clone(), tensor.detach().to_dtype(dtype)?))
-            })
-            .collect::<Result<_>>()?;
-        for tensor_name in converted.keys() {
+        let mut converted = HashMap::with_capacity(shard.len());
+        for (tensor_name, shape) in shard {
+            let tensor = produce(tensor_name)?;
+            if tensor.dims() != shape.as_slice() {
+                return Err(Error::ShapeMismatch {
+                    name: tensor_name.clone(),
+                    location: name.clone(),
+                    expected: shape.clone(),
+                    got: tensor.dims().to_vec(),
+                });
+            }
+            converted.insert(tensor_name.clone(), tensor.to_dtype(dtype)?);
             weight_map.insert(tensor_name.clone(), serde_json::Value::String(name.clone()));
         }
         let path = dir.join(&name);
@@ -252,10 +296,7 @@ pub fn save_sharded(
         written.push(path);
     }
     if count > 1 {
-        let total: usize = tensors
-            .iter()
-            .map(|(_, t)| t.elem_count() * dtype.size_in_bytes())
-            .sum();
+        let total: usize = plan.iter().map(|(_, shape)| bytes_of(shape)).sum();
         let index =
             serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
         let path = dir.join(INDEX_FILE);

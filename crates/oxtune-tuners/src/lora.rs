@@ -107,6 +107,46 @@ impl LoraAdapter {
         Ok((self.b.as_tensor().matmul(self.a.as_tensor())? * self.scaling)?)
     }
 
+    /// A frozen adapter from tensors read from disk (for merging without a model).
+    pub(crate) fn frozen(
+        a: &Tensor,
+        b: &Tensor,
+        magnitude: Option<&Tensor>,
+        scaling: f64,
+    ) -> Result<Self> {
+        Ok(Self {
+            a: Var::from_tensor(&a.to_dtype(DType::F32)?)?,
+            b: Var::from_tensor(&b.to_dtype(DType::F32)?)?,
+            magnitude: magnitude
+                .map(|m| Var::from_tensor(&m.to_dtype(DType::F32)?))
+                .transpose()?,
+            scaling,
+            dropout: 0.0,
+            index: 0,
+            state: Arc::default(),
+        })
+    }
+
+    /// The base weight with this adapter folded in, computed in f32 and returned in the
+    /// weight's dtype: LoRA `W + s B A`, DoRA `m / ||W + s B A|| * (W + s B A)` row by row.
+    pub fn merged_weight(&self, weight: &Tensor) -> Result<Tensor> {
+        let updated = (weight.to_dtype(DType::F32)? + self.delta_weight()?.detach())?;
+        let merged = match &self.magnitude {
+            None => updated,
+            Some(magnitude) => {
+                let norm = updated.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?;
+                updated.broadcast_mul(
+                    &magnitude
+                        .as_tensor()
+                        .detach()
+                        .unsqueeze(1)?
+                        .broadcast_div(&norm)?,
+                )?
+            }
+        };
+        Ok(merged.to_dtype(weight.dtype())?)
+    }
+
     /// ||W + s B A|| per output row, detached: (out,).
     fn weight_norm(&self, weight: &Tensor) -> Result<Tensor> {
         let delta = self.delta_weight()?.detach().to_dtype(weight.dtype())?;
@@ -295,23 +335,8 @@ impl LoraTuner {
             let Some(adapter) = adapters.get(name.as_str()) else {
                 continue;
             };
-            let weight = linear.weight().clone();
-            let dtype = weight.dtype();
-            let updated = (weight.to_dtype(DType::F32)? + adapter.delta_weight()?.detach())?;
-            let merged = match &adapter.magnitude {
-                None => updated,
-                Some(magnitude) => {
-                    let norm = updated.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?;
-                    updated.broadcast_mul(
-                        &magnitude
-                            .as_tensor()
-                            .detach()
-                            .unsqueeze(1)?
-                            .broadcast_div(&norm)?,
-                    )?
-                }
-            };
-            *linear.tensors_mut().0 = merged.to_dtype(dtype)?;
+            let merged = adapter.merged_weight(linear.weight())?;
+            *linear.tensors_mut().0 = merged;
             linear.set_adapter(None);
         }
         Ok(())

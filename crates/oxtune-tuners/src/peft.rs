@@ -20,7 +20,7 @@ pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 const PREFIX: &str = "base_model.model.";
 
 /// One module's (lora_A, lora_B, lora_magnitude_vector) as found in the file.
-type AdapterTensors = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
+pub type AdapterTensors = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
 
 /// The fields of peft's `LoraConfig` that oxtune reads and writes.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -109,8 +109,158 @@ pub fn save(tuner: &LoraTuner, dir: &Path, base_model: Option<&str>) -> Result<(
     rename(&temporary, &dir.join(WEIGHTS_FILE))
 }
 
+/// An adapter as read from disk: its settings and each module's (A, B, magnitude).
+#[derive(Debug)]
+pub struct AdapterFile {
+    pub settings: LoraSettings,
+    pub modules: HashMap<String, AdapterTensors>,
+    /// `adapter_model.safetensors`, for messages.
+    pub weights_path: std::path::PathBuf,
+}
+
 /// Reads a peft LoRA/DoRA adapter from `dir` and attaches it to `model`.
 pub fn load(model: &mut CausalLm, dir: &Path, device: &Device) -> Result<LoraTuner> {
+    let AdapterFile {
+        settings,
+        mut modules,
+        weights_path,
+    } = read(dir, device)?;
+    let adapter_error = |message: String| Error::Adapter {
+        path: weights_path.clone(),
+        message,
+    };
+    let mut attached = 0;
+    let tuner = LoraTuner::attach_with(model, &settings, |module, linear| {
+        let (a, b, magnitude) = modules.remove(module).unwrap_or_default();
+        let (a, b) = check_module(
+            module,
+            a,
+            b,
+            magnitude.as_ref(),
+            linear.weight().dims(),
+            &settings,
+            &weights_path,
+        )?;
+        attached += 1;
+        Ok((a, b, magnitude))
+    })?;
+    if let Some(module) = modules.keys().next() {
+        return Err(adapter_error(format!(
+            "module `{module}` is not a linear layer of this model\nhint: the adapter was trained on another base model"
+        )));
+    }
+    tracing::info!(adapter = %dir.display(), layers = attached, dora = settings.use_dora, "loaded adapter");
+    Ok(tuner)
+}
+
+/// A module's A and B, checked against its base weight's (out, in) shape.
+fn check_module(
+    module: &str,
+    a: Option<Tensor>,
+    b: Option<Tensor>,
+    magnitude: Option<&Tensor>,
+    weight_shape: &[usize],
+    settings: &LoraSettings,
+    weights_path: &Path,
+) -> Result<(Tensor, Tensor)> {
+    let adapter_error = |message: String| Error::Adapter {
+        path: weights_path.to_path_buf(),
+        message,
+    };
+    let missing = |what: &str| adapter_error(format!("`{module}` has no {what} tensor"));
+    let a = a.ok_or_else(|| missing("lora_A"))?;
+    let b = b.ok_or_else(|| missing("lora_B"))?;
+    let &[out_features, in_features] = weight_shape else {
+        return Err(adapter_error(format!(
+            "`{module}` is not a 2-D linear weight"
+        )));
+    };
+    let r = settings.rank;
+    if a.dims() != [r, in_features] || b.dims() != [out_features, r] {
+        return Err(adapter_error(format!(
+            "`{module}`: lora_A {:?} / lora_B {:?} do not fit a ({out_features}, {in_features}) layer with r = {r}\nhint: the adapter was trained on another base model",
+            a.dims(),
+            b.dims()
+        )));
+    }
+    if settings.use_dora && magnitude.is_none() {
+        return Err(missing("lora_magnitude_vector"));
+    }
+    Ok((a, b))
+}
+
+/// Folds the adapter in `adapter_dir` into the checkpoint `base` and writes the merged
+/// Hugging Face weights into `output_dir` in `dtype`, tensor by tensor: each base tensor is
+/// read (memory-mapped), merged if the adapter targets it, and written with its shard, so
+/// at most one shard is in memory, whatever the model's size. Returns how many layers were
+/// merged. Config and tokenizer files are the caller's to copy.
+pub fn merge_checkpoint(
+    base: &oxtune_models::Weights,
+    adapter_dir: &Path,
+    output_dir: &Path,
+    dtype: oxtune_tensor::DType,
+    max_shard_bytes: usize,
+) -> Result<usize> {
+    use oxtune_models::WeightSource as _;
+    let AdapterFile {
+        settings,
+        mut modules,
+        weights_path,
+    } = read(adapter_dir, &Device::Cpu)?;
+    let plan = base.plan();
+    let mut merged = 0;
+    oxtune_models::checkpoint::save_sharded_with(
+        output_dir,
+        &plan,
+        dtype,
+        max_shard_bytes,
+        &mut |name| {
+            let shape = plan
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, s)| s.clone())
+                .unwrap_or_default();
+            let weight = base.get(name, &shape)?;
+            let Some((a, b, magnitude)) = name
+                .strip_suffix(".weight")
+                .and_then(|module| modules.remove(module))
+            else {
+                return Ok(weight);
+            };
+            let module = name.trim_end_matches(".weight");
+            let to_model_error = |e: Error| {
+                oxtune_models::Error::Tensor(oxtune_tensor::candle::Error::Msg(e.to_string()))
+            };
+            let (a, b) = check_module(
+                module,
+                a,
+                b,
+                magnitude.as_ref(),
+                &shape,
+                &settings,
+                &weights_path,
+            )
+            .map_err(to_model_error)?;
+            let adapter =
+                crate::lora::LoraAdapter::frozen(&a, &b, magnitude.as_ref(), settings.scaling())
+                    .map_err(to_model_error)?;
+            merged += 1;
+            adapter.merged_weight(&weight).map_err(to_model_error)
+        },
+    )?;
+    if let Some(module) = modules.keys().next() {
+        return Err(Error::Adapter {
+            path: weights_path,
+            message: format!(
+                "module `{module}` is not a linear layer of the base model\nhint: the adapter was trained on another base model"
+            ),
+        });
+    }
+    Ok(merged)
+}
+
+/// Reads a peft LoRA/DoRA adapter: `adapter_config.json` (checked) and its tensors by module.
+pub fn read(dir: &Path, device: &Device) -> Result<AdapterFile> {
     let config_path = dir.join(CONFIG_FILE);
     let adapter_error = |path: &Path, message: String| Error::Adapter {
         path: path.to_path_buf(),
@@ -193,41 +343,11 @@ pub fn load(model: &mut CausalLm, dir: &Path, device: &Device) -> Result<LoraTun
         use_dora: config.use_dora,
         target_modules: TargetModules::Names(parts.keys().cloned().collect()),
     };
-    let mut attached = 0;
-    let tuner = LoraTuner::attach_with(model, &settings, |module, linear| {
-        let (a, b, magnitude) = parts.remove(module).unwrap_or_default();
-        let missing =
-            |what: &str| adapter_error(&weights_path, format!("`{module}` has no {what} tensor"));
-        let a = a.ok_or_else(|| missing("lora_A"))?;
-        let b = b.ok_or_else(|| missing("lora_B"))?;
-        let (out_features, in_features) = linear.weight().dims2()?;
-        if a.dims() != [config.r, in_features] || b.dims() != [out_features, config.r] {
-            return Err(adapter_error(
-                &weights_path,
-                format!(
-                    "`{module}`: lora_A {:?} / lora_B {:?} do not fit a ({out_features}, {in_features}) layer with r = {}\nhint: the adapter was trained on another base model",
-                    a.dims(),
-                    b.dims(),
-                    config.r
-                ),
-            ));
-        }
-        if config.use_dora && magnitude.is_none() {
-            return Err(missing("lora_magnitude_vector"));
-        }
-        attached += 1;
-        Ok((a, b, magnitude))
-    })?;
-    if let Some(module) = parts.keys().next() {
-        return Err(adapter_error(
-            &weights_path,
-            format!(
-                "module `{module}` is not a linear layer of this model\nhint: the adapter was trained on another base model"
-            ),
-        ));
-    }
-    tracing::info!(adapter = %dir.display(), layers = attached, dora = config.use_dora, "loaded adapter");
-    Ok(tuner)
+    Ok(AdapterFile {
+        settings,
+        modules: parts,
+        weights_path,
+    })
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {

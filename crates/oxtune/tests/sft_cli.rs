@@ -357,3 +357,27 @@ fn pt_trains_on_raw_text() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn merging_an_adapter_into_the_wrong_base_fails_and_writes_nothing() -> anyhow::Result<()> {
+    let dir = workspace()?;
+    let adapter = repo("tests/fixtures/peft/tiny-qwen3-lora/adapter");
+    let base = repo("tests/fixtures/tiny-llama");
+    let stderr = failure(&oxtune(
+        dir.path(),
+        &[
+            "export",
+            "--adapters",
+            adapter.to_str().context("path")?,
+            "--model",
+            base.to_str().context("path")?,
+            "--merge_lora",
+            "true",
+            "--output_dir",
+            "merged",
+        ],
+    )?)?;
+    ensure!(stderr.contains("trained on another base model"), "{stderr}");
+    ensure!(!dir.path().join("merged").exists(), "nothing is written");
+    Ok(())
+}

@@ -1,9 +1,9 @@
 //! `oxtune export`: convert checkpoints.
 //!
 //! `--adapters DIR --merge_lora true --output_dir OUT` folds a LoRA / DoRA adapter into its
-//! base model and writes a Hugging Face checkpoint (sharded at 5 GB), after checking on a
-//! probe prompt that the merged model's logits equal the adapted model's — a mismatch is an
-//! error and nothing is written.
+//! base model and writes a Hugging Face checkpoint (sharded at 5 GB) tensor by tensor, one
+//! shard in memory at a time; then checks on a probe prompt that the merged model's logits
+//! equal the adapted model's — a mismatch is an error and nothing is written.
 //!
 //! `--from_gguf FILE --output_dir DIR` imports a llama.cpp GGUF file (llama, qwen2,
 //! qwen3 architectures; any quantization candle dequantizes) into a Hugging Face directory:
@@ -121,12 +121,38 @@ fn default_name(path: &std::path::Path) -> String {
         .map_or_else(|| "model".to_owned(), |s| s.to_string_lossy().into_owned())
 }
 
-/// The largest tolerated |merged - adapted| logit difference (float32), relative to the
-/// largest logit: merging reorders float operations, nothing more.
-const MERGE_TOLERANCE: f32 = 1e-4;
+/// The largest tolerated |merged - adapted| logit difference, relative to the largest
+/// logit: merging reorders float operations (float32 output), and rounds the merged weights
+/// (bfloat16 / float16 output), nothing more.
+fn merge_tolerance(dtype: oxtune_tensor::DType) -> f32 {
+    if dtype == oxtune_tensor::DType::F32 {
+        1e-4
+    } else {
+        2e-2
+    }
+}
 
+/// Logits of the probe prompt (the chat template's rendering when the model has one).
+fn probe_logits(model: &oxtune_models::LoadedModel) -> anyhow::Result<oxtune_tensor::Tensor> {
+    let probe_text = "Write the overview section of a PRD for phone-number login.";
+    let probe = match &model.chat_template {
+        Some(template) => {
+            template.render(&[oxtune_models::ChatMessage::new("user", probe_text)], true)?
+        }
+        None => probe_text.to_owned(),
+    };
+    let device = model.model.device();
+    let ids =
+        oxtune_tensor::Tensor::new(model.tokenizer.encode(&probe, false)?.as_slice(), device)?
+            .unsqueeze(0)?;
+    Ok(model.model.forward(&ids, &mut model.model.new_cache())?)
+}
+
+/// `--adapters DIR --merge_lora true`: the merged checkpoint is streamed tensor by tensor
+/// from the base checkpoint (one shard in memory at a time), then loaded and compared with the
+/// adapted model on a probe prompt; it replaces `--output_dir` only when they agree.
 fn merge(args: &ExportArgs) -> anyhow::Result<()> {
-    use oxtune_tensor::Tensor;
+    use oxtune_tensor::{DType, Device};
     let adapter = args
         .adapters
         .as_ref()
@@ -142,68 +168,39 @@ fn merge(args: &ExportArgs) -> anyhow::Result<()> {
         );
     }
     let out_dtype = oxtune_tensor::parse_dtype(&args.torch_dtype)?;
-    // Merge and verify in float32 on the CPU; the output is converted shard by shard.
     let model_args = super::ModelArgs {
         model: args.model.clone(),
         model_type: None,
         device: "cpu".into(),
         torch_dtype: "float32".into(),
-        adapters: None,
+        adapters: Some(adapter.clone()),
     };
-    let base = match &args.model {
-        Some(model) => model.clone(),
-        None => super::adapter_base_model(adapter)?,
-    };
-    let mut loaded = super::ModelArgs {
-        model: Some(base),
-        ..model_args
-    }
-    .load()?;
-    let device = loaded.model.device().clone();
-    let tuner = oxtune_tuners::peft::load(&mut loaded.model, adapter, &device)
-        .with_context(|| format!("applying the adapter {}", adapter.display()))?;
+    let base_dir = model_args.resolve_dir(DType::F32)?;
 
-    let probe_text = "Write the overview section of a PRD for phone-number login.";
-    let probe = match &loaded.chat_template {
-        Some(template) => {
-            template.render(&[oxtune_models::ChatMessage::new("user", probe_text)], true)?
-        }
-        None => probe_text.to_owned(),
-    };
-    let ids =
-        Tensor::new(loaded.tokenizer.encode(&probe, false)?.as_slice(), &device)?.unsqueeze(0)?;
-    let adapted = loaded.model.forward(&ids, &mut loaded.model.new_cache())?;
-    tuner.merge_into(&mut loaded.model)?;
-    let merged = loaded.model.forward(&ids, &mut loaded.model.new_cache())?;
-    let scale: f32 = adapted.abs()?.flatten_all()?.max(0)?.to_scalar()?;
-    let diff: f32 = (&merged - &adapted)?
-        .abs()?
-        .flatten_all()?
-        .max(0)?
-        .to_scalar()?;
-    let tolerance = MERGE_TOLERANCE * scale.max(1.0);
-    if diff.is_nan() || diff > tolerance {
-        bail!(
-            "the merged model does not reproduce the adapted model: max |logit difference| {diff:e} on the probe prompt (tolerance {tolerance:e})\nhint: nothing was written; the adapter may not match this base model"
-        );
-    }
-    tracing::info!(
-        max_logit_difference = diff,
-        "merged model verified against the adapted model"
-    );
+    // 1. The adapted model's logits on the probe prompt (then the model is dropped).
+    let adapted = probe_logits(&model_args.load()?)?;
 
+    // 2. The merged checkpoint, tensor by tensor, into a temporary folder beside the output.
     let temporary = output_dir.with_extension("tmp-merge");
     if temporary.exists() {
         std::fs::remove_dir_all(&temporary)?;
     }
     std::fs::create_dir_all(&temporary)?;
-    let tensors: Vec<(String, Tensor)> = loaded
-        .model
-        .parameters_mut()
-        .into_iter()
-        .map(|(name, tensor)| (name, tensor.clone()))
-        .collect();
-    oxtune_models::checkpoint::save_sharded(&temporary, &tensors, out_dtype, 5 << 30)?;
+    let base = oxtune_models::Weights::load(&base_dir, DType::F32, &Device::Cpu)?;
+    let merged_layers =
+        match oxtune_tuners::peft::merge_checkpoint(&base, adapter, &temporary, out_dtype, 5 << 30)
+        {
+            Ok(layers) => layers,
+            Err(error) => {
+                std::fs::remove_dir_all(&temporary)?;
+                return Err(anyhow::Error::from(error).context(format!(
+                    "merging {} into {} (nothing was written)",
+                    adapter.display(),
+                    base_dir.display()
+                )));
+            }
+        };
+    drop(base);
     for file in [
         "generation_config.json",
         "tokenizer.json",
@@ -211,13 +208,13 @@ fn merge(args: &ExportArgs) -> anyhow::Result<()> {
         "special_tokens_map.json",
         "chat_template.jinja",
     ] {
-        let source = loaded.dir.join(file);
+        let source = base_dir.join(file);
         if source.is_file() {
             std::fs::copy(&source, temporary.join(file))
                 .with_context(|| format!("copying {}", source.display()))?;
         }
     }
-    let config_path = loaded.dir.join("config.json");
+    let config_path = base_dir.join("config.json");
     let mut config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&config_path)?)?;
     config["torch_dtype"] = oxtune_tensor::dtype_name(out_dtype).into();
@@ -225,6 +222,26 @@ fn merge(args: &ExportArgs) -> anyhow::Result<()> {
         temporary.join("config.json"),
         serde_json::to_string_pretty(&config)?,
     )?;
+
+    // 3. The merged model must reproduce the adapted one.
+    let merged = probe_logits(&oxtune_models::LoadedModel::load(
+        &temporary,
+        &Device::Cpu,
+        DType::F32,
+    )?)?;
+    let scale: f32 = adapted.abs()?.flatten_all()?.max(0)?.to_scalar()?;
+    let diff: f32 = (&merged - &adapted)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar()?;
+    let tolerance = merge_tolerance(out_dtype) * scale.max(1.0);
+    if diff.is_nan() || diff > tolerance {
+        std::fs::remove_dir_all(&temporary)?;
+        bail!(
+            "the merged model does not reproduce the adapted model: max |logit difference| {diff:e} on the probe prompt (tolerance {tolerance:e})\nhint: nothing was written; the adapter may not match this base model"
+        );
+    }
     if output_dir.exists() {
         std::fs::remove_dir_all(output_dir)?;
     }
@@ -233,9 +250,9 @@ fn merge(args: &ExportArgs) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout().lock();
     writeln!(
         stdout,
-        "merged {} into {} -> {} ({}, max logit difference {diff:.2e} on a probe prompt)",
+        "merged {} ({merged_layers} layers) into {} -> {} ({}, max logit difference {diff:.2e} on a probe prompt)",
         adapter.display(),
-        loaded.dir.display(),
+        base_dir.display(),
         output_dir.display(),
         oxtune_tensor::dtype_name(out_dtype)
     )?;

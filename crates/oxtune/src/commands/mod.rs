@@ -58,6 +58,19 @@ impl ModelArgs {
     /// Resolves and loads the model, with its adapter when one is given.
     pub fn load(&self) -> anyhow::Result<LoadedModel> {
         let (device, dtype) = self.device_and_dtype()?;
+        let dir = self.resolve_dir(dtype)?;
+        tracing::info!(model = %dir.display(), ?device, ?dtype, "loading");
+        let mut loaded = LoadedModel::load(&dir, &device, dtype)
+            .with_context(|| format!("loading {}", dir.display()))?;
+        if let Some(adapter) = &self.adapters {
+            oxtune_tuners::peft::load(&mut loaded.model, adapter, &device)
+                .with_context(|| format!("applying the adapter {}", adapter.display()))?;
+        }
+        Ok(loaded)
+    }
+
+    /// The Hugging Face directory of the model (a GGUF file is imported once, in `dtype`).
+    pub fn resolve_dir(&self, dtype: DType) -> anyhow::Result<PathBuf> {
         let adapter_base = match (&self.adapters, &self.model, &self.model_type) {
             (Some(adapter), None, None) => Some(adapter_base_model(adapter)?),
             _ => None,
@@ -67,18 +80,10 @@ impl ModelArgs {
             self.model_type.as_deref(),
             &SearchPaths::from_env(),
         )?;
-        let dir = match &source {
-            ModelSource::Directory(dir) => dir.clone(),
-            ModelSource::Gguf(file) => gguf_cache_dir(file, dtype)?,
-        };
-        tracing::info!(model = %dir.display(), ?device, ?dtype, "loading");
-        let mut loaded = LoadedModel::load(&dir, &device, dtype)
-            .with_context(|| format!("loading {}", source.path().display()))?;
-        if let Some(adapter) = &self.adapters {
-            oxtune_tuners::peft::load(&mut loaded.model, adapter, &device)
-                .with_context(|| format!("applying the adapter {}", adapter.display()))?;
+        match &source {
+            ModelSource::Directory(dir) => Ok(dir.clone()),
+            ModelSource::Gguf(file) => gguf_cache_dir(file, dtype),
         }
-        Ok(loaded)
     }
 }
 
