@@ -210,6 +210,31 @@ impl WeightSource for Weights {
     }
 }
 
+/// The files that, besides the weights and `config.json`, make a Hugging Face model
+/// directory usable: tokenizer, chat template, generation defaults.
+pub const COMPANION_FILES: &[&str] = &[
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+];
+
+/// Copies the [`COMPANION_FILES`] that `from` holds into `to` (a derived checkpoint: merged,
+/// fully fine-tuned).
+pub fn copy_companion_files(from: &Path, to: &Path) -> Result<()> {
+    for file in COMPANION_FILES {
+        let source = from.join(file);
+        if source.is_file() {
+            std::fs::copy(&source, to.join(file)).map_err(|source_error| Error::Io {
+                path: source,
+                source: source_error,
+            })?;
+        }
+    }
+    Ok(())
+}
+
 /// Writes `tensors` as a Hugging Face checkpoint into `dir`: one `model.safetensors`, or
 /// shards of at most `max_shard_bytes` (`model-0000i-of-0000n.safetensors`) with
 /// `model.safetensors.index.json`; see [`save_sharded_with`].

@@ -87,20 +87,10 @@ impl Trainable {
                     .map(|(name, var)| (name.clone(), var.as_tensor().detach()))
                     .collect();
                 oxtune_tensor::candle::safetensors::save(&tensors, dir.join("model.safetensors"))?;
-                for file in [
-                    "config.json",
-                    "generation_config.json",
-                    "tokenizer.json",
-                    "tokenizer_config.json",
-                    "special_tokens_map.json",
-                    "chat_template.jinja",
-                ] {
-                    let source = base_model_dir.join(file);
-                    if source.is_file() {
-                        std::fs::copy(&source, dir.join(file))
-                            .map_err(|e| Error::State(format!("{}: {e}", source.display())))?;
-                    }
-                }
+                let config = base_model_dir.join("config.json");
+                std::fs::copy(&config, dir.join("config.json"))
+                    .map_err(|e| Error::State(format!("{}: {e}", config.display())))?;
+                oxtune_models::checkpoint::copy_companion_files(base_model_dir, dir)?;
                 Ok(())
             }
         }

@@ -201,19 +201,7 @@ fn merge(args: &ExportArgs) -> anyhow::Result<()> {
             }
         };
     drop(base);
-    for file in [
-        "generation_config.json",
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-        "chat_template.jinja",
-    ] {
-        let source = base_dir.join(file);
-        if source.is_file() {
-            std::fs::copy(&source, temporary.join(file))
-                .with_context(|| format!("copying {}", source.display()))?;
-        }
-    }
+    oxtune_models::checkpoint::copy_companion_files(&base_dir, &temporary)?;
     let config_path = base_dir.join("config.json");
     let mut config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&config_path)?)?;
