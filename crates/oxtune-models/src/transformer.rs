@@ -16,6 +16,7 @@ use oxtune_tensor::{DType, Module, Tensor, Var};
 use crate::Result;
 use crate::checkpoint::WeightSource;
 use crate::config::ModelConfig;
+use crate::paged::{AdapterRouting, PagedKvCache, PagedSequence, PagedStep};
 use crate::rope::RotaryEmbedding;
 
 /// What a tuner puts into a linear layer (LoRA, DoRA, …): given the input and the frozen base
@@ -32,6 +33,8 @@ pub struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
     adapter: Option<std::sync::Arc<dyn Adapter>>,
+    /// Adapters served side by side (multi-LoRA), by adapter index; a request picks one.
+    served: Vec<Option<std::sync::Arc<dyn Adapter>>>,
 }
 
 impl Linear {
@@ -52,6 +55,7 @@ impl Linear {
             weight,
             bias,
             adapter: None,
+            served: Vec::new(),
         })
     }
 
@@ -78,6 +82,45 @@ impl Linear {
     /// The weight and bias tensors, for replacing them (trainable copies, merged weights).
     pub fn tensors_mut(&mut self) -> (&mut Tensor, Option<&mut Tensor>) {
         (&mut self.weight, self.bias.as_mut())
+    }
+
+    /// Makes `adapter` the served adapter number `index` (multi-LoRA: requests pick it by
+    /// index through [`AdapterRouting`]). `None` leaves this layer unadapted for that index.
+    pub fn set_served_adapter(
+        &mut self,
+        index: usize,
+        adapter: Option<std::sync::Arc<dyn Adapter>>,
+    ) {
+        if self.served.len() <= index {
+            self.served.resize(index + 1, None);
+        }
+        self.served[index] = adapter;
+    }
+
+    /// The output of each row segment under its own adapter: (1, t, in) -> (1, t, out).
+    /// Segments without an adapter (or whose adapter does not touch this layer) get
+    /// [`Linear::forward`].
+    /// `None` routes every row to [`Linear::forward`].
+    pub fn forward_routed(&self, xs: &Tensor, routing: Option<&AdapterRouting>) -> Result<Tensor> {
+        let Some(routing) = routing.filter(|routing| !routing.is_base_only()) else {
+            return self.forward(xs);
+        };
+        let pieces = routing
+            .segments
+            .iter()
+            .map(|segment| {
+                let rows = xs.narrow(1, segment.start, segment.len)?;
+                match segment
+                    .adapter
+                    .and_then(|i| self.served.get(i))
+                    .and_then(Option::as_ref)
+                {
+                    Some(adapter) => adapter.forward(&rows, self),
+                    None => self.forward(&rows),
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&pieces, 1)?)
     }
 
     /// The adapted output when an adapter is attached, else the base output.
@@ -326,20 +369,9 @@ impl Attention {
         let (b, t, _) = xs.dims3()?;
         let (h, kv_h, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
 
-        // 1. Project: (b, t, c) -> (b, t, heads, d)
-        let q = self.q_proj.forward(xs)?.reshape((b, t, h, d))?;
-        let k = self.k_proj.forward(xs)?.reshape((b, t, kv_h, d))?;
+        // 1-2. Project: (b, t, c) -> (b, t, heads, d), per-head RMSNorm over d (Qwen3)
+        let (q, k) = self.project_qk(xs, None)?;
         let v = self.v_proj.forward(xs)?.reshape((b, t, kv_h, d))?;
-
-        // 2. Per-head RMSNorm over d (Qwen3)
-        let q = match &self.q_norm {
-            Some(norm) => norm.forward(&q)?,
-            None => q,
-        };
-        let k = match &self.k_norm {
-            Some(norm) => norm.forward(&k)?,
-            None => k,
-        };
 
         // 3. (b, t, heads, d) -> (b, heads, t, d), RoPE at each token's position
         let q = q.transpose(1, 2)?.contiguous()?;
@@ -348,30 +380,108 @@ impl Attention {
         let q = ops::rope(&q, &context.cos, &context.sin)?;
         let k = ops::rope(&k, &context.cos, &context.sin)?;
 
-        // 4. Append to the cache: (b, kv_h, p + t, d), then share kv heads across groups
+        // 4. Append to the cache: (b, kv_h, p + t, d)
         let (k, v) = match context.cache.as_deref_mut() {
             Some(cache) => cache.append(layer, k, v)?,
             None => (k, v),
         };
-        let k = ops::repeat_kv(&k, h / kv_h)?.contiguous()?;
-        let v = ops::repeat_kv(&v, h / kv_h)?.contiguous()?;
+        // 5. (b, h, t, d) -> (b, t, h * d) -> o_proj
+        let out = self
+            .attend(&q, &k, &v, context.mask.as_ref())?
+            .transpose(1, 2)?
+            .reshape((b, t, h * d))?;
+        self.o_proj.forward(&out)
+    }
 
-        // 5. Scores (b, h, t, p + t) computed in f32, masked, softmax, back to the compute
-        //    dtype. Not in bf16: scores of a few hundred would be rounded to whole numbers,
-        //    enough to change which token a head attends to (SmolLM2 turns to gibberish).
+    /// Scaled dot-product attention with grouped kv heads: q (b, h, t, d), k and v
+    /// (b, kv_h, l, d), mask broadcastable to (b, h, t, l) -> (b, h, t, d).
+    ///
+    /// Scores are computed in f32, masked, softmaxed, then cast back to the compute dtype. Not
+    /// in bf16: scores of a few hundred would be rounded to whole numbers, enough to change
+    /// which token a head attends to (SmolLM2 turns to gibberish).
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let groups = self.num_heads / self.num_kv_heads;
+        let k = ops::repeat_kv(k, groups)?.contiguous()?;
+        let v = ops::repeat_kv(v, groups)?.contiguous()?;
         #[expect(clippy::cast_precision_loss, reason = "head_dim is small")]
-        let scale = 1.0 / (d as f64).sqrt();
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
         let q = (q.to_dtype(DType::F32)? * scale)?;
         let scores = q.matmul(&k.to_dtype(DType::F32)?.t()?)?;
-        let scores = match &context.mask {
+        let scores = match mask {
             Some(mask) => scores.broadcast_add(mask)?,
             None => scores,
         };
         let probs = ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+        Ok(probs.matmul(&v)?)
+    }
 
-        // 6. (b, h, t, d) -> (b, t, h * d) -> o_proj
-        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h * d))?;
-        self.o_proj.forward(&out)
+    /// One serving step over the paged cache: xs (1, t, c) holds every scheduled sequence's
+    /// new tokens; their keys/values are written to the cache, then each attention group
+    /// reads its sequences' whole context back. -> (1, t, c)
+    fn forward_paged(
+        &self,
+        xs: &Tensor,
+        step: &PagedStep,
+        cache: &PagedKvCache,
+        layer: usize,
+    ) -> Result<Tensor> {
+        let t = xs.dim(1)?;
+        let (h, kv_h, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let routing = Some(&step.routing);
+        let (q, k) = self.project_qk(xs, routing)?;
+        let v = self.v_proj.forward_routed(xs, routing)?;
+
+        // (1, t, heads, d) -> (1, heads, t, d), RoPE at each token's own position
+        let q = ops::rope(&q.transpose(1, 2)?.contiguous()?, &step.cos, &step.sin)?;
+        let k = ops::rope(&k.transpose(1, 2)?.contiguous()?, &step.cos, &step.sin)?;
+        let k_rows = k.squeeze(0)?.transpose(0, 1)?.reshape((t, kv_h * d))?;
+        cache.write(layer, &step.new_slots, &k_rows, &v.reshape((t, kv_h * d))?)?;
+
+        let q_rows = q.squeeze(0)?.transpose(0, 1)?; // (t, h, d)
+        let mut outputs = Vec::with_capacity(step.groups.len());
+        for group in &step.groups {
+            let (b, l) = (group.sequences, group.context);
+            let queries = group.rows / b;
+            let q = q_rows
+                .narrow(0, group.start, group.rows)?
+                .reshape((b, queries, h, d))?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let (keys, values) = cache.gather(layer, &group.slots)?;
+            let keys = keys.reshape((b, l, kv_h, d))?.transpose(1, 2)?;
+            let values = values.reshape((b, l, kv_h, d))?.transpose(1, 2)?;
+            let out = self.attend(&q, &keys, &values, Some(&group.mask))?;
+            outputs.push(out.transpose(1, 2)?.reshape((group.rows, h * d))?);
+        }
+        let out = Tensor::cat(&outputs, 0)?.reshape((1, t, h * d))?;
+        self.o_proj.forward_routed(&out, routing)
+    }
+
+    /// q and k projections with the per-head norms (Qwen3): (b, t, c) -> (b, t, heads, d).
+    fn project_qk(
+        &self,
+        xs: &Tensor,
+        routing: Option<&AdapterRouting>,
+    ) -> Result<(Tensor, Tensor)> {
+        let (b, t, _) = xs.dims3()?;
+        let (h, kv_h, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let q = self
+            .q_proj
+            .forward_routed(xs, routing)?
+            .reshape((b, t, h, d))?;
+        let k = self
+            .k_proj
+            .forward_routed(xs, routing)?
+            .reshape((b, t, kv_h, d))?;
+        let q = match &self.q_norm {
+            Some(norm) => norm.forward(&q)?,
+            None => q,
+        };
+        let k = match &self.k_norm {
+            Some(norm) => norm.forward(&k)?,
+            None => k,
+        };
+        Ok((q, k))
     }
 }
 
@@ -392,10 +502,11 @@ impl Mlp {
         })
     }
 
-    /// SwiGLU: down(silu(gate(x)) * up(x))
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let gate = ops::silu(&self.gate_proj.forward(xs)?)?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(xs)?)?)
+    /// SwiGLU: down(silu(gate(x)) * up(x)), each row through its routed adapter.
+    fn forward(&self, xs: &Tensor, routing: Option<&AdapterRouting>) -> Result<Tensor> {
+        let gate = ops::silu(&self.gate_proj.forward_routed(xs, routing)?)?;
+        let hidden = (gate * self.up_proj.forward_routed(xs, routing)?)?;
+        self.down_proj.forward_routed(&hidden, routing)
     }
 }
 
@@ -478,7 +589,25 @@ impl DecoderLayer {
         let xs = (xs + attention)?;
         let mlp = self
             .mlp
-            .forward(&self.post_attention_layernorm.forward(&xs)?)?;
+            .forward(&self.post_attention_layernorm.forward(&xs)?, None)?;
+        Ok((xs + mlp)?)
+    }
+
+    fn forward_paged(
+        &self,
+        xs: &Tensor,
+        step: &PagedStep,
+        cache: &PagedKvCache,
+        layer: usize,
+    ) -> Result<Tensor> {
+        let attention =
+            self.self_attn
+                .forward_paged(&self.input_layernorm.forward(xs)?, step, cache, layer)?;
+        let xs = (xs + attention)?;
+        let mlp = self.mlp.forward(
+            &self.post_attention_layernorm.forward(&xs)?,
+            Some(&step.routing),
+        )?;
         Ok((xs + mlp)?)
     }
 }
@@ -730,6 +859,60 @@ impl CausalLm {
             xs = layer.forward(&xs, context, index)?;
         }
         self.norm.forward(&xs)
+    }
+
+    /// One serving step: every sequence's new tokens (`input_ids`, concatenated in the order
+    /// of `sequences`) run as one batch over the paged `cache`, whose slots receive their
+    /// keys/values. Returns f32 logits at each sequence's last new token: (sequences, v).
+    pub fn forward_paged(
+        &self,
+        input_ids: &[u32],
+        sequences: &[PagedSequence],
+        cache: &PagedKvCache,
+    ) -> Result<Tensor> {
+        let t: usize = sequences.iter().map(|s| s.num_new_tokens).sum();
+        if t != input_ids.len() || sequences.is_empty() {
+            return Err(oxtune_tensor::candle::Error::Msg(format!(
+                "a paged step of {} sequences with {t} new tokens got {} input ids",
+                sequences.len(),
+                input_ids.len()
+            ))
+            .into());
+        }
+        let device = self.device();
+        let step = PagedStep::new(
+            sequences,
+            &self.rope.cos,
+            &self.rope.sin,
+            self.config.sliding_window,
+            device,
+        )?;
+        let ids = Tensor::new(input_ids, device)?;
+        let mut xs = self.embed_tokens.index_select(&ids, 0)?.unsqueeze(0)?;
+        for (index, layer) in self.layers.iter().enumerate() {
+            xs = layer.forward_paged(&xs, &step, cache, index)?;
+        }
+        let mut last = Vec::with_capacity(sequences.len());
+        let mut end = 0u32;
+        for sequence in sequences {
+            end += u32::try_from(sequence.num_new_tokens)
+                .map_err(oxtune_tensor::candle::Error::wrap)?;
+            last.push(end - 1);
+        }
+        let last = xs
+            .squeeze(0)?
+            .index_select(&Tensor::new(last.as_slice(), device)?, 0)?;
+        let hidden = self.norm.forward(&last)?;
+        let logits = match &self.lm_head {
+            Some(head) => head
+                .forward_routed(
+                    &hidden.unsqueeze(0)?,
+                    Some(&AdapterRouting::of_last_tokens(sequences)),
+                )?
+                .squeeze(0)?,
+            None => self.lm_head(&hidden)?,
+        };
+        Ok(logits.to_dtype(DType::F32)?)
     }
 
     /// Logits for hidden states: (.., c) -> (.., v).
