@@ -19,8 +19,15 @@ pub struct SamplingParams {
     pub top_k: usize,
     /// Drop tokens less likely than `min_p` times the most likely one (0 = off).
     pub min_p: f64,
-    /// Divide positive (multiply negative) logits of tokens already seen (1 = off).
+    /// Divide positive (multiply negative) logits of tokens already seen, prompt included
+    /// (1 = off; transformers' rule).
     pub repetition_penalty: f64,
+    /// Subtracted once from the logit of every token already generated (OpenAI; 0 = off).
+    pub presence_penalty: f64,
+    /// Subtracted from a token's logit per time it was generated (OpenAI; 0 = off).
+    pub frequency_penalty: f64,
+    /// Added to the logits of these tokens before anything else (OpenAI `logit_bias`).
+    pub logit_bias: Vec<(u32, f32)>,
     /// Seed of the draw; `None` draws a fresh seed from the OS.
     pub seed: Option<u64>,
 }
@@ -33,6 +40,9 @@ impl Default for SamplingParams {
             top_k: 0,
             min_p: 0.0,
             repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
             seed: None,
         }
     }
@@ -76,6 +86,26 @@ impl SamplingParams {
             self.repetition_penalty,
             "a number > 0 (1 = off)",
         )?;
+        check(
+            (-2.0..=2.0).contains(&self.presence_penalty),
+            "presence_penalty",
+            self.presence_penalty,
+            "a number in [-2, 2]",
+        )?;
+        check(
+            (-2.0..=2.0).contains(&self.frequency_penalty),
+            "frequency_penalty",
+            self.frequency_penalty,
+            "a number in [-2, 2]",
+        )?;
+        for &(_, bias) in &self.logit_bias {
+            check(
+                (-100.0..=100.0).contains(&bias),
+                "logit_bias",
+                f64::from(bias),
+                "biases in [-100, 100]",
+            )?;
+        }
         Ok(())
     }
 }
@@ -98,12 +128,25 @@ impl Sampler {
         Ok(Self { params, rng })
     }
 
-    /// The next token for `logits` (one row, vocab-sized), given the tokens so far
-    /// (prompt and generated, for the repetition penalty).
-    pub fn sample(&mut self, logits: &mut [f32], previous: &[u32]) -> u32 {
+    /// The next token for `logits` (one row, vocab-sized), given the tokens so far: the first
+    /// `prompt_len` of `tokens` are the prompt, the rest were generated.
+    pub fn sample(&mut self, logits: &mut [f32], tokens: &[u32], prompt_len: usize) -> u32 {
         let p = &self.params;
+        for &(token, bias) in &p.logit_bias {
+            if let Some(logit) = logits.get_mut(token as usize) {
+                *logit += bias;
+            }
+        }
         if (p.repetition_penalty - 1.0).abs() > f64::EPSILON {
-            apply_repetition_penalty(logits, previous, p.repetition_penalty);
+            apply_repetition_penalty(logits, tokens, p.repetition_penalty);
+        }
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            apply_openai_penalties(
+                logits,
+                tokens.get(prompt_len..).unwrap_or_default(),
+                p.presence_penalty,
+                p.frequency_penalty,
+            );
         }
         if p.temperature == 0.0 {
             return argmax(logits);
@@ -195,6 +238,24 @@ fn apply_repetition_penalty(logits: &mut [f32], previous: &[u32], penalty: f64) 
     }
 }
 
+/// OpenAI's presence and frequency penalties over the generated tokens.
+fn apply_openai_penalties(logits: &mut [f32], generated: &[u32], presence: f64, frequency: f64) {
+    let mut counts = std::collections::HashMap::<u32, u32>::new();
+    for &token in generated {
+        *counts.entry(token).or_default() += 1;
+    }
+    for (token, count) in counts {
+        if let Some(logit) = logits.get_mut(token as usize) {
+            #[expect(
+                clippy::cast_possible_truncation,
+                reason = "penalties are small numbers"
+            )]
+            let penalty = (presence + frequency * f64::from(count)) as f32;
+            *logit -= penalty;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -206,7 +267,7 @@ mod tests {
     #[test]
     fn greedy_picks_the_argmax() -> Result<()> {
         let mut s = sampler(SamplingParams::default())?;
-        assert_eq!(s.sample(&mut [0.1, 2.0, -1.0], &[]), 1);
+        assert_eq!(s.sample(&mut [0.1, 2.0, -1.0], &[], 0), 1);
         Ok(())
     }
 
@@ -219,7 +280,7 @@ mod tests {
             repetition_penalty: 4.0,
             ..SamplingParams::default()
         })?;
-        assert_eq!(s.sample(&mut [3.0, 1.0], &[0]), 1);
+        assert_eq!(s.sample(&mut [3.0, 1.0], &[0], 1), 1);
         Ok(())
     }
 
@@ -234,7 +295,7 @@ mod tests {
         let draw = |params: SamplingParams| -> Result<Vec<u32>> {
             let mut s = sampler(params)?;
             Ok((0..20)
-                .map(|_| s.sample(&mut logits.clone(), &[]))
+                .map(|_| s.sample(&mut logits.clone(), &[], 0))
                 .collect())
         };
         assert_eq!(draw(params.clone())?, draw(params.clone())?);
@@ -273,7 +334,7 @@ mod tests {
         ] {
             let mut s = sampler(params.clone())?;
             for _ in 0..200 {
-                let token = s.sample(&mut logits.clone(), &[]);
+                let token = s.sample(&mut logits.clone(), &[], 0);
                 assert!(token < 2, "{params:?} drew {token}");
             }
         }
@@ -284,10 +345,26 @@ mod tests {
             ..SamplingParams::default()
         })?;
         assert_eq!(
-            s.sample(&mut logits.clone(), &[]),
+            s.sample(&mut logits.clone(), &[], 0),
             0,
             "top_p keeps at least the best token"
         );
+        Ok(())
+    }
+
+    #[test]
+    fn presence_frequency_and_bias_follow_openai() -> Result<()> {
+        let mut logits = [1.0, 1.0, 1.0];
+        // Prompt token 2 is not penalised; token 0 generated twice, token 1 once.
+        apply_openai_penalties(&mut logits, &[0, 1, 0], 0.5, 0.25);
+        assert_eq!(logits, [0.0, 0.25, 1.0]);
+        let mut s = sampler(SamplingParams {
+            presence_penalty: 0.5,
+            frequency_penalty: 0.25,
+            logit_bias: vec![(1, -5.0)],
+            ..SamplingParams::default()
+        })?;
+        assert_eq!(s.sample(&mut [1.0, 1.1, 0.9], &[2, 0, 0], 1), 2);
         Ok(())
     }
 

@@ -667,6 +667,11 @@ impl CausalLm {
         self.embed_tokens.device()
     }
 
+    /// The dtype of the weights (and of activations and the KV cache).
+    pub fn dtype(&self) -> DType {
+        self.embed_tokens.dtype()
+    }
+
     /// Every linear layer under its Hugging Face module name (`model.layers.0.self_attn.q_proj`,
     /// …, `lm_head` when untied), in checkpoint order.
     pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {

@@ -42,6 +42,11 @@ fn cuda_device(ordinal: usize) -> Result<Device> {
 /// memory stays in the process's pool (see the CUDA module), so after a run this is the peak
 /// the process reached.
 pub fn memory_in_use(device: &Device) -> Result<Option<u64>> {
+    Ok(free_memory(device)?.map(|(free, total)| total - free))
+}
+
+/// Free and total memory of a GPU, in bytes; `None` on the CPU.
+pub fn free_memory(device: &Device) -> Result<Option<(u64, u64)>> {
     match device {
         #[cfg(feature = "cuda")]
         Device::Cuda(cuda) => {
@@ -50,7 +55,7 @@ pub fn memory_in_use(device: &Device) -> Result<Option<u64>> {
                 .context()
                 .mem_get_info()
                 .map_err(candle_core::Error::wrap)?;
-            Ok(Some((total - free) as u64))
+            Ok(Some((free as u64, total as u64)))
         }
         _ => Ok(None),
     }

@@ -14,4 +14,4 @@ pub use candle_core as candle;
 pub use candle_nn as nn;
 
 pub use candle_core::{D, DType, Device, IndexOp, Module, Result, Shape, Tensor, Var, WithDType};
-pub use device::{dtype_name, memory_in_use, parse_device, parse_dtype};
+pub use device::{dtype_name, free_memory, memory_in_use, parse_device, parse_dtype};

@@ -1,19 +1,22 @@
 //! `oxtune infer`: talk to a model.
 //!
 //! - In a terminal: an interactive chat. Tokens stream as they are generated, the
-//!   conversation carries over between turns (its KV cache too), and `/reset`,
-//!   `/system TEXT`, `/help`, `/exit` control it.
+//!   conversation carries over between turns (the engine's prefix cache keeps the earlier
+//!   turns' keys/values), and `/reset`, `/system TEXT`, `/help`, `/exit` control it.
 //! - With stdin from a pipe or file: the whole input is one user message; only the answer is
 //!   printed, so scripts can use it.
 //! - With `--val_dataset IN --result_path OUT`: every row of IN (messages, alpaca
-//!   instruction/input/output, or query/response) is answered and written to OUT (jsonl).
+//!   instruction/input/output, or query/response) is answered and written to OUT (jsonl);
+//!   all rows are queued at once and the engine batches them continuously.
+//!
+//! Every mode runs on the serving engine (`oxtune_engine`), the same code path as `deploy`.
 
 use std::io::{BufRead as _, IsTerminal as _, Read as _, Write as _};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
 use clap::{ArgAction, Args};
-use oxtune_engine::{GenerateOptions, Generation, Generator, SamplingParams};
+use oxtune_engine::{EngineConfig, EngineHandle, Event, FinishReason, Request, SamplingParams};
 use oxtune_models::{ChatMessage, LoadedModel};
 
 use super::ModelArgs;
@@ -72,20 +75,42 @@ pub struct InferArgs {
     pub result_path: Option<PathBuf>,
 }
 
+/// How every answer is generated (the prompt aside).
+struct GenerateOptions {
+    max_new_tokens: usize,
+    sampling: SamplingParams,
+    stop_words: Vec<String>,
+}
+
+/// One finished answer.
+struct Generation {
+    text: String,
+    finish_reason: FinishReason,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+}
+
 pub fn run(args: &InferArgs) -> anyhow::Result<()> {
     let model = args.model.load()?;
     let options = generate_options(args, &model);
+    let name = model.dir.display().to_string();
+    let engine = Engine {
+        // Batch mode queues every row at once: no admission cap.
+        handle: EngineHandle::start(
+            model,
+            &[],
+            EngineConfig {
+                max_queued_requests: usize::MAX,
+                ..EngineConfig::default()
+            },
+        )?,
+        options,
+    };
     if let (Some(dataset), Some(result_path)) = (&args.val_dataset, &args.result_path) {
-        return run_dataset(
-            &model,
-            &options,
-            args.system.as_deref(),
-            dataset,
-            result_path,
-        );
+        return run_dataset(&engine, args.system.as_deref(), dataset, result_path);
     }
     if std::io::stdin().is_terminal() {
-        run_interactive(&model, &options, args)
+        run_interactive(&engine, &name, args)
     } else {
         let mut input = String::new();
         std::io::stdin()
@@ -100,16 +125,8 @@ pub fn run(args: &InferArgs) -> anyhow::Result<()> {
             args.system.as_deref(),
             vec![ChatMessage::new("user", input.trim_end())],
         );
-        let mut generator = Generator::new(&model);
         let mut stdout = std::io::stdout().lock();
-        let generation = answer(
-            &model,
-            &mut generator,
-            &messages,
-            &options,
-            args.stream,
-            &mut stdout,
-        )?;
+        let generation = engine.answer(&messages, args.stream, &mut stdout)?;
         if !args.stream {
             stdout.write_all(generation.text.as_bytes())?;
         }
@@ -142,24 +159,96 @@ fn generate_options(args: &InferArgs, model: &LoadedModel) -> GenerateOptions {
                 .or(defaults.repetition_penalty)
                 .unwrap_or(1.0),
             seed: args.seed,
+            ..SamplingParams::default()
         },
         stop_words: args.stop_words.clone(),
-        eos_token_ids: model.eos_token_ids(),
     }
 }
 
-/// The prompt for `messages`: the chat template with the assistant turn opened, or for
-/// models without a template, the contents joined (with the tokenizer's special tokens).
-fn prompt_ids(model: &LoadedModel, messages: &[ChatMessage]) -> anyhow::Result<Vec<u32>> {
-    Ok(match &model.chat_template {
-        Some(template) => model
-            .tokenizer
-            .encode(&template.render(messages, true)?, false)?,
-        None => {
-            let text: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
-            model.tokenizer.encode(&text.join("\n"), true)?
+/// The engine and what `infer` asks of it.
+struct Engine {
+    handle: EngineHandle,
+    options: GenerateOptions,
+}
+
+impl Engine {
+    /// The prompt for `messages`: the chat template with the assistant turn opened, or for
+    /// models without a template, the contents joined (with the tokenizer's special tokens).
+    fn prompt_ids(&self, messages: &[ChatMessage]) -> anyhow::Result<Vec<u32>> {
+        let tokenizer = self.handle.tokenizer();
+        Ok(match self.handle.chat_template() {
+            Some(template) => tokenizer.encode(&template.render(messages, true)?, false)?,
+            None => {
+                let text: Vec<&str> = messages.iter().map(|m| m.content.as_str()).collect();
+                tokenizer.encode(&text.join("\n"), true)?
+            }
+        })
+    }
+
+    /// Queues the answer to `messages`.
+    fn submit(
+        &self,
+        id: &str,
+        messages: &[ChatMessage],
+    ) -> anyhow::Result<oxtune_engine::EventReceiver> {
+        let ids = self.prompt_ids(messages)?;
+        let room = self.handle.info().max_model_len.saturating_sub(ids.len());
+        let mut request = Request::new(id, ids);
+        request.sampling = self.options.sampling.clone();
+        request.max_tokens = Some(self.options.max_new_tokens.min(room).max(1));
+        request.stop = self.options.stop_words.clone();
+        Ok(self.handle.submit(request)?)
+    }
+
+    /// Generates the answer to `messages`, writing text to `out` as it comes when `stream`.
+    fn answer(
+        &self,
+        messages: &[ChatMessage],
+        stream: bool,
+        out: &mut dyn std::io::Write,
+    ) -> anyhow::Result<Generation> {
+        let events = self.submit("infer", messages)?;
+        collect(events, &mut |piece| {
+            if stream {
+                out.write_all(piece.as_bytes())?;
+                out.flush()?;
+            }
+            Ok(())
+        })
+    }
+}
+
+/// Waits for a request's end, passing each piece of text to `on_text`.
+fn collect(
+    mut events: oxtune_engine::EventReceiver,
+    on_text: &mut dyn FnMut(&str) -> std::io::Result<()>,
+) -> anyhow::Result<Generation> {
+    let mut text = String::new();
+    loop {
+        match events.blocking_recv() {
+            Some(Event::Token { text: piece, .. }) => {
+                on_text(&piece)?;
+                text.push_str(&piece);
+            }
+            Some(Event::Finished {
+                reason,
+                text: piece,
+                usage,
+                ..
+            }) => {
+                on_text(&piece)?;
+                text.push_str(&piece);
+                return Ok(Generation {
+                    text,
+                    finish_reason: reason,
+                    prompt_tokens: usage.prompt_tokens,
+                    completion_tokens: usage.completion_tokens,
+                });
+            }
+            Some(Event::Error { message }) => bail!("generation failed: {message}"),
+            None => bail!("the engine stopped before the answer ended"),
         }
-    })
+    }
 }
 
 fn conversation(system: Option<&str>, turns: Vec<ChatMessage>) -> Vec<ChatMessage> {
@@ -170,44 +259,14 @@ fn conversation(system: Option<&str>, turns: Vec<ChatMessage>) -> Vec<ChatMessag
         .collect()
 }
 
-fn answer(
-    model: &LoadedModel,
-    generator: &mut Generator<'_>,
-    messages: &[ChatMessage],
-    options: &GenerateOptions,
-    stream: bool,
-    out: &mut dyn std::io::Write,
-) -> anyhow::Result<Generation> {
-    let ids = prompt_ids(model, messages)?;
-    let mut write_error = None;
-    let generation = generator.generate(&ids, options, &mut |piece| {
-        if stream && write_error.is_none() {
-            write_error = out
-                .write_all(piece.as_bytes())
-                .and_then(|()| out.flush())
-                .err();
-        }
-        Ok(())
-    })?;
-    if let Some(error) = write_error {
-        return Err(error.into());
-    }
-    Ok(generation)
-}
-
 const HELP: &str = "commands: /reset (new conversation), /system TEXT (set the system prompt and reset), /help, /exit";
 
-fn run_interactive(
-    model: &LoadedModel,
-    options: &GenerateOptions,
-    args: &InferArgs,
-) -> anyhow::Result<()> {
+fn run_interactive(engine: &Engine, name: &str, args: &InferArgs) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout().lock();
     let stdin = std::io::stdin();
     let mut system = args.system.clone();
     let mut turns: Vec<ChatMessage> = Vec::new();
-    let mut generator = Generator::new(model);
-    writeln!(stdout, "oxtune chat with {} ({HELP})", model.dir.display())?;
+    writeln!(stdout, "oxtune chat with {name} ({HELP})")?;
     loop {
         write!(stdout, "<<< ")?;
         stdout.flush()?;
@@ -226,13 +285,11 @@ fn run_interactive(
             ("/help", _) => writeln!(stdout, "{HELP}")?,
             ("/reset" | "/clear", _) => {
                 turns.clear();
-                generator.reset();
                 writeln!(stdout, "(conversation reset)")?;
             }
             ("/system", text) => {
                 system = (!text.is_empty()).then(|| text.to_owned());
                 turns.clear();
-                generator.reset();
                 writeln!(
                     stdout,
                     "(system prompt {}; conversation reset)",
@@ -243,14 +300,7 @@ fn run_interactive(
                 turns.push(ChatMessage::new("user", line));
                 let messages = conversation(system.as_deref(), turns.clone());
                 write!(stdout, ">>> ")?;
-                let generation = answer(
-                    model,
-                    &mut generator,
-                    &messages,
-                    options,
-                    args.stream,
-                    &mut stdout,
-                )?;
+                let generation = engine.answer(&messages, args.stream, &mut stdout)?;
                 if !args.stream {
                     write!(stdout, "{}", generation.text)?;
                 }
@@ -323,8 +373,7 @@ fn parse_row(value: &serde_json::Value, system: Option<&str>) -> Result<Row, Str
 }
 
 fn run_dataset(
-    model: &LoadedModel,
-    options: &GenerateOptions,
+    engine: &Engine,
     system: Option<&str>,
     dataset: &Path,
     result_path: &Path,
@@ -361,19 +410,16 @@ fn run_dataset(
         .with_context(|| format!("creating {}", directory.display()))?;
     let mut output = tempfile::NamedTempFile::new_in(directory)
         .with_context(|| format!("creating a temporary file in {}", directory.display()))?;
-    let mut generator = Generator::new(model);
+    // Every row is queued at once; the engine batches them as its cache allows.
+    let pending = rows
+        .iter()
+        .enumerate()
+        .map(|(index, row)| engine.submit(&format!("row-{}", index + 1), &row.messages))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let mut generated_tokens = 0;
-    for row in &rows {
-        generator.reset();
-        let generation = answer(
-            model,
-            &mut generator,
-            &row.messages,
-            options,
-            false,
-            &mut std::io::sink(),
-        )?;
-        generated_tokens += generation.token_ids.len();
+    for (row, events) in rows.iter().zip(pending) {
+        let generation = collect(events, &mut |_| Ok(()))?;
+        generated_tokens += generation.completion_tokens;
         let record = serde_json::json!({
             "messages": row.messages,
             "response": generation.text,
@@ -381,7 +427,7 @@ fn run_dataset(
             "finish_reason": generation.finish_reason.as_str(),
             "usage": {
                 "prompt_tokens": generation.prompt_tokens,
-                "completion_tokens": generation.token_ids.len(),
+                "completion_tokens": generation.completion_tokens,
             },
         });
         serde_json::to_writer(&mut output, &record)?;
