@@ -693,8 +693,9 @@ impl Engine {
             let mut logits = raw.clone();
             if let Some(constraint) = active.constraint.as_mut() {
                 let allowed = constraint.allowed().map_err(grammar_error)?;
-                for (logit, ok) in logits.iter_mut().zip(allowed.iter().copied()) {
-                    if !ok {
+                // Logits past the tokenizer's vocabulary (padded embeddings) are never allowed.
+                for (index, logit) in logits.iter_mut().enumerate() {
+                    if !allowed.get(index).copied().unwrap_or(false) {
                         *logit = f32::NEG_INFINITY;
                     }
                 }

@@ -182,3 +182,66 @@ fn requests_for_different_adapters_share_a_batch_and_get_their_own_output() -> a
     ensure!(b_got? == b_expected, "adapter b output");
     Ok(())
 }
+
+#[test]
+fn json_schema_output_from_the_demo_model_parses_and_validates() -> anyhow::Result<()> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/SmolLM2-135M-Instruct");
+    ensure!(
+        dir.join("config.json").is_file(),
+        "{} is missing: run scripts/fetch-demo-model.sh first",
+        dir.display()
+    );
+    let model = LoadedModel::load(&dir, &Device::Cpu, DType::F32)?;
+    let template = model
+        .chat_template
+        .as_ref()
+        .context("the demo has a template")?;
+    let text = template.render(
+        &[oxtune_models::ChatMessage::new(
+            "user",
+            "Describe a person called Ada, aged 36, as JSON.",
+        )],
+        true,
+    )?;
+    let ids = model.tokenizer.encode(&text, false)?;
+    let engine = EngineHandle::start(model, &[], EngineConfig::default())?;
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+        "required": ["name", "age"],
+        "additionalProperties": false
+    });
+    let mut request = Request::new("json", ids);
+    request.max_tokens = Some(64);
+    request.response_format = Some(oxtune_engine::grammar::ResponseFormat::JsonSchema(schema));
+    let mut events = engine.submit(request)?;
+    let mut output = String::new();
+    let reason = loop {
+        match events
+            .blocking_recv()
+            .context("engine closed the channel")?
+        {
+            Event::Token { text, .. } => output.push_str(&text),
+            Event::Finished { reason, text, .. } => {
+                output.push_str(&text);
+                break reason;
+            }
+            Event::Error { message } => anyhow::bail!(message),
+        }
+    };
+    ensure!(
+        reason == oxtune_engine::FinishReason::Stop,
+        "{reason:?}: {output}"
+    );
+    let value: serde_json::Value =
+        serde_json::from_str(&output).with_context(|| format!("not JSON: {output}"))?;
+    ensure!(
+        value["name"].is_string() && value["age"].is_i64(),
+        "{value}"
+    );
+    ensure!(
+        value.as_object().map(serde_json::Map::len) == Some(2),
+        "{value}"
+    );
+    Ok(())
+}
