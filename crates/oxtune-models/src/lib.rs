@@ -31,7 +31,7 @@ pub use generation::GenerationConfig;
 pub use paged::{AdapterRouting, PagedKvCache, PagedSequence};
 pub use resolve::{ModelSource, SearchPaths};
 pub use tokenizer::Tokenizer;
-pub use transformer::{BatchLayout, CausalLm, KvCache};
+pub use transformer::{BatchLayout, CausalLm, KvCache, TrainingPass};
 
 /// Everything needed to run a checkpoint.
 #[derive(Debug)]

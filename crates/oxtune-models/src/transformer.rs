@@ -239,6 +239,28 @@ struct AttentionContext<'a> {
     cache: Option<&'a mut KvCache>,
 }
 
+/// How [`CausalLm::forward_backward`] trades memory for compute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TrainingPass {
+    /// Keep only each decoder block's input and re-run the block in the backward.
+    pub checkpoint: bool,
+    /// Token rows whose logits are computed at once (the LM head and loss run chunk by chunk).
+    pub loss_chunk_rows: usize,
+}
+
+impl TrainingPass {
+    /// Logits elements (rows x vocab) per loss chunk: 2^27 f32 values are 512 MiB.
+    const CHUNK_ELEMENTS: usize = 1 << 27;
+
+    /// Chunks of at most 2^27 logits for a vocabulary of `vocab_size`.
+    pub fn new(checkpoint: bool, vocab_size: usize) -> Self {
+        Self {
+            checkpoint,
+            loss_chunk_rows: (Self::CHUNK_ELEMENTS / vocab_size.max(1)).max(1),
+        }
+    }
+}
+
 /// Positions and visibility of a training batch, for [`CausalLm::forward_batch`].
 #[derive(Debug, Clone)]
 pub struct BatchLayout {
@@ -766,25 +788,37 @@ impl CausalLm {
         Ok(hidden)
     }
 
+    /// Final hidden states of a training batch (after the last norm): (b, t) -> (b, t, c).
+    pub fn hidden_batch(&self, input_ids: &Tensor, layout: &BatchLayout) -> Result<Tensor> {
+        self.run_layers(input_ids, &mut self.batch_context(input_ids, layout)?)
+    }
+
     /// Logits of a training batch without a cache: input_ids (b, t) -> (b, t, v), with each
     /// token's position and visibility given by `layout` (packed samples never see each other).
     pub fn forward_batch(&self, input_ids: &Tensor, layout: &BatchLayout) -> Result<Tensor> {
-        let hidden = self.run_layers(input_ids, &mut self.batch_context(input_ids, layout)?)?;
-        self.lm_head(&hidden)
+        self.lm_head(&self.hidden_batch(input_ids, layout)?)
     }
 
-    /// Forward and backward of a training batch with activation checkpointing per decoder
-    /// block: the forward keeps only each block's input (every block runs on a detached
-    /// copy, so its activations are freed); the backward re-runs each block, last to first,
-    /// on its input as a fresh variable and backpropagates `sum(output * grad_output)`. The
-    /// gradients equal those of `loss(forward_batch(..)).backward()`.
+    /// Forward and backward of a training batch, with the LM head and the loss computed
+    /// `pass.loss_chunk_rows` token rows at a time: each chunk's logits (rows, v) exist only
+    /// while its loss and gradients are computed, so the full (b, t, v) logits — and their f32
+    /// copy and gradient — are never materialised.
     ///
-    /// `loss` turns the logits (b, t, v) into a scalar. Returns the loss and the gradients.
-    pub fn forward_backward_checkpointed(
+    /// `loss(logits, rows)` turns the logits of the flattened token rows `rows` (row
+    /// `r` = batch row `r / t`, position `r % t`) into a scalar; the batch loss is the sum over
+    /// chunks. With `pass.checkpoint`, activations are checkpointed per decoder block: the
+    /// forward keeps only each block's input (every block runs on a detached copy), and the
+    /// backward re-runs each block, last to first, on its input as a fresh variable and
+    /// backpropagates `sum(output * grad_output)`.
+    ///
+    /// The gradients equal those of `loss(forward_batch(..)).backward()`. Returns the loss and
+    /// the gradients.
+    pub fn forward_backward(
         &self,
         input_ids: &Tensor,
         layout: &BatchLayout,
-        loss: impl FnOnce(&Tensor) -> Result<Tensor>,
+        pass: TrainingPass,
+        loss: impl Fn(&Tensor, std::ops::Range<usize>) -> Result<Tensor>,
     ) -> Result<(Tensor, GradStore)> {
         let (b, t) = input_ids.dims2()?;
         let c = self.config.hidden_size;
@@ -793,27 +827,67 @@ impl CausalLm {
             .embed_tokens
             .index_select(&input_ids.flatten_all()?, 0)?
             .reshape((b, t, c))?;
+
+        // 1. Blocks: with checkpointing each runs on a detached input; without, one graph.
         let mut block_inputs = Vec::with_capacity(self.layers.len());
-        let mut xs = embedded.detach();
+        let mut xs = if pass.checkpoint {
+            embedded.detach()
+        } else {
+            embedded.clone()
+        };
         for (index, layer) in self.layers.iter().enumerate() {
-            block_inputs.push(xs.clone());
-            xs = layer.forward(&xs, &mut context, index)?.detach();
+            if pass.checkpoint {
+                block_inputs.push(xs.clone());
+                xs = layer.forward(&xs, &mut context, index)?.detach();
+            } else {
+                xs = layer.forward(&xs, &mut context, index)?;
+            }
         }
-        let top = Var::from_tensor(&xs)?;
-        let loss_value = loss(&self.lm_head(&self.norm.forward(top.as_tensor())?)?)?;
-        let mut grads = loss_value.backward()?;
+        let top = Var::from_tensor(&xs.detach())?;
+        let hidden = self.norm.forward(top.as_tensor())?;
+
+        // 2. Head and loss chunk by chunk, each backpropagated to the (detached) hidden states.
+        let rows = b * t;
+        let flat = Var::from_tensor(&hidden.detach().reshape((rows, c))?)?;
+        let chunk = pass.loss_chunk_rows.max(1);
+        let mut summed: Option<(Tensor, GradStore)> = None;
+        for start in (0..rows).step_by(chunk) {
+            let end = (start + chunk).min(rows);
+            let logits = self.lm_head(&flat.as_tensor().narrow(0, start, end - start)?)?;
+            let value = loss(&logits, start..end)?;
+            let chunk_grads = value.backward()?;
+            let value = value.detach();
+            summed = Some(match summed {
+                Some((total, mut grads)) => {
+                    grads.extend(chunk_grads)?;
+                    ((total + value)?, grads)
+                }
+                None => (value, chunk_grads),
+            });
+        }
+        let (total, mut grads) = summed.ok_or_else(|| {
+            oxtune_tensor::candle::Error::Msg("a training batch without tokens".into())
+        })?;
+        let grad_hidden = take_grad(&mut grads, flat.as_tensor())?.reshape((b, t, c))?;
+
+        // 3. Through the final norm to the last block's output, then the blocks.
+        grads.extend((hidden * grad_hidden)?.sum_all()?.backward()?)?;
         let mut grad_output = take_grad(&mut grads, top.as_tensor())?;
-        for (index, layer) in self.layers.iter().enumerate().rev() {
-            let input = Var::from_tensor(&block_inputs[index])?;
-            let output = layer.forward(input.as_tensor(), &mut context, index)?;
-            let mut block_grads = (output * &grad_output)?.sum_all()?.backward()?;
-            grad_output = take_grad(&mut block_grads, input.as_tensor())?;
-            grads.extend(block_grads)?;
+        if pass.checkpoint {
+            for (index, layer) in self.layers.iter().enumerate().rev() {
+                let input = Var::from_tensor(&block_inputs[index])?;
+                let output = layer.forward(input.as_tensor(), &mut context, index)?;
+                let mut block_grads = (output * &grad_output)?.sum_all()?.backward()?;
+                grad_output = take_grad(&mut block_grads, input.as_tensor())?;
+                grads.extend(block_grads)?;
+            }
+            if embedded.track_op() {
+                grads.extend((embedded * grad_output)?.sum_all()?.backward()?)?;
+            }
+        } else if xs.track_op() {
+            grads.extend((xs * grad_output)?.sum_all()?.backward()?)?;
         }
-        if embedded.track_op() {
-            grads.extend((embedded * grad_output)?.sum_all()?.backward()?)?;
-        }
-        Ok((loss_value, grads))
+        Ok((total, grads))
     }
 
     /// RoPE tables and mask of a training batch.
@@ -943,13 +1017,18 @@ impl CausalLm {
     }
 }
 
-/// Removes and returns the gradient of `tensor`; a block whose input got no gradient means
-/// the graph is broken, which must not pass silently.
+/// Removes and returns the gradient of `tensor`, detached: candle leaves a leaf variable's
+/// gradient attached to the graph that computed it (e.g. `grad_logits @ W`), and feeding it
+/// to the next backward would add a second gradient to `W`. A block whose input got no
+/// gradient means the graph is broken, which must not pass silently.
 fn take_grad(grads: &mut GradStore, tensor: &Tensor) -> Result<Tensor> {
-    grads.remove(tensor).ok_or_else(|| {
-        oxtune_tensor::candle::Error::Msg(
-            "activation checkpointing: no gradient reached a block input".into(),
-        )
-        .into()
-    })
+    grads
+        .remove(tensor)
+        .map(|grad| grad.detach())
+        .ok_or_else(|| {
+            oxtune_tensor::candle::Error::Msg(
+                "activation checkpointing: no gradient reached a block input".into(),
+            )
+            .into()
+        })
 }

@@ -15,25 +15,51 @@ pub const IGNORE_INDEX: i64 = -100;
 /// `logits`: (b, t, v); `labels`: (b, t) i64 with [`IGNORE_INDEX`] where there is no target.
 pub fn causal_lm_loss_sum(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, usize)> {
     let (b, t, v) = logits.dims3()?;
-    // Shift: positions 0..t-1 predict labels 1..t.
-    let logits = logits
-        .narrow(1, 0, t - 1)?
-        .to_dtype(DType::F32)?
-        .reshape((b * (t - 1), v))?;
-    let labels: Vec<i64> = labels.narrow(1, 1, t - 1)?.flatten_all()?.to_vec1()?;
-    let mask: Vec<f32> = labels
+    let targets = causal_targets(labels)?;
+    let sum = cross_entropy_sum(&logits.reshape((b * t, v))?, &targets)?;
+    Ok((sum, target_count(&targets)))
+}
+
+/// The target of every token row of a batch, flattened: position i of a row predicts the
+/// label at i + 1; the last position of each row predicts nothing ([`IGNORE_INDEX`]).
+/// `labels`: (b, t) i64 -> b * t targets.
+pub fn causal_targets(labels: &Tensor) -> Result<Vec<i64>> {
+    let t = labels.dim(1)?;
+    let labels: Vec<Vec<i64>> = labels.to_vec2()?;
+    Ok(labels
+        .iter()
+        .flat_map(|row| {
+            row.iter()
+                .skip(1)
+                .copied()
+                .chain(std::iter::once(IGNORE_INDEX))
+                .take(t)
+        })
+        .collect())
+}
+
+/// Number of targets that count (not [`IGNORE_INDEX`]).
+pub fn target_count(targets: &[i64]) -> usize {
+    targets.iter().filter(|&&l| l != IGNORE_INDEX).count()
+}
+
+/// Summed cross-entropy of `logits` (n, v), in any dtype, against `targets` (n of them,
+/// [`IGNORE_INDEX`] for none), with the statistics in f32.
+pub fn cross_entropy_sum(logits: &Tensor, targets: &[i64]) -> Result<Tensor> {
+    let (n, _) = logits.dims2()?;
+    let device = logits.device();
+    let mask: Vec<f32> = targets
         .iter()
         .map(|&l| if l == IGNORE_INDEX { 0.0 } else { 1.0 })
         .collect();
-    let targets = labels
+    let ids = targets
         .iter()
         .map(|&l| u32::try_from(if l == IGNORE_INDEX { 0 } else { l }))
         .collect::<Result<Vec<u32>, _>>()
         .map_err(oxtune_tensor::candle::Error::wrap)?;
-    let count = mask.iter().filter(|m| **m > 0.0).count();
-    let device = logits.device();
-    let targets = Tensor::from_vec(targets, (b * (t - 1), 1), device)?;
-    let mask = Tensor::from_vec(mask, b * (t - 1), device)?;
+    let logits = logits.to_dtype(DType::F32)?;
+    let ids = Tensor::from_vec(ids, (n, 1), device)?;
+    let mask = Tensor::from_vec(mask, n, device)?;
     // -log_softmax at the target = logsumexp(logits) - logit[target]
     let max = logits.max_keepdim(D::Minus1)?.detach();
     let logsumexp = logits
@@ -42,9 +68,9 @@ pub fn causal_lm_loss_sum(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, u
         .sum_keepdim(D::Minus1)?
         .log()?
         .add(&max)?;
-    let target_logit = logits.gather(&targets, D::Minus1)?;
+    let target_logit = logits.gather(&ids, D::Minus1)?;
     let per_token = (logsumexp - target_logit)?.squeeze(1)?;
-    Ok(((per_token * mask)?.sum_all()?, count))
+    Ok((per_token * mask)?.sum_all()?)
 }
 
 #[cfg(test)]

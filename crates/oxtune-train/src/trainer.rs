@@ -13,12 +13,12 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use oxtune_models::{BatchLayout, CausalLm};
+use oxtune_models::{BatchLayout, CausalLm, TrainingPass};
 use oxtune_tensor::{DType, Device, Tensor, Var};
 use oxtune_tuners::LoraTuner;
 
 use crate::checkpoint::{self, OPTIMIZER_STATE, TrainerState};
-use crate::loss::causal_lm_loss_sum;
+use crate::loss::{causal_targets, cross_entropy_sum, target_count};
 use crate::optimizer::{AdamW, AdamWConfig, accumulate_gradients, clip_factor};
 use crate::schedule::Schedule;
 use crate::{Error, Result};
@@ -236,18 +236,16 @@ pub fn train(
             trainable.set_training(true, dropout_seed(settings.seed, step, micro));
             #[expect(clippy::cast_precision_loss, reason = "token counts")]
             let scale = 1.0 / target_tokens as f64;
-            let loss_of = |logits: &Tensor| -> oxtune_models::Result<Tensor> {
-                let (sum, _) = causal_lm_loss_sum(logits, &batch.labels)
+            let targets = causal_targets(&batch.labels)?;
+            let loss_of = |logits: &Tensor, rows: std::ops::Range<usize>| {
+                let sum = cross_entropy_sum(logits, &targets[rows])
                     .map_err(|e| oxtune_tensor::candle::Error::Msg(e.to_string()))?;
                 Ok((sum * scale)?)
             };
-            let (loss, store) = if settings.gradient_checkpointing {
-                model.forward_backward_checkpointed(&batch.input_ids, &batch.layout, loss_of)?
-            } else {
-                let loss = loss_of(&model.forward_batch(&batch.input_ids, &batch.layout)?)?;
-                let store = loss.backward()?;
-                (loss, store)
-            };
+            let pass =
+                TrainingPass::new(settings.gradient_checkpointing, model.config().vocab_size);
+            let (loss, store) =
+                model.forward_backward(&batch.input_ids, &batch.layout, pass, loss_of)?;
             loss_sum += f64::from(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?);
             accumulate_gradients(&parameters, &store, &mut grads)?;
         }
@@ -370,13 +368,21 @@ fn save_checkpoint(
 pub fn evaluate(model: &CausalLm, data: &mut dyn BatchSource) -> Result<f64> {
     data.seek(&serde_json::Value::Null)?;
     let (mut sum, mut count) = (0.0, 0);
+    let chunk = TrainingPass::new(false, model.config().vocab_size).loss_chunk_rows;
     while let Some(batch) = data.next_batch()? {
-        let logits = model
-            .forward_batch(&batch.input_ids, &batch.layout)?
+        let hidden = model
+            .hidden_batch(&batch.input_ids, &batch.layout)?
             .detach();
-        let (loss, targets) = causal_lm_loss_sum(&logits, &batch.labels)?;
-        sum += f64::from(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?);
-        count += targets;
+        let (b, t, c) = hidden.dims3()?;
+        let hidden = hidden.reshape((b * t, c))?;
+        let targets = causal_targets(&batch.labels)?;
+        for start in (0..b * t).step_by(chunk) {
+            let end = (start + chunk).min(b * t);
+            let logits = model.lm_head(&hidden.narrow(0, start, end - start)?)?;
+            let loss = cross_entropy_sum(&logits, &targets[start..end])?;
+            sum += f64::from(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?);
+        }
+        count += target_count(&targets);
     }
     #[expect(clippy::cast_precision_loss, reason = "token counts")]
     Ok(if count == 0 {

@@ -1,16 +1,18 @@
 //! Every trainable parameter receives a finite gradient (an op without a backward would
-//! leave it `None`), for LoRA, DoRA and full fine-tuning of each family; and activation
-//! checkpointing gives the same gradients as the plain backward (to 1e-5 of each tensor's
-//! largest element: a re-run block sees its input as a variable, so RMSNorm takes the
-//! differentiable path instead of the fused kernel, which rounds differently in f32).
+//! leave it `None`), for LoRA, DoRA and full fine-tuning of each family; and the training
+//! pass — the loss computed in chunks of token rows, with or without activation
+//! checkpointing — gives the same loss and gradients as the plain backward of the whole
+//! logits (to 1e-5 of each tensor's largest element: a re-run block sees its input as a
+//! variable, so RMSNorm takes the differentiable path instead of the fused kernel, which
+//! rounds differently in f32).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, ensure};
-use oxtune_models::{BatchLayout, CausalLm, LoadedModel};
+use oxtune_models::{BatchLayout, CausalLm, LoadedModel, TrainingPass};
 use oxtune_tensor::{DType, Device, Tensor, Var};
-use oxtune_train::loss::causal_lm_loss_sum;
+use oxtune_train::loss::{causal_lm_loss_sum, causal_targets, cross_entropy_sum, target_count};
 use oxtune_train::optimizer::{accumulate_gradients, make_all_trainable};
 use oxtune_tuners::{LoraSettings, LoraTuner, TargetModules};
 
@@ -45,28 +47,67 @@ fn loss_of(logits: &Tensor, labels: &Tensor) -> oxtune_models::Result<Tensor> {
     Ok((sum / count as f64)?)
 }
 
+/// The loss and gradients of the plain graph (`pass` = None) or of a training pass.
 fn gradients(
     model: &CausalLm,
     parameters: &[(String, Var)],
-    checkpointed: bool,
-) -> anyhow::Result<HashMap<String, Tensor>> {
+    pass: Option<TrainingPass>,
+) -> anyhow::Result<(f32, HashMap<String, Tensor>)> {
     let (input_ids, labels, layout) = batch()?;
-    let store = if checkpointed {
-        model
-            .forward_backward_checkpointed(&input_ids, &layout, |logits| loss_of(logits, &labels))?
-            .1
-    } else {
-        loss_of(&model.forward_batch(&input_ids, &layout)?, &labels)?.backward()?
+    let (loss, store) = match pass {
+        Some(pass) => {
+            let targets = causal_targets(&labels)?;
+            #[expect(clippy::cast_precision_loss, reason = "token counts")]
+            let scale = 1.0 / target_count(&targets) as f64;
+            model.forward_backward(&input_ids, &layout, pass, |logits, rows| {
+                let sum = cross_entropy_sum(logits, &targets[rows])
+                    .map_err(|e| oxtune_tensor::candle::Error::Msg(e.to_string()))?;
+                Ok((sum * scale)?)
+            })?
+        }
+        None => {
+            let loss = loss_of(&model.forward_batch(&input_ids, &layout)?, &labels)?;
+            let store = loss.backward()?;
+            (loss, store)
+        }
     };
     let mut grads = HashMap::new();
     accumulate_gradients(parameters, &store, &mut grads)?;
-    Ok(grads)
+    Ok((loss.to_scalar()?, grads))
 }
 
 fn check(model: &CausalLm, parameters: &[(String, Var)], what: &str) -> anyhow::Result<()> {
-    let plain = gradients(model, parameters, false)?;
-    let checkpointed = gradients(model, parameters, true)?;
+    let (plain_loss, plain) = gradients(model, parameters, None)?;
     ensure!(!parameters.is_empty(), "{what}: nothing to train");
+    // 32 token rows in chunks of 5 (chunks cross batch rows) or all at once.
+    for (checkpoint, loss_chunk_rows) in [
+        (false, 5),
+        (true, 5),
+        (false, 1000),
+        (true, 32),
+        (true, 31),
+        (true, 1000),
+    ] {
+        let pass = TrainingPass {
+            checkpoint,
+            loss_chunk_rows,
+        };
+        let (loss, grads) = gradients(model, parameters, Some(pass))?;
+        ensure!(
+            (loss - plain_loss).abs() <= 1e-5 * plain_loss.abs(),
+            "{what}: {pass:?} loss {loss} != {plain_loss}"
+        );
+        compare(parameters, &plain, &grads, &format!("{what} {pass:?}"))?;
+    }
+    Ok(())
+}
+
+fn compare(
+    parameters: &[(String, Var)],
+    plain: &HashMap<String, Tensor>,
+    checkpointed: &HashMap<String, Tensor>,
+    what: &str,
+) -> anyhow::Result<()> {
     for (name, _) in parameters {
         let grad = &plain[name];
         let norm: f32 = grad.sqr()?.sum_all()?.to_scalar()?;
@@ -79,7 +120,7 @@ fn check(model: &CausalLm, parameters: &[(String, Var)], what: &str) -> anyhow::
             .to_scalar()?;
         ensure!(
             diff <= 1e-5 * scale.max(1e-6),
-            "{what}: checkpointed gradient of {name} differs by {diff:e} (scale {scale:e})"
+            "{what}: gradient of {name} differs by {diff:e} (scale {scale:e})"
         );
     }
     Ok(())
