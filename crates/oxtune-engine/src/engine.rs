@@ -140,6 +140,15 @@ impl std::fmt::Debug for EngineHandle {
     }
 }
 
+/// A model to serve and what turns its tokens into text.
+pub struct ServedModel {
+    pub model: oxtune_models::CausalLm,
+    pub tokenizer: Tokenizer,
+    pub chat_template: Option<ChatTemplate>,
+    /// Tokens that end a reply.
+    pub eos_token_ids: Vec<u32>,
+}
+
 /// Everything an engine thread needs besides its configuration.
 pub struct EngineParts {
     pub runner: Box<dyn Runner>,
@@ -159,12 +168,36 @@ impl EngineHandle {
     ) -> Result<Self> {
         let eos_token_ids = model.eos_token_ids();
         let LoadedModel {
-            config: model_config,
-            mut model,
+            model,
             tokenizer,
             chat_template,
             ..
         } = model;
+        Self::start_model(
+            ServedModel {
+                model,
+                tokenizer,
+                chat_template,
+                eos_token_ids,
+            },
+            adapters,
+            config,
+        )
+    }
+
+    /// [`EngineHandle::start`] from parts (a model built from a config, a stand-in tokenizer).
+    pub fn start_model(
+        served: ServedModel,
+        adapters: &[(String, PathBuf)],
+        config: EngineConfig,
+    ) -> Result<Self> {
+        let ServedModel {
+            mut model,
+            tokenizer,
+            chat_template,
+            eos_token_ids,
+        } = served;
+        let model_config = model.config().clone();
         let device = model.device().clone();
         ModelRunner::attach_adapters(&mut model, adapters, &device)?;
         let dtype: DType = model.dtype();
@@ -185,7 +218,7 @@ impl EngineHandle {
             )?,
         };
         let cache = PagedKvCache::new(
-            model.config(),
+            &model_config,
             num_blocks,
             config.block_size,
             dtype,

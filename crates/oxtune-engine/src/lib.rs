@@ -21,7 +21,7 @@ pub mod sampler;
 pub mod scheduler;
 pub mod stop;
 
-pub use engine::{EngineConfig, EngineHandle, EngineParts, EngineStats, ModelInfo};
+pub use engine::{EngineConfig, EngineHandle, EngineParts, EngineStats, ModelInfo, ServedModel};
 pub use request::{Event, EventReceiver, FinishReason, Logprobs, Request, TokenLogprob, Usage};
 pub use sampler::{Sampler, SamplingParams};
 

@@ -52,6 +52,29 @@ impl Tokenizer {
         })
     }
 
+    /// A stand-in for models built from a config alone (benchmarks with random weights):
+    /// token `i` is the word `<i>`, so any id of the vocabulary decodes.
+    pub fn synthetic(vocab_size: usize) -> Result<Self> {
+        let vocab: std::collections::HashMap<String, u32> = (0..vocab_size)
+            .map(|i| {
+                Ok((
+                    format!("<{i}>"),
+                    u32::try_from(i).map_err(|e| Error::Tokenize(e.to_string()))?,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        let model = tokenizers::models::wordlevel::WordLevel::builder()
+            .vocab(vocab.into_iter().collect())
+            .unk_token("<0>".into())
+            .build()
+            .map_err(|e| Error::Tokenize(e.to_string()))?;
+        Ok(Self {
+            inner: tokenizers::Tokenizer::new(model),
+            special_tokens: SpecialTokens::default(),
+            path: PathBuf::from("<synthetic>"),
+        })
+    }
+
     /// The special-token strings of `tokenizer_config.json`.
     pub fn special_tokens(&self) -> &SpecialTokens {
         &self.special_tokens

@@ -1,18 +1,20 @@
 //! `oxtune bench`: speed measurements.
 //!
-//! `oxtune bench infer` times prefill (tokens/s over one prompt) and batch-1 greedy decode
-//! (tokens/s) of a checkpoint (`--model`) or of a config.json with random weights
-//! (`--config`, so an 8B model can be measured without its 16 GB checkpoint), and reports
-//! decode speed as a fraction of the memory-bandwidth bound: every decoded token reads every
-//! weight once (all parameters but the input-embedding lookup, the LM head included).
+//! `oxtune bench infer` times prefill (tokens/s over one prompt) and greedy decode at batch 1
+//! and at the `--batch_sizes` given (tokens/s over all sequences), through the serving
+//! engine — the path `infer` and `deploy` take — of a checkpoint (`--model`) or of a
+//! config.json with random weights (`--config`, so an 8B model can be measured without its
+//! 16 GB checkpoint). Batch-1 decode is reported as a fraction of the memory-bandwidth bound:
+//! every decoded token reads every weight once (all parameters but the input-embedding
+//! lookup, the LM head included).
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
+use oxtune_engine::{EngineConfig, EngineHandle, Event, Request, ServedModel};
 use oxtune_models::{CausalLm, ModelConfig, RandomWeights};
-use oxtune_tensor::{D, Device, Tensor};
 
 use super::ModelArgs;
 
@@ -94,6 +96,10 @@ pub struct BenchInferArgs {
     #[arg(long = "max_new_tokens", default_value_t = 256)]
     pub max_new_tokens: usize,
 
+    /// Numbers of sequences decoded together (each with its own prompt), e.g. `1,8,32`.
+    #[arg(long = "batch_sizes", value_delimiter = ',', default_value = "1")]
+    pub batch_sizes: Vec<usize>,
+
     /// Timed repetitions; the best is reported (one untimed warm-up run comes first).
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
@@ -117,36 +123,84 @@ pub fn run(command: &BenchCommand) -> anyhow::Result<()> {
 
 fn bench_infer(args: &BenchInferArgs) -> anyhow::Result<()> {
     let (device, dtype) = args.model.device_and_dtype()?;
-    let (name, model, _) = bench_model(&args.model, args.config.as_ref())?;
-    let config = model.config().clone();
+    let (name, served) = bench_served_model(&args.model, args.config.as_ref())?;
+    let config = served.model.config().clone();
+    let context = args.prompt_tokens + args.max_new_tokens;
     anyhow::ensure!(
         args.prompt_tokens >= 1
-            && args.prompt_tokens + args.max_new_tokens < config.max_position_embeddings,
-        "--prompt_tokens {} + --max_new_tokens {} must be between 1 and the model's context ({})",
+            && args.max_new_tokens >= 2
+            && context < config.max_position_embeddings,
+        "--prompt_tokens {} + --max_new_tokens {} must fit the model's context ({}), with at least 1 prompt and 2 new tokens",
         args.prompt_tokens,
         args.max_new_tokens,
         config.max_position_embeddings
     );
-    let vocab = u32::try_from(config.vocab_size)?;
+    anyhow::ensure!(
+        args.batch_sizes.iter().all(|&b| b >= 1),
+        "--batch_sizes must be positive"
+    );
+    anyhow::ensure!(args.repeats >= 1, "--repeats must be at least 1");
+    let largest = args.batch_sizes.iter().copied().max().unwrap_or(1);
+    let engine = EngineHandle::start_model(
+        served,
+        &[],
+        EngineConfig {
+            max_num_seqs: largest,
+            max_num_batched_tokens: args.prompt_tokens.max(2048),
+            // Every repeat must compute its prompt again.
+            enable_prefix_caching: false,
+            max_model_len: Some(context + 1),
+            ..EngineConfig::default()
+        },
+    )?;
+    let vocab = u64::try_from(config.vocab_size)?;
     #[expect(clippy::cast_possible_truncation, reason = "ids below vocab_size")]
-    let prompt: Vec<u32> = (0..args.prompt_tokens)
-        .map(|i| ((i as u64 * 7919 + 13) % u64::from(vocab)) as u32)
-        .collect();
+    let prompt = |seed: u64| -> Vec<u32> {
+        (0..args.prompt_tokens as u64)
+            .map(|i| ((i * 7919 + 13 + seed * 104_729) % vocab) as u32)
+            .collect()
+    };
 
-    let mut best: Option<(f64, f64)> = None;
+    // Prefill: time from scheduling to the first token of one request.
+    let mut prefill_seconds = f64::INFINITY;
     for repeat in 0..=args.repeats {
-        let (prefill, decode) = run_once(&model, &prompt, args.max_new_tokens, &device)?;
+        let timings = run_requests(&engine, &[prompt(0)], 1)?;
+        let seconds = timings[0]
+            .first_token
+            .saturating_duration_since(timings[0].scheduled);
         if repeat > 0 {
-            let current = best.unwrap_or((f64::INFINITY, f64::INFINITY));
-            best = Some((current.0.min(prefill), current.1.min(decode)));
+            prefill_seconds = prefill_seconds.min(seconds.as_secs_f64());
         }
     }
-    let (prefill_seconds, decode_seconds) = best.context("--repeats must be at least 1")?;
     #[expect(clippy::cast_precision_loss, reason = "token counts for rates")]
-    let (prefill_rate, decode_rate) = (
-        args.prompt_tokens as f64 / prefill_seconds,
-        args.max_new_tokens as f64 / decode_seconds,
-    );
+    let prefill_rate = args.prompt_tokens as f64 / prefill_seconds;
+
+    // Decode: all sequences of a batch start together; once the last one has its first
+    // token every sequence is decoding, and the rate is taken from there to the last finish.
+    let mut batches = Vec::new();
+    for &batch in &args.batch_sizes {
+        let prompts: Vec<Vec<u32>> = (0..batch as u64).map(|b| prompt(b + 1)).collect();
+        let mut best = 0.0f64;
+        for repeat in 0..=args.repeats {
+            let timings = run_requests(&engine, &prompts, args.max_new_tokens)?;
+            let decoding_from = timings.iter().map(|t| t.first_token).max();
+            let done = timings.iter().map(|t| t.finished).max();
+            let (Some(from), Some(done)) = (decoding_from, done) else {
+                continue;
+            };
+            #[expect(clippy::cast_precision_loss, reason = "token counts for rates")]
+            let rate = (batch * (args.max_new_tokens - 1)) as f64
+                / done.saturating_duration_since(from).as_secs_f64().max(1e-9);
+            if repeat > 0 {
+                best = best.max(rate);
+            }
+        }
+        batches.push((batch, best));
+    }
+    let decode_rate = batches
+        .iter()
+        .find(|(batch, _)| *batch == 1)
+        .map(|(_, rate)| *rate);
     let bytes_per_token = decode_bytes(&config) * dtype.size_in_bytes();
     let bandwidth = args.bandwidth_gb_s.or(device.is_cuda().then_some(4260.0));
     #[expect(clippy::cast_precision_loss, reason = "byte counts for a rate")]
@@ -161,27 +215,118 @@ fn bench_infer(args: &BenchInferArgs) -> anyhow::Result<()> {
         "decode_tokens": args.max_new_tokens,
         "prefill_tokens_per_second": prefill_rate,
         "decode_tokens_per_second": decode_rate,
-        "decode_ms_per_token": 1000.0 / decode_rate,
+        "decode_ms_per_token": decode_rate.map(|rate| 1000.0 / rate),
+        "batches": batches.iter().map(|(batch, rate)| serde_json::json!({
+            "batch_size": batch,
+            "decode_tokens_per_second": rate,
+            "per_sequence_tokens_per_second": rate / *batch as f64,
+        })).collect::<Vec<_>>(),
         "weight_bytes_per_decoded_token": bytes_per_token,
         "bandwidth_gb_s": bandwidth,
         "bandwidth_bound_tokens_per_second": bound,
-        "fraction_of_bound": bound.map(|b| decode_rate / b),
+        "fraction_of_bound": bound.zip(decode_rate).map(|(b, rate)| rate / b),
     });
+    #[expect(clippy::cast_precision_loss, reason = "counts for display")]
     let mut table = format!(
-        "model            {name}\ndevice, dtype    {device:?}, {}\nparameters       {:.3} B\nprefill          {prefill_rate:.1} tokens/s ({} tokens)\ndecode, batch 1  {decode_rate:.1} tokens/s ({:.2} ms/token, {} tokens)\n",
+        "model            {name}\ndevice, dtype    {device:?}, {}\nparameters       {:.3} B\nprefill          {prefill_rate:.1} tokens/s ({} tokens)\n",
         oxtune_tensor::dtype_name(dtype),
         config.num_parameters() as f64 / 1e9,
         args.prompt_tokens,
-        1000.0 / decode_rate,
-        args.max_new_tokens,
     );
-    if let Some(bound) = bound {
+    for (batch, rate) in &batches {
+        #[expect(clippy::cast_precision_loss, reason = "counts for display")]
         table.push_str(&format!(
-            "bandwidth bound  {bound:.1} tokens/s -> {:.1} % reached\n",
-            100.0 * decode_rate / bound
+            "decode, batch {batch:<3}{rate:.1} tokens/s ({:.2} ms/step, {} tokens each)\n",
+            1000.0 * *batch as f64 / rate,
+            args.max_new_tokens,
         ));
     }
+    if let (Some(bound), Some(rate)) = (bound, decode_rate) {
+        table.push_str(&format!(
+            "bandwidth bound  {bound:.1} tokens/s at batch 1 -> {:.1} % reached\n",
+            100.0 * rate / bound
+        ));
+    }
+    engine.shutdown();
     publish(&table, &report, args.output_json.as_deref())
+}
+
+/// When each request of a round started, got its first token and finished.
+struct RequestTimes {
+    scheduled: Instant,
+    first_token: Instant,
+    finished: Instant,
+}
+
+/// Runs one greedy request per prompt, all submitted at once, each generating exactly
+/// `new_tokens` (end-of-sequence ignored).
+fn run_requests(
+    engine: &EngineHandle,
+    prompts: &[Vec<u32>],
+    new_tokens: usize,
+) -> anyhow::Result<Vec<RequestTimes>> {
+    let receivers = prompts
+        .iter()
+        .enumerate()
+        .map(|(index, prompt)| {
+            let mut request = Request::new(format!("bench-{index}"), prompt.clone());
+            request.max_tokens = Some(new_tokens);
+            request.ignore_eos = true;
+            engine.submit(request)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    receivers
+        .into_iter()
+        .map(|mut events| {
+            loop {
+                match events.blocking_recv() {
+                    Some(Event::Token { .. }) => {}
+                    Some(Event::Finished { timings, .. }) => {
+                        break Ok(RequestTimes {
+                            scheduled: timings.scheduled.unwrap_or(timings.arrived),
+                            first_token: timings.first_token.unwrap_or(timings.finished),
+                            finished: timings.finished,
+                        });
+                    }
+                    Some(Event::Error { message }) => anyhow::bail!("generation failed: {message}"),
+                    None => anyhow::bail!("the engine stopped"),
+                }
+            }
+        })
+        .collect()
+}
+
+/// The model to serve for `bench infer`: `--config` with random weights and a stand-in
+/// tokenizer, or the checkpoint of `--model`.
+fn bench_served_model(
+    model: &ModelArgs,
+    config: Option<&PathBuf>,
+) -> anyhow::Result<(String, ServedModel)> {
+    if config.is_none() {
+        let loaded = model.load()?;
+        let name = loaded.dir.display().to_string();
+        let eos_token_ids = loaded.eos_token_ids();
+        return Ok((
+            name,
+            ServedModel {
+                model: loaded.model,
+                tokenizer: loaded.tokenizer,
+                chat_template: loaded.chat_template,
+                eos_token_ids,
+            },
+        ));
+    }
+    let (name, model, _) = bench_model(model, config)?;
+    let tokenizer = oxtune_models::Tokenizer::synthetic(model.config().vocab_size)?;
+    Ok((
+        name,
+        ServedModel {
+            model,
+            tokenizer,
+            chat_template: None,
+            eos_token_ids: Vec::new(),
+        },
+    ))
 }
 
 /// A model from `--config` (random weights) or `--model`, and its name for the report.
@@ -354,29 +499,6 @@ fn publish(
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
-}
-
-/// Seconds for the prefill (to the first token) and for `new_tokens` greedy decode steps.
-fn run_once(
-    model: &CausalLm,
-    prompt: &[u32],
-    new_tokens: usize,
-    device: &Device,
-) -> anyhow::Result<(f64, f64)> {
-    let mut cache = model.new_cache();
-    let start = Instant::now();
-    let input = Tensor::new(prompt, device)?.unsqueeze(0)?;
-    let mut next = model.forward_last(&input, &mut cache)?.argmax(D::Minus1)?;
-    let _: Vec<u32> = next.to_vec1()?;
-    let prefill = start.elapsed().as_secs_f64();
-    let start = Instant::now();
-    for _ in 0..new_tokens {
-        next = model
-            .forward_last(&next.unsqueeze(0)?, &mut cache)?
-            .argmax(D::Minus1)?;
-    }
-    let _: Vec<u32> = next.to_vec1()?;
-    Ok((prefill, start.elapsed().as_secs_f64()))
 }
 
 /// Weights read per decoded token: all but the input-embedding lookup.
