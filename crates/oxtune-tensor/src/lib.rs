@@ -4,9 +4,13 @@
 //! candle upgrade (or a patched fork) touches one place. It adds:
 //! - [`device`]: device and dtype selection from user strings (`cpu`, `cuda:1`, `bfloat16`),
 //!   and the CUDA memory-pool setting that keeps freed memory with the process;
-//! - [`ops`]: the ops the models use (RMSNorm, RoPE, softmax), each with a fused path for
-//!   inference and a plain, differentiable reference used whenever gradients flow.
+//! - [`ops`]: the ops the models use (RMSNorm, RoPE, softmax, scaled masked softmax, SwiGLU),
+//!   each with a plain, differentiable reference and a fast path: on CUDA our own fused
+//!   kernels with backward (`kernels/*.cu`, `cuda` feature), elsewhere candle-nn's fused
+//!   kernels when no gradient flows.
 
+#[cfg(feature = "cuda")]
+mod cuda;
 pub mod device;
 pub mod ops;
 

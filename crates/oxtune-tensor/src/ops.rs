@@ -2,11 +2,15 @@
 //!
 //! candle-nn's fused kernels (`rms_norm`, `rope`, `softmax_last_dim`) are fast but have no
 //! backward: gradients through them come back `None` without a word. Each op here therefore
-//! has two paths with the same numerics:
-//! - a plain, differentiable composition of candle primitives (`*_reference`), and
-//! - the fused kernel, used only when no input tracks gradients (`Tensor::track_op`).
+//! has a plain, differentiable composition of candle primitives (`*_reference`) and a fast
+//! path with the same numerics:
+//! - on CUDA (f32, bf16, f16; `cuda` feature), our fused kernels (`crate::cuda`,
+//!   `kernels/*.cu`), which carry their own backward kernels, so they serve training too;
+//! - elsewhere, candle-nn's fused kernel when no input tracks gradients
+//!   (`Tensor::track_op`), else the reference.
 //!
-//! The tests at the bottom compare the two paths on random inputs.
+//! The tests at the bottom compare the paths on random inputs and gradcheck the references;
+//! `tests/cuda_ops.rs` checks every kernel and its gradients against the CPU.
 
 use candle_core::{D, DType, Result, Tensor};
 
@@ -15,6 +19,10 @@ use candle_core::{D, DType, Result, Tensor};
 ///
 /// `xs`: (.., hidden), `weight`: (hidden,).
 pub fn rms_norm(xs: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if crate::cuda::applies(&[xs]) && weight.device().same_device(xs.device()) {
+        return crate::cuda::rms_norm(xs, weight, eps);
+    }
     if xs.track_op() || weight.track_op() {
         return rms_norm_reference(xs, weight, eps);
     }
@@ -48,6 +56,10 @@ pub fn rms_norm_reference(xs: &Tensor, weight: &Tensor, eps: f64) -> Result<Tens
 /// `xs`: (b, h, t, d); `cos`, `sin`: (t, d/2) shared by the batch, or (b, t, d/2) per row
 /// (packed samples restart their positions).
 pub fn rope(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if crate::cuda::applies(&[xs, cos, sin]) && !cos.track_op() && !sin.track_op() {
+        return crate::cuda::rope(xs, cos, sin);
+    }
     if xs.track_op() {
         return rope_reference(xs, cos, sin);
     }
@@ -75,6 +87,10 @@ pub fn rope_reference(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor>
 
 /// Softmax over the last dimension.
 pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if crate::cuda::applies(&[xs]) {
+        return crate::cuda::softmax(xs, 1.0, None);
+    }
     if xs.track_op() {
         return softmax_reference(xs);
     }
@@ -86,6 +102,95 @@ pub fn softmax_reference(xs: &Tensor) -> Result<Tensor> {
     let max = xs.max_keepdim(D::Minus1)?.detach();
     let exp = xs.broadcast_sub(&max)?.exp()?;
     exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)
+}
+
+/// Which attention scores a query may not see, for [`scaled_masked_softmax`].
+#[derive(Clone, Copy, Debug)]
+pub enum ScoreMask<'a> {
+    /// Every key is visible.
+    None,
+    /// Causal, from positions: scores are (.., t_q, t_k) and query i (the i-th of the t_q
+    /// rows) sees keys j <= i + past_tokens. No mask tensor is built on CUDA.
+    Causal {
+        /// Keys before the first query (cached tokens); 0 for a training batch.
+        past_tokens: usize,
+    },
+    /// An additive mask broadcastable to the scores: 0 where visible, -inf where not
+    /// (e.g. [`packed_causal_mask`], or [`causal_mask`] with a sliding window).
+    Additive(&'a Tensor),
+}
+
+/// softmax(scores * scale + mask) over the last dimension, in the dtype of `scores`
+/// (attention keeps its scores in f32). On CUDA the scale, a causal mask and the softmax
+/// are one kernel, and its backward another; elsewhere it is [`scaled_masked_softmax_reference`].
+pub fn scaled_masked_softmax(scores: &Tensor, scale: f64, mask: ScoreMask<'_>) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if crate::cuda::applies(&[scores]) && scores.rank() >= 2 {
+        match mask {
+            ScoreMask::None => return crate::cuda::softmax(scores, scale, None),
+            ScoreMask::Causal { past_tokens } => {
+                let causal = crate::cuda::Causal {
+                    queries: scores.dim(D::Minus2)?,
+                    past: past_tokens,
+                };
+                return crate::cuda::softmax(scores, scale, Some(causal));
+            }
+            // softmax(scale * (scores + mask / scale)): the scale stays in the kernel, so the
+            // scores are read once for the mask and once for the softmax.
+            ScoreMask::Additive(additive) if scale.is_normal() => {
+                let additive = (additive.to_dtype(scores.dtype())? * scale.recip())?;
+                return crate::cuda::softmax(&scores.broadcast_add(&additive)?, scale, None);
+            }
+            ScoreMask::Additive(_) => {}
+        }
+    }
+    scaled_masked_softmax_reference(scores, scale, mask)
+}
+
+/// The composition [`scaled_masked_softmax`] stands for: scale, add the mask, then
+/// [`softmax_last_dim`]; differentiable in `scores`.
+pub fn scaled_masked_softmax_reference(
+    scores: &Tensor,
+    scale: f64,
+    mask: ScoreMask<'_>,
+) -> Result<Tensor> {
+    let scaled = (scores * scale)?;
+    let masked = match mask {
+        ScoreMask::None => scaled,
+        ScoreMask::Causal { past_tokens } => {
+            let (queries, keys) = (scores.dim(D::Minus2)?, scores.dim(D::Minus1)?);
+            let mask: Vec<f32> = (0..queries)
+                .flat_map(|i| {
+                    (0..keys).map(move |j| {
+                        if j <= i + past_tokens {
+                            0.0
+                        } else {
+                            f32::NEG_INFINITY
+                        }
+                    })
+                })
+                .collect();
+            let mask = Tensor::from_vec(mask, (queries, keys), scores.device())?;
+            scaled.broadcast_add(&mask.to_dtype(scores.dtype())?)?
+        }
+        ScoreMask::Additive(mask) => scaled.broadcast_add(&mask.to_dtype(scores.dtype())?)?,
+    };
+    softmax_last_dim(&masked)
+}
+
+/// SwiGLU's gating, silu(gate) * up, for the MLP of Llama-style models. On CUDA one kernel
+/// forward and one backward (f32 inside, one rounding); elsewhere [`swiglu_reference`].
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if crate::cuda::applies(&[gate, up]) {
+        return crate::cuda::swiglu(gate, up);
+    }
+    swiglu_reference(gate, up)
+}
+
+/// The differentiable reference for [`swiglu`]: candle's `silu` times `up`.
+pub fn swiglu_reference(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    gate.silu()? * up
 }
 
 /// Inverted dropout with a reproducible mask: each element is zeroed with probability `p`
@@ -283,6 +388,147 @@ mod tests {
             );
         }
         Ok(())
+    }
+
+    /// Checks the gradients of `loss(inputs) = sum(f(inputs) * probe)` with respect to every
+    /// input (f64, on the CPU) against central finite differences.
+    fn gradcheck(
+        name: &str,
+        f: impl Fn(&[Tensor]) -> Result<Tensor>,
+        inputs: &[Tensor],
+        seed_probe: u64,
+    ) -> Result<()> {
+        let device = Device::Cpu;
+        let out_shape = f(inputs)?.shape().clone();
+        let probe: Vec<f64> = (0..out_shape.elem_count())
+            .map(|i| ((i as f64 + 1.0) * 0.618 + seed_probe as f64).sin())
+            .collect();
+        let probe = Tensor::from_vec(probe, out_shape, &device)?;
+        let loss = |xs: &[Tensor]| -> Result<f64> {
+            (f(xs)? * &probe)?.sum_all()?.to_scalar::<f64>()
+        };
+        let vars = inputs
+            .iter()
+            .map(Var::from_tensor)
+            .collect::<Result<Vec<_>>>()?;
+        let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let grads = (f(&tensors)? * &probe)?.sum_all()?.backward()?;
+        let h = 1e-6;
+        for (k, var) in vars.iter().enumerate() {
+            let analytic: Vec<f64> = grads
+                .get(var.as_tensor())
+                .ok_or_else(|| candle_core::Error::Msg(format!("{name}: input {k} got no gradient")))?
+                .flatten_all()?
+                .to_vec1()?;
+            let base: Vec<f64> = inputs[k].flatten_all()?.to_vec1()?;
+            for (i, analytic) in analytic.iter().enumerate() {
+                let nudged = |delta: f64| -> Result<f64> {
+                    let mut values = base.clone();
+                    values[i] += delta;
+                    let mut xs = inputs.to_vec();
+                    xs[k] = Tensor::from_vec(values, inputs[k].shape(), &device)?;
+                    loss(&xs)
+                };
+                let numeric = (nudged(h)? - nudged(-h)?) / (2.0 * h);
+                assert!(
+                    (numeric - analytic).abs() <= 1e-6 * (1.0 + numeric.abs()),
+                    "{name}: d loss / d input {k}[{i}]: finite differences {numeric}, autograd {analytic}"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn swiglu_is_silu_times_up() -> Result<()> {
+        let device = Device::Cpu;
+        let gate = Tensor::randn(0f32, 2.0, (3, 7), &device)?;
+        let up = Tensor::randn(0f32, 1.0, (3, 7), &device)?;
+        let composed = (gate.silu()? * &up)?;
+        assert_eq!(
+            swiglu(&gate, &up)?.to_vec2::<f32>()?,
+            composed.to_vec2::<f32>()?
+        );
+        let gate = Tensor::randn(0f64, 2.0, (2, 5), &device)?;
+        let up = Tensor::randn(0f64, 1.0, (2, 5), &device)?;
+        gradcheck("swiglu", |xs| swiglu(&xs[0], &xs[1]), &[gate, up], 1)
+    }
+
+    #[test]
+    fn scaled_masked_softmax_is_scale_mask_softmax() -> Result<()> {
+        let device = Device::Cpu;
+        let scale = 0.125;
+        // (b, h, t_q, t_k) with 2 cached tokens before 3 queries
+        let scores = Tensor::randn(0f32, 4.0, (2, 3, 3, 5), &device)?;
+        let scaled = (&scores * scale)?;
+        let cases = [
+            (
+                ScoreMask::Causal { past_tokens: 2 },
+                scaled.broadcast_add(&causal_mask(3, 2, None, DType::F32, &device)?)?,
+            ),
+            (ScoreMask::None, scaled.clone()),
+        ];
+        for (mask, composed) in cases {
+            let fused = scaled_masked_softmax(&scores, scale, mask)?;
+            let expected = softmax_reference(&composed)?;
+            assert!(
+                max_abs_diff(&fused, &expected)? < 1e-6,
+                "{mask:?}: {} vs {}",
+                fused,
+                expected
+            );
+        }
+        // packed samples: an additive mask of shape (b, 1, t, t)
+        let scores = Tensor::randn(0f32, 4.0, (1, 2, 4, 4), &device)?;
+        let packed = packed_causal_mask(&[vec![0, 0, 1, 1]], None, DType::F32, &device)?;
+        let fused = scaled_masked_softmax(&scores, scale, ScoreMask::Additive(&packed))?;
+        let expected = softmax_reference(&(&scores * scale)?.broadcast_add(&packed)?)?;
+        assert!(max_abs_diff(&fused, &expected)? < 1e-6);
+        // masked keys get exactly zero probability
+        let row = fused.get(0)?.get(0)?.get(1)?.to_vec1::<f32>()?;
+        assert_eq!(&row[2..], [0.0, 0.0]);
+        Ok(())
+    }
+
+    #[test]
+    fn scaled_masked_softmax_gradient_matches_finite_differences() -> Result<()> {
+        let device = Device::Cpu;
+        let scores = Tensor::randn(0f64, 2.0, (1, 2, 3, 4), &device)?;
+        gradcheck(
+            "causal",
+            |xs| scaled_masked_softmax(&xs[0], 0.7, ScoreMask::Causal { past_tokens: 1 }),
+            std::slice::from_ref(&scores),
+            2,
+        )?;
+        let packed = packed_causal_mask(&[vec![0, 1, 1, 1]], None, DType::F64, &device)?;
+        let packed = packed.narrow(2, 1, 3)?; // queries 1..4 over all 4 keys
+        gradcheck(
+            "additive",
+            |xs| scaled_masked_softmax(&xs[0], 0.7, ScoreMask::Additive(&packed)),
+            std::slice::from_ref(&scores),
+            3,
+        )?;
+        gradcheck(
+            "unmasked",
+            |xs| scaled_masked_softmax(&xs[0], 1.3, ScoreMask::None),
+            &[scores],
+            4,
+        )
+    }
+
+    #[test]
+    fn rope_and_softmax_gradients_match_finite_differences() -> Result<()> {
+        let device = Device::Cpu;
+        let xs = Tensor::randn(0f64, 1.0, (1, 2, 3, 4), &device)?;
+        let angles = Tensor::randn(0f64, 2.0, (3, 2), &device)?;
+        let (cos, sin) = (angles.cos()?, angles.sin()?);
+        gradcheck(
+            "rope",
+            |inputs| rope(&inputs[0], &cos, &sin),
+            std::slice::from_ref(&xs),
+            5,
+        )?;
+        gradcheck("softmax", |inputs| softmax_last_dim(&inputs[0]), &[xs], 6)
     }
 
     #[test]

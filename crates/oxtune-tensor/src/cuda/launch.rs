@@ -1,0 +1,385 @@
+//! Kernel launches: allocation of outputs and the `launch` calls of `kernels/*.cu`.
+//!
+//! The only unsafe code in oxtune-tensor. Each function checks, before it launches, that
+//! every input view holds exactly the elements the kernel indexes and that the sizes fit
+//! the kernel's integer types; the kernels write every element of the outputs they allocate.
+//! Views come from candle storages, so they stay alive (and cudarc orders their events on
+//! the device's stream) for the whole launch.
+#![allow(
+    unsafe_code,
+    reason = "launching CUDA kernels and allocating their outputs is unsafe FFI; kept to this module"
+)]
+
+use candle_core::cuda::cudarc::driver::{
+    CudaFunction, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda::{CudaDType, WrapErr};
+use candle_core::{CudaDevice, Result, WithDType, bail};
+
+/// The dtypes the kernels are compiled for (f32, bf16, f16), as cudarc and candle see them.
+pub(crate) trait KernelFloat: DeviceRepr + WithDType + CudaDType {}
+impl<T: DeviceRepr + WithDType + CudaDType> KernelFloat for T {}
+
+/// One PTX module: its name in candle's module cache and its text.
+struct Module {
+    name: &'static str,
+    ptx: &'static str,
+}
+
+const SOFTMAX: Module = Module {
+    name: "oxtune_softmax",
+    ptx: include_str!(concat!(env!("OUT_DIR"), "/softmax.ptx")),
+};
+const RMS_NORM: Module = Module {
+    name: "oxtune_rms_norm",
+    ptx: include_str!(concat!(env!("OUT_DIR"), "/rms_norm.ptx")),
+};
+const SWIGLU: Module = Module {
+    name: "oxtune_swiglu",
+    ptx: include_str!(concat!(env!("OUT_DIR"), "/swiglu.ptx")),
+};
+const ROPE: Module = Module {
+    name: "oxtune_rope",
+    ptx: include_str!(concat!(env!("OUT_DIR"), "/rope.ptx")),
+};
+
+/// Widest row the dweight kernel of RMSNorm accumulates in (48 KiB of f32 shared memory).
+pub(crate) const RMS_NORM_DW_MAX_WIDTH: usize = 48 * 1024 / 4;
+/// Blocks (row chunks) of the dweight kernel, hence rows of its partial sums.
+const RMS_NORM_DW_CHUNKS: usize = 256;
+
+/// Causal masking of a softmax row: rows are (.., queries) and query i sees keys
+/// j <= i + past.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Causal {
+    pub queries: usize,
+    pub past: usize,
+}
+
+/// The kernel `<root>_<dtype>` of a module, loaded into the device's context on first use.
+fn function<T: WithDType>(device: &CudaDevice, module: &Module, root: &str) -> Result<CudaFunction> {
+    let name = format!("{root}_{}", T::DTYPE.as_str());
+    Ok(device
+        .get_or_load_custom_func(&name, module.name, module.ptx)?
+        .into_cuda_function())
+}
+
+fn to_i32(value: usize, what: &str, kernel: &str) -> Result<i32> {
+    i32::try_from(value).or_else(|_| bail!("{kernel}: {what} = {value} does not fit an i32"))
+}
+
+fn to_u32(value: usize, what: &str, kernel: &str) -> Result<u32> {
+    u32::try_from(value).or_else(|_| bail!("{kernel}: {what} = {value} does not fit a u32"))
+}
+
+fn expect_len<T>(view: &CudaView<'_, T>, expected: usize, what: &str, kernel: &str) -> Result<()> {
+    if view.len() != expected {
+        bail!(
+            "{kernel}: {what} holds {} elements, the kernel indexes {expected}",
+            view.len()
+        );
+    }
+    Ok(())
+}
+
+/// Threads of a one-block-per-row kernel: about 8 elements a thread, a whole number of
+/// warps, 32 to 1024.
+fn row_threads(width: usize) -> u32 {
+    let threads = width.div_ceil(8).next_multiple_of(32).clamp(32, 1024);
+    u32::try_from(threads).expect("at most 1024")
+}
+
+fn row_config(rows: u32, width: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows, 1, 1),
+        block_dim: (row_threads(width), 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// A grid-stride launch of 256-thread blocks over `items` work items.
+fn flat_config(items: usize, kernel: &str) -> Result<LaunchConfig> {
+    let blocks = to_u32(items.div_ceil(256).max(1), "blocks", kernel)?;
+    Ok(LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+fn causal_args(causal: Option<Causal>, width: usize, kernel: &str) -> Result<(i32, i32, i32)> {
+    Ok(match causal {
+        None => (0, 1, 0),
+        Some(Causal { queries, past }) => {
+            if queries == 0 {
+                bail!("{kernel}: causal masking over 0 queries");
+            }
+            (
+                1,
+                to_i32(queries, "queries", kernel)?,
+                // keys past the row's end are never visible anyway
+                to_i32(past.min(width), "past", kernel)?,
+            )
+        }
+    })
+}
+
+/// y = softmax(scale * x) over rows of `width`, causally masked if asked.
+pub(crate) fn softmax_fwd<T: KernelFloat>(
+    device: &CudaDevice,
+    xs: &CudaView<'_, T>,
+    rows: usize,
+    width: usize,
+    scale: f32,
+    causal: Option<Causal>,
+) -> Result<CudaSlice<T>> {
+    let kernel = "softmax_fwd";
+    let count = rows * width;
+    expect_len(xs, count, "x", kernel)?;
+    let (is_causal, queries, past) = causal_args(causal, width, kernel)?;
+    let (n, grid) = (to_i32(width, "width", kernel)?, to_i32(rows, "rows", kernel)?);
+    let func = function::<T>(device, &SOFTMAX, kernel)?;
+    // SAFETY: the kernel writes all rows * width elements (zeros in the masked tail).
+    let mut out = unsafe { device.alloc::<T>(count)? };
+    let stream = device.cuda_stream();
+    let mut builder = stream.launch_builder(&func);
+    builder.arg(xs).arg(&mut out).arg(&n).arg(&scale);
+    builder.arg(&is_causal).arg(&queries).arg(&past);
+    let config = row_config(grid.unsigned_abs(), width);
+    // SAFETY: one block per row over `rows` rows of `width` elements, the length of x and
+    // out checked above; the argument list matches softmax_fwd_<dtype> in softmax.cu.
+    unsafe { builder.launch(config) }.w()?;
+    Ok(out)
+}
+
+/// dx = scale * y * (dy - sum(dy * y)) over rows of `width`.
+pub(crate) fn softmax_bwd<T: KernelFloat>(
+    device: &CudaDevice,
+    ys: &CudaView<'_, T>,
+    grad: &CudaView<'_, T>,
+    rows: usize,
+    width: usize,
+    scale: f32,
+    causal: Option<Causal>,
+) -> Result<CudaSlice<T>> {
+    let kernel = "softmax_bwd";
+    let count = rows * width;
+    expect_len(ys, count, "y", kernel)?;
+    expect_len(grad, count, "dy", kernel)?;
+    let (is_causal, queries, past) = causal_args(causal, width, kernel)?;
+    let (n, grid) = (to_i32(width, "width", kernel)?, to_i32(rows, "rows", kernel)?);
+    let func = function::<T>(device, &SOFTMAX, kernel)?;
+    // SAFETY: the kernel writes all rows * width elements (zeros in the masked tail).
+    let mut out = unsafe { device.alloc::<T>(count)? };
+    let stream = device.cuda_stream();
+    let mut builder = stream.launch_builder(&func);
+    builder.arg(ys).arg(grad).arg(&mut out).arg(&n).arg(&scale);
+    builder.arg(&is_causal).arg(&queries).arg(&past);
+    // SAFETY: one block per row; lengths of y, dy and dx checked above; arguments match
+    // softmax_bwd_<dtype>.
+    unsafe { builder.launch(row_config(grid.unsigned_abs(), width)) }.w()?;
+    Ok(out)
+}
+
+/// y = T(x * rsqrt(mean(x^2) + eps)) * w over rows of `width`.
+pub(crate) fn rms_norm_fwd<T: KernelFloat>(
+    device: &CudaDevice,
+    xs: &CudaView<'_, T>,
+    weight: &CudaView<'_, T>,
+    rows: usize,
+    width: usize,
+    eps: f32,
+) -> Result<CudaSlice<T>> {
+    let kernel = "rms_norm_fwd";
+    let count = rows * width;
+    expect_len(xs, count, "x", kernel)?;
+    expect_len(weight, width, "weight", kernel)?;
+    let (n, grid) = (to_i32(width, "width", kernel)?, to_i32(rows, "rows", kernel)?);
+    let func = function::<T>(device, &RMS_NORM, kernel)?;
+    // SAFETY: the kernel writes every element of every row.
+    let mut out = unsafe { device.alloc::<T>(count)? };
+    let stream = device.cuda_stream();
+    let mut builder = stream.launch_builder(&func);
+    builder.arg(xs).arg(weight).arg(&mut out).arg(&n).arg(&eps);
+    // SAFETY: one block per row; lengths of x, w and y checked above; arguments match
+    // rms_norm_fwd_<dtype> in rms_norm.cu.
+    unsafe { builder.launch(row_config(grid.unsigned_abs(), width)) }.w()?;
+    Ok(out)
+}
+
+/// dx of RMSNorm, one block per row.
+pub(crate) fn rms_norm_bwd_dx<T: KernelFloat>(
+    device: &CudaDevice,
+    xs: &CudaView<'_, T>,
+    weight: &CudaView<'_, T>,
+    grad: &CudaView<'_, T>,
+    rows: usize,
+    width: usize,
+    eps: f32,
+) -> Result<CudaSlice<T>> {
+    let kernel = "rms_norm_bwd_dx";
+    let count = rows * width;
+    expect_len(xs, count, "x", kernel)?;
+    expect_len(weight, width, "weight", kernel)?;
+    expect_len(grad, count, "dy", kernel)?;
+    let (n, grid) = (to_i32(width, "width", kernel)?, to_i32(rows, "rows", kernel)?);
+    let func = function::<T>(device, &RMS_NORM, kernel)?;
+    // SAFETY: the kernel writes every element of every row.
+    let mut out = unsafe { device.alloc::<T>(count)? };
+    let stream = device.cuda_stream();
+    let mut builder = stream.launch_builder(&func);
+    builder.arg(xs).arg(weight).arg(grad).arg(&mut out).arg(&n).arg(&eps);
+    // SAFETY: one block per row; lengths of x, w, dy and dx checked above; arguments match
+    // rms_norm_bwd_dx_<dtype>.
+    unsafe { builder.launch(row_config(grid.unsigned_abs(), width)) }.w()?;
+    Ok(out)
+}
+
+/// f32 partial sums of RMSNorm's dweight, (chunks, width): sum them over the chunks.
+pub(crate) fn rms_norm_bwd_dw<T: KernelFloat>(
+    device: &CudaDevice,
+    xs: &CudaView<'_, T>,
+    grad: &CudaView<'_, T>,
+    rows: usize,
+    width: usize,
+    eps: f32,
+) -> Result<(CudaSlice<f32>, usize)> {
+    let kernel = "rms_norm_bwd_dw";
+    let count = rows * width;
+    expect_len(xs, count, "x", kernel)?;
+    expect_len(grad, count, "dy", kernel)?;
+    if width > RMS_NORM_DW_MAX_WIDTH {
+        bail!("{kernel}: width {width} > {RMS_NORM_DW_MAX_WIDTH} (its shared-memory accumulator)");
+    }
+    let chunks = rows.clamp(1, RMS_NORM_DW_CHUNKS);
+    let rows_per_chunk = rows.div_ceil(chunks).max(1);
+    let n = to_i32(width, "width", kernel)?;
+    let rows_i32 = to_i32(rows, "rows", kernel)?;
+    let per_chunk = to_i32(rows_per_chunk, "rows per chunk", kernel)?;
+    let func = function::<T>(device, &RMS_NORM, kernel)?;
+    // SAFETY: each of the `chunks` blocks writes its whole row of `width` partial sums
+    // (zeros when its chunk of rows is empty).
+    let mut out = unsafe { device.alloc::<f32>(chunks * width)? };
+    let stream = device.cuda_stream();
+    let mut builder = stream.launch_builder(&func);
+    builder.arg(xs).arg(grad).arg(&mut out);
+    builder.arg(&rows_i32).arg(&per_chunk).arg(&n).arg(&eps);
+    let config = LaunchConfig {
+        grid_dim: (to_u32(chunks, "chunks", kernel)?, 1, 1),
+        block_dim: (row_threads(width), 1, 1),
+        shared_mem_bytes: to_u32(width * 4, "shared memory", kernel)?,
+    };
+    // SAFETY: `chunks` blocks cover rows [0, rows) in chunks of rows_per_chunk; x and dy
+    // lengths checked; the f32 accumulator (width * 4 bytes) is within the 48 KiB a block may
+    // use without opting in; out holds chunks * width; arguments match rms_norm_bwd_dw_<dtype>.
+    unsafe { builder.launch(config) }.w()?;
+    Ok((out, chunks))
+}
+
+/// y = silu(gate) * up over `count` elements.
+pub(crate) fn swiglu_fwd<T: KernelFloat>(
+    device: &CudaDevice,
+    gate: &CudaView<'_, T>,
+    up: &CudaView<'_, T>,
+    count: usize,
+) -> Result<CudaSlice<T>> {
+    let kernel = "swiglu_fwd";
+    expect_len(gate, count, "gate", kernel)?;
+    expect_len(up, count, "up", kernel)?;
+    let func = function::<T>(device, &SWIGLU, kernel)?;
+    // SAFETY: the grid-stride loop writes all `count` elements.
+    let mut out = unsafe { device.alloc::<T>(count)? };
+    let n = count as u64;
+    let stream = device.cuda_stream();
+    let mut builder = stream.launch_builder(&func);
+    builder.arg(gate).arg(up).arg(&mut out).arg(&n);
+    let config = flat_config(count.div_ceil(16 / std::mem::size_of::<T>()), kernel)?;
+    // SAFETY: grid-stride over n elements; gate, up and y hold n (checked above); arguments
+    // match swiglu_fwd_<dtype> in swiglu.cu.
+    unsafe { builder.launch(config) }.w()?;
+    Ok(out)
+}
+
+/// (dgate, dup) of SwiGLU as one (2, count) buffer.
+pub(crate) fn swiglu_bwd<T: KernelFloat>(
+    device: &CudaDevice,
+    gate: &CudaView<'_, T>,
+    up: &CudaView<'_, T>,
+    grad: &CudaView<'_, T>,
+    count: usize,
+) -> Result<CudaSlice<T>> {
+    let kernel = "swiglu_bwd";
+    expect_len(gate, count, "gate", kernel)?;
+    expect_len(up, count, "up", kernel)?;
+    expect_len(grad, count, "dy", kernel)?;
+    let func = function::<T>(device, &SWIGLU, kernel)?;
+    // SAFETY: the grid-stride loop writes dgate (the first count) and dup (the second).
+    let mut out = unsafe { device.alloc::<T>(2 * count)? };
+    let n = count as u64;
+    let stream = device.cuda_stream();
+    let mut builder = stream.launch_builder(&func);
+    builder.arg(gate).arg(up).arg(grad).arg(&mut out).arg(&n);
+    let config = flat_config(count.div_ceil(16 / std::mem::size_of::<T>()), kernel)?;
+    // SAFETY: grid-stride over n elements; inputs hold n and out 2n (checked above);
+    // arguments match swiglu_bwd_<dtype>.
+    unsafe { builder.launch(config) }.w()?;
+    Ok(out)
+}
+
+/// The shape of a RoPE launch: x (batch, heads, positions, head_dim); tables
+/// (positions, head_dim / 2), or (batch, positions, head_dim / 2) when `per_batch`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RopeShape {
+    pub batch: usize,
+    pub heads: usize,
+    pub positions: usize,
+    pub head_dim: usize,
+    pub per_batch: bool,
+}
+
+/// Rotates x by (cos, sign * sin): sign 1 is the forward, -1 the backward.
+pub(crate) fn rope<T: KernelFloat>(
+    device: &CudaDevice,
+    xs: &CudaView<'_, T>,
+    cos: &CudaView<'_, T>,
+    sin: &CudaView<'_, T>,
+    shape: RopeShape,
+    sign: f32,
+) -> Result<CudaSlice<T>> {
+    let kernel = "rope";
+    let RopeShape {
+        batch,
+        heads,
+        positions,
+        head_dim,
+        per_batch,
+    } = shape;
+    if head_dim % 2 != 0 {
+        bail!("{kernel}: head_dim {head_dim} is odd");
+    }
+    let rows = batch * heads * positions;
+    let count = rows * head_dim;
+    let half = head_dim / 2;
+    let table = if per_batch { batch } else { 1 } * positions * half;
+    expect_len(xs, count, "x", kernel)?;
+    expect_len(cos, table, "cos", kernel)?;
+    expect_len(sin, table, "sin", kernel)?;
+    let h = to_i32(heads, "heads", kernel)?;
+    let t = to_i32(positions, "positions", kernel)?;
+    let d = to_i32(head_dim, "head_dim", kernel)?;
+    let per_batch = i32::from(per_batch);
+    let rows_u64 = rows as u64;
+    let func = function::<T>(device, &ROPE, kernel)?;
+    // SAFETY: the grid-stride loop writes both halves of every row.
+    let mut out = unsafe { device.alloc::<T>(count)? };
+    let stream = device.cuda_stream();
+    let mut builder = stream.launch_builder(&func);
+    builder.arg(xs).arg(cos).arg(sin).arg(&mut out);
+    builder.arg(&h).arg(&t).arg(&d).arg(&per_batch).arg(&sign).arg(&rows_u64);
+    let vector = 16 / std::mem::size_of::<T>();
+    let items = rows * if half % vector == 0 { half / vector } else { half };
+    // SAFETY: grid-stride over rows * head_dim / 2 pairs; x, y and the tables hold what the
+    // kernel indexes (checked above); arguments match rope_<dtype> in rope.cu.
+    unsafe { builder.launch(flat_config(items, kernel)?) }.w()?;
+    Ok(out)
+}

@@ -1,0 +1,587 @@
+//! Fused CUDA kernels with backward, as candle custom ops (`cuda` feature only).
+//!
+//! Each op here is a `CustomOp` whose `cuda_fwd` runs one kernel of `kernels/*.cu` and whose
+//! `bwd` applies another custom op running the backward kernel, so gradients flow through
+//! candle's autograd. The kernels read and write f32, bf16 or f16 and compute in f32; they
+//! need contiguous inputs, which the functions below arrange. `ops.rs` calls these on CUDA
+//! tensors and keeps its plain `*_reference` compositions for the CPU and for tests;
+//! `kernels/README.md` lists launch shapes and what each op saves for backward.
+
+mod launch;
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda::CudaStorageSlice;
+use candle_core::cuda::cudarc::driver::{CudaSlice, CudaView};
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Layout, Result, Shape,
+    Tensor, bail,
+};
+
+pub(crate) use launch::Causal;
+use launch::RopeShape;
+
+/// Whether the fused kernels take these tensors: all on one CUDA device, one dtype among
+/// f32, bf16 and f16, and not empty.
+pub(crate) fn applies(tensors: &[&Tensor]) -> bool {
+    let Some(first) = tensors.first() else {
+        return false;
+    };
+    first.device().is_cuda()
+        && matches!(first.dtype(), DType::F32 | DType::BF16 | DType::F16)
+        && first.elem_count() > 0
+        && tensors
+            .iter()
+            .all(|t| t.dtype() == first.dtype() && t.device().same_device(first.device()))
+}
+
+/// softmax(scale * xs) over the last dimension, optionally causally masked.
+pub(crate) fn softmax(xs: &Tensor, scale: f64, causal: Option<Causal>) -> Result<Tensor> {
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "attention scales are O(1) constants"
+    )]
+    let scale = scale as f32;
+    xs.contiguous()?.apply_op1(Softmax { scale, causal })
+}
+
+/// RMSNorm; `weight` is cast to the dtype of `xs`, as the reference does.
+pub(crate) fn rms_norm(xs: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "eps is a small f32 constant in configs"
+    )]
+    let eps = eps as f32;
+    let weight = weight.to_dtype(xs.dtype())?.contiguous()?;
+    xs.contiguous()?.apply_op2(&weight, RmsNorm { eps })
+}
+
+/// silu(gate) * up.
+pub(crate) fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if gate.shape() != up.shape() {
+        bail!(
+            "swiglu: gate {:?} and up {:?} differ in shape",
+            gate.shape(),
+            up.shape()
+        );
+    }
+    gate.contiguous()?.apply_op2(&up.contiguous()?, Swiglu)
+}
+
+/// RoPE; differentiable in `xs` only (the tables are constants).
+pub(crate) fn rope(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    xs.contiguous()?
+        .apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rope { sign: 1.0 })
+}
+
+/// Dispatches on the dtype of a storage: `$slice` is its typed `CudaSlice`, `$call` a
+/// generic call returning `Result<CudaSlice<U>>`, wrapped back into a storage.
+macro_rules! float_dispatch {
+    ($op:expr, $storage:expr, |$slice:ident| $call:expr) => {{
+        let storage: &CudaStorage = $storage;
+        let device = storage.device.clone();
+        match &storage.slice {
+            CudaStorageSlice::F32($slice) => CudaStorage::wrap_cuda_slice($call?, device),
+            CudaStorageSlice::BF16($slice) => CudaStorage::wrap_cuda_slice($call?, device),
+            CudaStorageSlice::F16($slice) => CudaStorage::wrap_cuda_slice($call?, device),
+            _ => bail!(
+                "{}: no kernel for dtype {:?} (f32, bf16 and f16 have one)",
+                $op,
+                storage.dtype()
+            ),
+        }
+    }};
+}
+
+/// The elements `layout` covers in `slice`, which must be contiguous.
+fn view<'a, T>(
+    slice: &'a CudaSlice<T>,
+    layout: &Layout,
+    op: &str,
+    what: &str,
+) -> Result<CudaView<'a, T>> {
+    if !layout.is_contiguous() {
+        bail!("{op}: {what} is not contiguous ({:?})", layout.stride());
+    }
+    let start = layout.start_offset();
+    let end = start + layout.shape().elem_count();
+    slice
+        .try_slice(start..end)
+        .ok_or_else(|| candle_core::Error::Msg(format!("{op}: {what} out of its storage")))
+}
+
+/// The same-dtype view of another input of the op.
+fn view_as<'a, T: launch::KernelFloat>(
+    storage: &'a CudaStorage,
+    layout: &Layout,
+    op: &str,
+    what: &str,
+) -> Result<CudaView<'a, T>> {
+    view(storage.as_cuda_slice::<T>()?, layout, op, what)
+}
+
+/// (rows, width) of a tensor seen as rows of its last dimension.
+fn rows_and_width(layout: &Layout, op: &str) -> Result<(usize, usize)> {
+    let width = *layout
+        .shape()
+        .dims()
+        .last()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{op}: a scalar has no rows")))?;
+    Ok((layout.shape().elem_count() / width.max(1), width))
+}
+
+fn same_shape(a: &Layout, b: &Layout, op: &str, what: &str) -> Result<()> {
+    if a.shape() != b.shape() {
+        bail!("{op}: {what} {:?} differs from {:?}", b.shape(), a.shape());
+    }
+    Ok(())
+}
+
+fn no_cpu<T>(op: &str) -> Result<T> {
+    bail!("{op}: a CUDA kernel; on the CPU call the ops.rs function, which composes candle ops")
+}
+
+/// softmax(scale * x), causally masked if asked. Saves its output y for backward.
+struct Softmax {
+    scale: f32,
+    causal: Option<Causal>,
+}
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "oxtune-softmax"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        no_cpu(self.name())
+    }
+
+    fn cuda_fwd(&self, storage: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
+        let op = self.name();
+        let (rows, width) = rows_and_width(layout, op)?;
+        let device = &storage.device;
+        let out = float_dispatch!(op, storage, |x| launch::softmax_fwd(
+            device,
+            &view(x, layout, op, "x")?,
+            rows,
+            width,
+            self.scale,
+            self.causal
+        ));
+        Ok((out, layout.shape().clone()))
+    }
+
+    fn bwd(&self, _: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let backward = SoftmaxBackward {
+            scale: self.scale,
+            causal: self.causal,
+        };
+        Ok(Some(res.apply_op2_no_bwd(&grad.contiguous()?, &backward)?))
+    }
+}
+
+/// (y, dy) -> scale * y * (dy - sum(dy * y)).
+struct SoftmaxBackward {
+    scale: f32,
+    causal: Option<Causal>,
+}
+
+impl CustomOp2 for SoftmaxBackward {
+    fn name(&self) -> &'static str {
+        "oxtune-softmax-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        no_cpu(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        ys: &CudaStorage,
+        ys_layout: &Layout,
+        grad: &CudaStorage,
+        grad_layout: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let op = self.name();
+        same_shape(ys_layout, grad_layout, op, "dy")?;
+        let (rows, width) = rows_and_width(ys_layout, op)?;
+        let device = &ys.device;
+        let out = float_dispatch!(op, ys, |y| launch::softmax_bwd(
+            device,
+            &view(y, ys_layout, op, "y")?,
+            &view_as(grad, grad_layout, op, "dy")?,
+            rows,
+            width,
+            self.scale,
+            self.causal
+        ));
+        Ok((out, ys_layout.shape().clone()))
+    }
+}
+
+/// RMSNorm over the last dimension. Saves nothing beyond its inputs (x, weight): the
+/// backward recomputes 1 / rms from x.
+struct RmsNorm {
+    eps: f32,
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "oxtune-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        no_cpu(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xs_layout: &Layout,
+        weight: &CudaStorage,
+        weight_layout: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let op = self.name();
+        let (rows, width) = rows_and_width(xs_layout, op)?;
+        if weight_layout.shape().dims() != [width] {
+            bail!(
+                "{op}: weight {:?} for rows of width {width}",
+                weight_layout.shape()
+            );
+        }
+        let device = &xs.device;
+        let out = float_dispatch!(op, xs, |x| launch::rms_norm_fwd(
+            device,
+            &view(x, xs_layout, op, "x")?,
+            &view_as(weight, weight_layout, op, "weight")?,
+            rows,
+            width,
+            self.eps
+        ));
+        Ok((out, xs_layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        xs: &Tensor,
+        weight: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let dx = xs.apply_op3_no_bwd(weight, &grad, &RmsNormBackwardX { eps: self.eps })?;
+        // Frozen norm weights (LoRA) get no gradient, and cost no second pass.
+        let dweight = if weight.track_op() {
+            let width = xs.dim(D::Minus1)?;
+            let sum = if width <= launch::RMS_NORM_DW_MAX_WIDTH {
+                xs.apply_op2_no_bwd(&grad, &RmsNormBackwardWeight { eps: self.eps })?
+                    .sum(0)?
+            } else {
+                rms_norm_dweight_composed(xs, &grad, self.eps)?
+            };
+            Some(sum.to_dtype(weight.dtype())?)
+        } else {
+            None
+        };
+        Ok((Some(dx), dweight))
+    }
+}
+
+/// dweight = sum over rows of dy * T(x / rms(x)) with candle ops, for rows wider than the
+/// dweight kernel's shared-memory accumulator.
+fn rms_norm_dweight_composed(xs: &Tensor, grad: &Tensor, eps: f32) -> Result<Tensor> {
+    let width = xs.dim(D::Minus1)?;
+    let x = xs.to_dtype(DType::F32)?.reshape(((), width))?;
+    let inverse_rms = (x.sqr()?.mean_keepdim(1)? + f64::from(eps))?
+        .sqrt()?
+        .recip()?;
+    let normed = x
+        .broadcast_mul(&inverse_rms)?
+        .to_dtype(xs.dtype())?
+        .to_dtype(DType::F32)?;
+    let grad = grad.to_dtype(DType::F32)?.reshape(((), width))?;
+    (normed * grad)?.sum(0)
+}
+
+/// (x, weight, dy) -> dx of RMSNorm.
+struct RmsNormBackwardX {
+    eps: f32,
+}
+
+impl CustomOp3 for RmsNormBackwardX {
+    fn name(&self) -> &'static str {
+        "oxtune-rms-norm-backward-x"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        no_cpu(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xs_layout: &Layout,
+        weight: &CudaStorage,
+        weight_layout: &Layout,
+        grad: &CudaStorage,
+        grad_layout: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let op = self.name();
+        same_shape(xs_layout, grad_layout, op, "dy")?;
+        let (rows, width) = rows_and_width(xs_layout, op)?;
+        let device = &xs.device;
+        let out = float_dispatch!(op, xs, |x| launch::rms_norm_bwd_dx(
+            device,
+            &view(x, xs_layout, op, "x")?,
+            &view_as(weight, weight_layout, op, "weight")?,
+            &view_as(grad, grad_layout, op, "dy")?,
+            rows,
+            width,
+            self.eps
+        ));
+        Ok((out, xs_layout.shape().clone()))
+    }
+}
+
+/// (x, dy) -> f32 partial sums of RMSNorm's dweight, (chunks, width).
+struct RmsNormBackwardWeight {
+    eps: f32,
+}
+
+impl CustomOp2 for RmsNormBackwardWeight {
+    fn name(&self) -> &'static str {
+        "oxtune-rms-norm-backward-weight"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        no_cpu(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xs_layout: &Layout,
+        grad: &CudaStorage,
+        grad_layout: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let op = self.name();
+        same_shape(xs_layout, grad_layout, op, "dy")?;
+        let (rows, width) = rows_and_width(xs_layout, op)?;
+        let device = &xs.device;
+        let mut chunks = 0;
+        let out = float_dispatch!(op, xs, |x| launch::rms_norm_bwd_dw(
+            device,
+            &view(x, xs_layout, op, "x")?,
+            &view_as(grad, grad_layout, op, "dy")?,
+            rows,
+            width,
+            self.eps
+        )
+        .map(|(partials, used)| {
+            chunks = used;
+            partials
+        }));
+        Ok((out, Shape::from((chunks, width))))
+    }
+}
+
+/// silu(gate) * up. Saves nothing beyond its inputs.
+struct Swiglu;
+
+impl CustomOp2 for Swiglu {
+    fn name(&self) -> &'static str {
+        "oxtune-swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        no_cpu(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        gate: &CudaStorage,
+        gate_layout: &Layout,
+        up: &CudaStorage,
+        up_layout: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let op = self.name();
+        same_shape(gate_layout, up_layout, op, "up")?;
+        let count = gate_layout.shape().elem_count();
+        let device = &gate.device;
+        let out = float_dispatch!(op, gate, |g| launch::swiglu_fwd(
+            device,
+            &view(g, gate_layout, op, "gate")?,
+            &view_as(up, up_layout, op, "up")?,
+            count
+        ));
+        Ok((out, gate_layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // (2, ..): dgate then dup, from one kernel.
+        let both = gate.apply_op3_no_bwd(up, &grad.contiguous()?, &SwigluBackward)?;
+        Ok((Some(both.get(0)?), Some(both.get(1)?)))
+    }
+}
+
+/// (gate, up, dy) -> (2, ..) holding dgate and dup.
+struct SwigluBackward;
+
+impl CustomOp3 for SwigluBackward {
+    fn name(&self) -> &'static str {
+        "oxtune-swiglu-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        no_cpu(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        gate: &CudaStorage,
+        gate_layout: &Layout,
+        up: &CudaStorage,
+        up_layout: &Layout,
+        grad: &CudaStorage,
+        grad_layout: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let op = self.name();
+        same_shape(gate_layout, up_layout, op, "up")?;
+        same_shape(gate_layout, grad_layout, op, "dy")?;
+        let count = gate_layout.shape().elem_count();
+        let device = &gate.device;
+        let out = float_dispatch!(op, gate, |g| launch::swiglu_bwd(
+            device,
+            &view(g, gate_layout, op, "gate")?,
+            &view_as(up, up_layout, op, "up")?,
+            &view_as(grad, grad_layout, op, "dy")?,
+            count
+        ));
+        let mut dims = vec![2];
+        dims.extend_from_slice(gate_layout.shape().dims());
+        Ok((out, Shape::from(dims)))
+    }
+}
+
+/// RoPE rotation by (cos, sign * sin); its backward is the same op with the sign flipped
+/// applied to dy. Saves nothing (the tables are inputs).
+struct Rope {
+    sign: f32,
+}
+
+impl CustomOp3 for Rope {
+    fn name(&self) -> &'static str {
+        "oxtune-rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        no_cpu(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xs_layout: &Layout,
+        cos: &CudaStorage,
+        cos_layout: &Layout,
+        sin: &CudaStorage,
+        sin_layout: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let op = self.name();
+        let (batch, heads, positions, head_dim) = xs_layout.shape().dims4()?;
+        let half = head_dim / 2;
+        same_shape(cos_layout, sin_layout, op, "sin")?;
+        let per_batch = match cos_layout.shape().dims() {
+            [t, h] if *t == positions && *h == half => false,
+            [b, t, h] if *b == batch && *t == positions && *h == half => true,
+            other => bail!(
+                "{op}: cos/sin {other:?} for x {:?}; expected ({positions}, {half}) or \
+                 ({batch}, {positions}, {half})",
+                xs_layout.shape()
+            ),
+        };
+        let shape = RopeShape {
+            batch,
+            heads,
+            positions,
+            head_dim,
+            per_batch,
+        };
+        let device = &xs.device;
+        let out = float_dispatch!(op, xs, |x| launch::rope(
+            device,
+            &view(x, xs_layout, op, "x")?,
+            &view_as(cos, cos_layout, op, "cos")?,
+            &view_as(sin, sin_layout, op, "sin")?,
+            shape,
+            self.sign
+        ));
+        Ok((out, xs_layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let backward = Rope { sign: -self.sign };
+        let dx = grad.contiguous()?.apply_op3_no_bwd(cos, sin, &backward)?;
+        Ok((Some(dx), None, None))
+    }
+}
