@@ -28,10 +28,10 @@ if [ -f models/SmolLM2-135M-Instruct/config.json ]; then
         echo "What is the capital of France?" | .gpu/oxtune infer --model models/SmolLM2-135M-Instruct --device cuda \
             --torch_dtype $dtype --max_new_tokens 40 2>/dev/null | tee -a "$out/demo-answer.txt"
     done
-    bench smollm2-135m --model models/SmolLM2-135M-Instruct --prompt_tokens 512 --max_new_tokens 256
+    bench smollm2-135m --model models/SmolLM2-135M-Instruct --prompt_tokens 512 --max_new_tokens 256 --batch_sizes 1,8,32
 fi
-bench qwen3-0.6b --config tools/bench/configs/qwen3-0.6b.json --prompt_tokens 512 --max_new_tokens 256
-bench qwen3-8b --config tools/bench/configs/qwen3-8b.json --prompt_tokens 512 --max_new_tokens 128 --repeats 2
+bench qwen3-0.6b --config tools/bench/configs/qwen3-0.6b.json --prompt_tokens 512 --max_new_tokens 256 --batch_sizes 1,8,32
+bench qwen3-8b --config tools/bench/configs/qwen3-8b.json --prompt_tokens 512 --max_new_tokens 128 --repeats 2 --batch_sizes 1,8,32
 
 train() {
     local name=$1; shift
@@ -42,3 +42,7 @@ train qwen3-0.6b-lora-b1 --config tools/bench/configs/qwen3-0.6b.json --train_ty
     --per_device_train_batch_size 1 --max_length 2048 --max_steps 8
 train qwen3-0.6b-lora-b1-ckpt --config tools/bench/configs/qwen3-0.6b.json --train_type lora --lora_rank 64 \
     --per_device_train_batch_size 1 --max_length 2048 --max_steps 6 --gradient_checkpointing true
+train qwen3-0.6b-lora-b4 --config tools/bench/configs/qwen3-0.6b.json --train_type lora --lora_rank 64 \
+    --per_device_train_batch_size 4 --max_length 2048 --max_steps 4
+train qwen3-0.6b-full-b1 --config tools/bench/configs/qwen3-0.6b.json --train_type full \
+    --per_device_train_batch_size 1 --max_length 2048 --max_steps 4

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use oxtune_models::{ChatTemplate, LoadedModel, PagedKvCache, Tokenizer};
-use oxtune_tensor::DType;
+use oxtune_tensor::{D, DType, Tensor};
 
 use crate::block_manager::BlockManager;
 use crate::grammar::{GrammarCompiler, TokenConstraint};
@@ -130,6 +130,7 @@ pub struct EngineHandle {
     chat_template: Option<Arc<ChatTemplate>>,
     grammar: Option<Arc<GrammarCompiler>>,
     config: Arc<EngineConfig>,
+    thread: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
 
 impl std::fmt::Debug for EngineHandle {
@@ -217,13 +218,8 @@ impl EngineHandle {
                 max_model_len,
             )?,
         };
-        let cache = PagedKvCache::new(
-            &model_config,
-            num_blocks,
-            config.block_size,
-            dtype,
-            &device,
-        )?;
+        let cache =
+            PagedKvCache::new(&model_config, num_blocks, config.block_size, dtype, &device)?;
         let info = ModelInfo {
             max_model_len,
             vocab_size: model_config.vocab_size,
@@ -293,7 +289,7 @@ impl EngineHandle {
             next_id: 0,
             steps: 0,
         };
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("oxtune-engine".into())
             .spawn(move || engine.run(&receiver))
             .map_err(|error| Error::Config(format!("cannot start the engine thread: {error}")))?;
@@ -305,6 +301,7 @@ impl EngineHandle {
             chat_template: parts.chat_template.map(Arc::new),
             grammar,
             config: Arc::new(config),
+            thread: Arc::new(Mutex::new(Some(thread))),
         })
     }
 
@@ -352,10 +349,17 @@ impl EngineHandle {
         self.shared.in_flight.load(Ordering::SeqCst)
     }
 
-    /// Aborts everything and stops the engine thread.
+    /// Aborts everything, stops the engine thread and waits for it (so the model and its
+    /// device memory are released before the process goes on, or exits).
     pub fn shutdown(&self) {
         self.stop_accepting();
         let _ = self.commands.send(Command::Shutdown);
+        let thread = self.thread.lock().ok().and_then(|mut slot| slot.take());
+        if let Some(thread) = thread
+            && thread.thread().id() != std::thread::current().id()
+        {
+            let _ = thread.join();
+        }
     }
 
     /// Checks `request` and queues it; events arrive on the returned receiver. Never blocks.
@@ -538,6 +542,21 @@ struct Active {
     first_token: Option<Instant>,
 }
 
+impl Active {
+    /// Greedy with nothing that needs the logits on the host (penalties, bias,
+    /// log-probabilities, a grammar).
+    fn is_plain_greedy(&self) -> bool {
+        let p = &self.request.sampling;
+        p.temperature == 0.0
+            && (p.repetition_penalty - 1.0).abs() < f64::EPSILON
+            && p.presence_penalty == 0.0
+            && p.frequency_penalty == 0.0
+            && p.logit_bias.is_empty()
+            && self.request.logprobs.is_none()
+            && self.constraint.is_none()
+    }
+}
+
 /// The engine thread's state.
 struct Engine {
     scheduler: Scheduler,
@@ -712,44 +731,73 @@ impl Engine {
     /// Runs the model and samples a token for every sequence whose prompt is fully read.
     fn execute(&mut self, batch: &Batch) -> Result<Vec<Outcome>> {
         let logits = self.runner.execute(batch)?;
-        let mut outcomes = Vec::new();
-        for (row, (&id, &sample)) in batch.seq_ids.iter().zip(&batch.sample).enumerate() {
-            if !sample {
-                continue;
-            }
+        // Rows whose prompt is fully read get a next token.
+        let (rows, ids): (Vec<u32>, Vec<u64>) = batch
+            .seq_ids
+            .iter()
+            .zip(&batch.sample)
+            .enumerate()
+            .filter(|(_, (id, sample))| **sample && self.requests.contains_key(id))
+            .map(|(row, (&id, _))| (u32::try_from(row).unwrap_or(u32::MAX), id))
+            .unzip();
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let logits = logits.index_select(&Tensor::new(rows.as_slice(), logits.device())?, 0)?;
+        // Plain greedy rows need only the argmax: computed where the logits are, so a GPU
+        // sends back 4 bytes per row instead of the vocabulary; otherwise all rows come back
+        // in one transfer.
+        let plain = ids
+            .iter()
+            .all(|id| self.requests.get(id).is_some_and(Active::is_plain_greedy));
+        let host: Vec<Vec<f32>> = if plain { Vec::new() } else { logits.to_vec2()? };
+        let argmax: Vec<u32> = if plain {
+            logits.argmax(D::Minus1)?.to_vec1()?
+        } else {
+            Vec::new()
+        };
+        let mut outcomes = Vec::with_capacity(ids.len());
+        for (index, &id) in ids.iter().enumerate() {
             let (Some(active), Some(sequence)) =
                 (self.requests.get_mut(&id), self.scheduler.get(id))
             else {
                 continue;
             };
-            let raw: Vec<f32> = logits.get(row)?.to_vec1()?;
-            let mut logits = raw.clone();
-            if let Some(constraint) = active.constraint.as_mut() {
-                let allowed = constraint.allowed().map_err(grammar_error)?;
-                // Logits past the tokenizer's vocabulary (padded embeddings) are never allowed.
-                for (index, logit) in logits.iter_mut().enumerate() {
-                    if !allowed.get(index).copied().unwrap_or(false) {
-                        *logit = f32::NEG_INFINITY;
+            let (token, logprobs) = if plain {
+                (argmax[index], None)
+            } else {
+                let raw = &host[index];
+                let mut logits = raw.clone();
+                if let Some(constraint) = active.constraint.as_mut() {
+                    let allowed = constraint.allowed().map_err(grammar_error)?;
+                    // Logits past the tokenizer's vocabulary (padded embeddings) are never
+                    // allowed.
+                    for (index, logit) in logits.iter_mut().enumerate() {
+                        if !allowed.get(index).copied().unwrap_or(false) {
+                            *logit = f32::NEG_INFINITY;
+                        }
                     }
                 }
-            }
-            let token = active
-                .sampler
-                .sample(&mut logits, &sequence.tokens, sequence.prompt_len);
-            if let Some(constraint) = active.constraint.as_mut() {
-                constraint.commit(token).map_err(grammar_error)?;
-            }
+                let token =
+                    active
+                        .sampler
+                        .sample(&mut logits, &sequence.tokens, sequence.prompt_len);
+                if let Some(constraint) = active.constraint.as_mut() {
+                    constraint.commit(token).map_err(grammar_error)?;
+                }
+                let logprobs = match active.request.logprobs {
+                    Some(top) => Some(logprobs_of(&self.tokenizer, raw, token, top)?),
+                    None => None,
+                };
+                (token, logprobs)
+            };
             let stop_token = (!active.request.ignore_eos
                 && self.info.eos_token_ids.contains(&token))
                 || active.request.stop_token_ids.contains(&token);
-            let logprobs = match active.request.logprobs {
-                Some(top) if !stop_token => Some(logprobs_of(&self.tokenizer, &raw, token, top)?),
-                _ => None,
-            };
             outcomes.push(Outcome {
                 id,
                 token,
-                logprobs,
+                logprobs: logprobs.filter(|_| !stop_token),
                 stop_token,
             });
         }

@@ -24,6 +24,9 @@ pub enum BenchCommand {
     Infer(BenchInferArgs),
     /// Training speed: tokens/s, step time, MFU and GPU memory of LoRA or full fine-tuning.
     Train(BenchTrainArgs),
+    /// Load test of an OpenAI-compatible server (ours, vLLM, SGLang): TTFT, TPOT, ITL and
+    /// throughput of streaming requests, like `vllm bench serve`.
+    Serve(super::bench_serve::BenchServeArgs),
 }
 
 #[derive(Debug, Args)]
@@ -118,6 +121,7 @@ pub fn run(command: &BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Infer(args) => bench_infer(args),
         BenchCommand::Train(args) => bench_train(args),
+        BenchCommand::Serve(args) => super::bench_serve::run(args),
     }
 }
 
@@ -384,6 +388,18 @@ fn bench_train(args: &BenchTrainArgs) -> anyhow::Result<()> {
     };
     let steps = args.warmup_steps + args.max_steps;
     let scratch = tempfile::tempdir()?;
+    // The final checkpoint of full fine-tuning copies the base's config.json: for a
+    // random-weight model that is the --config file, under its expected name.
+    let base_dir = match &args.config {
+        Some(config) => {
+            let base = scratch.path().join("base");
+            std::fs::create_dir_all(&base)?;
+            std::fs::copy(config, base.join("config.json"))
+                .with_context(|| format!("copying {}", config.display()))?;
+            base
+        }
+        None => base_dir,
+    };
     let settings = TrainerSettings {
         output_dir: scratch.path().to_path_buf(),
         base_model_dir: base_dir,

@@ -218,6 +218,14 @@ impl Engine {
     }
 }
 
+impl Drop for Engine {
+    /// Stops the engine thread before the process exits, so it never runs on a GPU context
+    /// that is being torn down.
+    fn drop(&mut self) {
+        self.handle.shutdown();
+    }
+}
+
 /// Waits for a request's end, passing each piece of text to `on_text`.
 fn collect(
     mut events: oxtune_engine::EventReceiver,
