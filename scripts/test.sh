@@ -17,3 +17,5 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
     cargo test --workspace --no-fail-fast
 fi
+
+scripts/browser-test.sh  # the chat page of `oxtune deploy` in headless Chromium (docs/deploy.md)
