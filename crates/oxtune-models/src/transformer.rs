@@ -427,13 +427,14 @@ impl Attention {
         let v = ops::repeat_kv(v, groups)?.contiguous()?;
         #[expect(clippy::cast_precision_loss, reason = "head_dim is small")]
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let q = (q.to_dtype(DType::F32)? * scale)?;
-        let scores = q.matmul(&k.to_dtype(DType::F32)?.t()?)?;
-        let scores = match mask {
-            Some(mask) => scores.broadcast_add(mask)?,
-            None => scores,
+        let scores = q
+            .to_dtype(DType::F32)?
+            .matmul(&k.to_dtype(DType::F32)?.t()?)?;
+        let mask = match mask {
+            Some(mask) => ops::ScoreMask::Additive(mask),
+            None => ops::ScoreMask::None,
         };
-        let probs = ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+        let probs = ops::scaled_masked_softmax(&scores, scale, mask)?.to_dtype(v.dtype())?;
         Ok(probs.matmul(&v)?)
     }
 
@@ -526,8 +527,10 @@ impl Mlp {
 
     /// SwiGLU: down(silu(gate(x)) * up(x)), each row through its routed adapter.
     fn forward(&self, xs: &Tensor, routing: Option<&AdapterRouting>) -> Result<Tensor> {
-        let gate = ops::silu(&self.gate_proj.forward_routed(xs, routing)?)?;
-        let hidden = (gate * self.up_proj.forward_routed(xs, routing)?)?;
+        let hidden = ops::swiglu(
+            &self.gate_proj.forward_routed(xs, routing)?,
+            &self.up_proj.forward_routed(xs, routing)?,
+        )?;
         self.down_proj.forward_routed(&hidden, routing)
     }
 }
