@@ -2,6 +2,7 @@
 //! loading a model from them, and logging.
 
 pub mod bench;
+pub mod bench_serve;
 pub mod data;
 pub mod eval;
 pub mod export;
