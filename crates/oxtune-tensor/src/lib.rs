@@ -7,10 +7,12 @@
 //! - [`ops`]: the ops the models use (RMSNorm, RoPE, softmax, scaled masked softmax, SwiGLU),
 //!   each with a plain, differentiable reference and a fast path: on CUDA our own fused
 //!   kernels with backward (`kernels/*.cu`, `cuda` feature), elsewhere candle-nn's fused
-//!   kernels when no gradient flows.
+//!   kernels when no gradient flows;
+//! - `cuda` (`cuda` feature): those kernels' forward and backward entry points, for the GPU
+//!   tests and benchmarks.
 
 #[cfg(feature = "cuda")]
-mod cuda;
+pub mod cuda;
 pub mod device;
 pub mod ops;
 

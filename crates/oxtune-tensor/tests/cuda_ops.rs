@@ -1,9 +1,19 @@
 //! Every op the models use, on the GPU against the CPU, at the shapes of real checkpoints
 //! (SmolLM2-135M: hidden 576, 9 heads of 64, 3 key/value heads, vocab 49152), in f32 and
-//! bf16. Built and run only with `--features cuda` on a machine with a GPU.
+//! bf16; then each fused kernel of `kernels/*.cu` (forward and every gradient through
+//! candle's autograd) against the f64 CPU reference on odd and large shapes, and a
+//! bandwidth print of each kernel next to candle's equivalents. Built and run only with
+//! `--features cuda` on a machine with a GPU:
+//!
+//!   .gpu/cuda-ops --test-threads 1 --nocapture
 #![cfg(feature = "cuda")]
+#![allow(
+    clippy::print_stdout,
+    reason = "the tests print errors and bandwidths for docs/benchmarks.md"
+)]
 
-use oxtune_tensor::{D, DType, Device, Result, Tensor, ops};
+use oxtune_tensor::ops::ScoreMask;
+use oxtune_tensor::{D, DType, Device, Result, Tensor, Var, ops};
 
 fn compare(name: &str, cpu: &Tensor, gpu: &Tensor, dtype: DType) -> Result<()> {
     let cpu = cpu.to_dtype(DType::F32)?;
@@ -89,5 +99,595 @@ fn ops_match_the_cpu() -> Result<()> {
         compare("linear + silu", &run(&Device::Cpu)?, &run(&gpu)?, dtype)?;
         let _ = D::Minus1;
     }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Fused kernels against the CPU reference.
+
+/// The largest error allowed, relative to the largest |reference| value of the same row
+/// (last dimension): f32 1e-5; bf16 2^-6 (two bf16 ulps at the row max); f16 2^-8.
+fn tolerance(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => 1e-5,
+        DType::F16 => 1.0 / 256.0,
+        _ => 1.0 / 64.0,
+    }
+}
+
+/// Compares a GPU result with the f64 CPU reference row by row; the failure names the op,
+/// what was compared, the dtype and input shapes, the worst error and where it is.
+fn compare_rows(
+    label: &str,
+    what: &str,
+    dtype: DType,
+    reference: &Tensor,
+    gpu: &Tensor,
+) -> Result<()> {
+    if reference.dims() != gpu.dims() {
+        panic!(
+            "{label} {what} {dtype:?}: GPU shape {:?}, reference shape {:?}",
+            gpu.dims(),
+            reference.dims()
+        );
+    }
+    let width = reference.dims().last().copied().unwrap_or(1).max(1);
+    let expected: Vec<f64> = reference.flatten_all()?.to_dtype(DType::F64)?.to_vec1()?;
+    let got: Vec<f64> = gpu
+        .flatten_all()?
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F64)?
+        .to_vec1()?;
+    let tol = tolerance(dtype);
+    // (relative error, flat index, row max)
+    let mut worst = (0f64, 0usize, 0f64);
+    for (row, (expected, got)) in expected.chunks(width).zip(got.chunks(width)).enumerate() {
+        let row_max = expected.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-30);
+        for (j, (e, g)) in expected.iter().zip(got).enumerate() {
+            let error = if g.is_nan() != e.is_nan() {
+                f64::INFINITY
+            } else if e.is_nan() {
+                0.0
+            } else {
+                (e - g).abs() / row_max
+            };
+            if error > worst.0 || error.is_nan() {
+                worst = (error, row * width + j, row_max);
+            }
+        }
+    }
+    let (error, index, row_max) = worst;
+    let (row, column) = (index / width, index % width);
+    println!(
+        "{label} {what} {dtype:?}: max error {error:.2e} of the row max (allowed {tol:.1e})"
+    );
+    assert!(
+        error <= tol,
+        "{label} {what} {dtype:?}: max error {error:e} relative to its row's max |reference| \
+         {row_max:e} (allowed {tol:e}) at row {row}, column {column} (flat {index}): \
+         GPU {} vs reference {}",
+        got[index],
+        expected[index]
+    );
+    Ok(())
+}
+
+/// Runs `op` on the GPU in `dtype` (through the public ops, so the fused kernels) and
+/// `reference` on the CPU in f64 from the same dtype-rounded inputs; compares the outputs,
+/// then the gradients of sum(out * probe) for the inputs marked trainable.
+fn check_op(
+    name: &str,
+    dtype: DType,
+    inputs: &[Tensor],
+    trainable: &[bool],
+    op: impl Fn(&[Tensor]) -> Result<Tensor>,
+    reference: impl Fn(&[Tensor]) -> Result<Tensor>,
+) -> Result<()> {
+    let gpu = oxtune_tensor::parse_device("cuda")?;
+    let shapes: Vec<Vec<usize>> = inputs.iter().map(|t| t.dims().to_vec()).collect();
+    let label = format!("{name} {shapes:?}");
+    let rounded: Vec<Tensor> = inputs
+        .iter()
+        .map(|t| t.to_dtype(dtype)?.to_dtype(DType::F64))
+        .collect::<Result<_>>()?;
+    let cpu_vars: Vec<Var> = rounded.iter().map(Var::from_tensor).collect::<Result<_>>()?;
+    let gpu_vars: Vec<Var> = rounded
+        .iter()
+        .map(|t| Var::from_tensor(&t.to_dtype(dtype)?.to_device(&gpu)?))
+        .collect::<Result<_>>()?;
+    let pick = |vars: &[Var], rounded: &[Tensor], device: &Device| -> Result<Vec<Tensor>> {
+        vars.iter()
+            .zip(rounded)
+            .zip(trainable)
+            .map(|((var, plain), train)| {
+                if *train {
+                    Ok(var.as_tensor().clone())
+                } else if device.is_cuda() {
+                    plain.to_dtype(dtype)?.to_device(device)
+                } else {
+                    Ok(plain.clone())
+                }
+            })
+            .collect()
+    };
+    let cpu_inputs = pick(&cpu_vars, &rounded, &Device::Cpu)?;
+    let gpu_inputs = pick(&gpu_vars, &rounded, &gpu)?;
+
+    let gpu_out = op(&gpu_inputs)?;
+    assert_eq!(gpu_out.dtype(), dtype, "{label}: output dtype");
+    let cpu_out = reference(&cpu_inputs)?;
+    compare_rows(&label, "forward", dtype, &cpu_out, &gpu_out)?;
+
+    let probe = Tensor::randn(0f32, 1.0, cpu_out.shape(), &Device::Cpu)?.to_dtype(dtype)?;
+    let cpu_grads = (&cpu_out * probe.to_dtype(DType::F64)?)?
+        .sum_all()?
+        .backward()?;
+    let gpu_grads = (&gpu_out * probe.to_device(&gpu)?)?.sum_all()?.backward()?;
+    for (k, train) in trainable.iter().enumerate() {
+        if !train {
+            continue;
+        }
+        let what = format!("d/d input {k}");
+        let expected = cpu_grads
+            .get(cpu_vars[k].as_tensor())
+            .unwrap_or_else(|| panic!("{label} {what}: the CPU reference gave no gradient"));
+        let got = gpu_grads.get(gpu_vars[k].as_tensor()).unwrap_or_else(|| {
+            panic!("{label} {what} {dtype:?}: no gradient through the GPU op")
+        });
+        assert_eq!(got.dtype(), dtype, "{label} {what}: gradient dtype");
+        compare_rows(&label, &what, dtype, expected, got)?;
+    }
+    Ok(())
+}
+
+fn randn(shape: &[usize], std: f32) -> Result<Tensor> {
+    Tensor::randn(0f32, std, shape, &Device::Cpu)
+}
+
+#[test]
+fn softmax_kernel_matches_the_reference() -> Result<()> {
+    let shapes: [&[usize]; 7] = [
+        &[3, 1],
+        &[7, 33],
+        &[2, 3, 100],
+        &[5, 1001],
+        &[4, 2048],
+        &[2, 4099],
+        &[3, 151_936],
+    ];
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        for shape in shapes {
+            let x = randn(shape, 3.0)?;
+            check_op(
+                "softmax_last_dim",
+                dtype,
+                &[x],
+                &[true],
+                |xs| ops::softmax_last_dim(&xs[0]),
+                |xs| ops::softmax_reference(&xs[0]),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn scaled_masked_softmax_kernel_matches_the_reference() -> Result<()> {
+    // (b, h, t_q, t_k, past tokens); t_k = past + t_q as in attention
+    let cases = [
+        (1, 2, 2048, 2048, 0),
+        (2, 3, 37, 53, 16),
+        (1, 1, 1, 9, 8),
+        (2, 2, 65, 65, 0),
+        (1, 3, 4, 1, 0),
+    ];
+    for dtype in [DType::F32, DType::BF16] {
+        for (b, h, t_q, t_k, past) in cases {
+            let scores = randn(&[b, h, t_q, t_k], 8.0)?;
+            let mask = ScoreMask::Causal { past_tokens: past };
+            check_op(
+                &format!("scaled_masked_softmax causal past {past}"),
+                dtype,
+                &[scores],
+                &[true],
+                |xs| ops::scaled_masked_softmax(&xs[0], 0.088, mask),
+                |xs| ops::scaled_masked_softmax_reference(&xs[0], 0.088, mask),
+            )?;
+        }
+        let scores = randn(&[2, 2, 5, 7], 8.0)?;
+        check_op(
+            "scaled_masked_softmax unmasked",
+            dtype,
+            &[scores],
+            &[true],
+            |xs| ops::scaled_masked_softmax(&xs[0], 0.125, ScoreMask::None),
+            |xs| ops::scaled_masked_softmax_reference(&xs[0], 0.125, ScoreMask::None),
+        )?;
+        // packed samples, additive (b, 1, t, t) mask
+        let segments = vec![
+            (0..12).map(|i| u32::from(i >= 5)).collect::<Vec<u32>>(),
+            (0..12).map(|i| u32::from(i >= 9)).collect(),
+        ];
+        let scores = randn(&[2, 2, 12, 12], 8.0)?;
+        let gpu = oxtune_tensor::parse_device("cuda")?;
+        let mask_gpu = ops::packed_causal_mask(&segments, None, DType::F32, &gpu)?;
+        let mask_cpu = ops::packed_causal_mask(&segments, None, DType::F64, &Device::Cpu)?;
+        check_op(
+            "scaled_masked_softmax packed",
+            dtype,
+            &[scores],
+            &[true],
+            |xs| ops::scaled_masked_softmax(&xs[0], 0.125, ScoreMask::Additive(&mask_gpu)),
+            |xs| {
+                ops::scaled_masked_softmax_reference(
+                    &xs[0],
+                    0.125,
+                    ScoreMask::Additive(&mask_cpu),
+                )
+            },
+        )?;
+    }
+    Ok(())
+}
+
+#[test]
+fn rms_norm_kernel_matches_the_reference() -> Result<()> {
+    let shapes: [&[usize]; 8] = [
+        &[3, 1],
+        &[5, 7],
+        &[2, 9, 64],
+        &[3, 128],
+        &[300, 1024], // more rows than the dweight kernel's 256 chunks
+        &[2, 3, 4099],
+        &[3, 12_000], // the widest row the dweight kernel accumulates
+        &[2, 13_000], // wider: dweight composed from candle ops
+    ];
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        for shape in shapes {
+            let x = randn(shape, 2.0)?;
+            let width = shape[shape.len() - 1];
+            let weight = Tensor::randn(1f32, 0.2, width, &Device::Cpu)?;
+            for trainable in [[true, true], [true, false]] {
+                let name = if trainable[1] {
+                    "rms_norm"
+                } else {
+                    "rms_norm (frozen weight)"
+                };
+                check_op(
+                    name,
+                    dtype,
+                    &[x.clone(), weight.clone()],
+                    &trainable,
+                    |xs| ops::rms_norm(&xs[0], &xs[1], 1e-6),
+                    |xs| ops::rms_norm_reference(&xs[0], &xs[1], 1e-6),
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn swiglu_kernel_matches_the_reference() -> Result<()> {
+    let shapes: [&[usize]; 6] = [&[1], &[3, 7], &[2, 33, 65], &[4, 3072], &[1_000_003], &[2, 3, 8]];
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        for shape in shapes {
+            let gate = randn(shape, 3.0)?;
+            let up = randn(shape, 1.0)?;
+            check_op(
+                "swiglu",
+                dtype,
+                &[gate, up],
+                &[true, true],
+                |xs| ops::swiglu(&xs[0], &xs[1]),
+                |xs| ops::swiglu_reference(&xs[0], &xs[1]),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn rope_kernel_matches_the_reference() -> Result<()> {
+    // (b, h, t, d, per-row tables)
+    let cases = [
+        (1, 1, 1, 2, false),
+        (1, 2, 3, 6, false), // d/2 = 3: the scalar path
+        (2, 3, 5, 64, false),
+        (2, 4, 17, 128, true),
+        (1, 16, 2048, 128, false),
+        (2, 2, 7, 10, true),
+    ];
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        for (b, h, t, d, per_row) in cases {
+            let x = randn(&[b, h, t, d], 1.0)?;
+            let angles = if per_row {
+                randn(&[b, t, d / 2], 3.0)?
+            } else {
+                randn(&[t, d / 2], 3.0)?
+            };
+            let name = if per_row {
+                "rope (per-row tables)"
+            } else {
+                "rope"
+            };
+            check_op(
+                name,
+                dtype,
+                &[x, angles.cos()?, angles.sin()?],
+                &[true, false, false],
+                |xs| ops::rope(&xs[0], &xs[1], &xs[2]),
+                |xs| ops::rope_reference(&xs[0], &xs[1], &xs[2]),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Bandwidth: each kernel against candle's fused and composed equivalents (printed, not
+// asserted), for docs/benchmarks.md.
+
+/// Device copy bandwidth of the H200 (read + write), the roofline the numbers are set against.
+const COPY_GB_PER_S: f64 = 4200.0;
+
+/// Mean seconds of one call of `f`, after a warm-up, with the device synchronised.
+fn seconds_per_call(device: &Device, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    for _ in 0..3 {
+        f()?;
+    }
+    device.synchronize()?;
+    let calls = 20;
+    let start = std::time::Instant::now();
+    for _ in 0..calls {
+        f()?;
+    }
+    device.synchronize()?;
+    Ok(start.elapsed().as_secs_f64() / f64::from(calls))
+}
+
+struct Bench<'a> {
+    device: &'a Device,
+}
+
+impl Bench<'_> {
+    /// Prints one line: `bytes` is the traffic a perfect kernel moves (each input read and each
+    /// output written once).
+    fn line(
+        &self,
+        name: &str,
+        shape: &str,
+        bytes: f64,
+        runs: &mut [(&str, &mut dyn FnMut() -> Result<()>)],
+    ) -> Result<()> {
+        let mut cells = Vec::new();
+        for (label, f) in runs.iter_mut() {
+            let seconds = seconds_per_call(self.device, f)?;
+            let gb_per_s = bytes / seconds / 1e9;
+            cells.push(format!(
+                "{label} {:.3} ms {gb_per_s:.0} GB/s ({:.0} %)",
+                seconds * 1e3,
+                100.0 * gb_per_s / COPY_GB_PER_S
+            ));
+        }
+        println!("| {name} | {shape} | {} |", cells.join(" | "));
+        Ok(())
+    }
+}
+
+#[test]
+fn bandwidth_of_fused_kernels_against_candle() -> Result<()> {
+    let gpu = oxtune_tensor::parse_device("cuda")?;
+    let bench = Bench { device: &gpu };
+    // random inputs drawn on the GPU (curand), then cast
+    let randn = |mean: f32, std: f32, shape: &[usize], dtype: DType| -> Result<Tensor> {
+        Tensor::randn(mean, std, shape, &gpu)?.to_dtype(dtype)
+    };
+    println!("| op | shape | ours | candle fused | candle composed |");
+    println!("| --- | --- | --- | --- | --- |");
+
+    // Attention scores of Qwen3-0.6B at seq 2048, micro-batch 4: (4, 16, 2048, 2048) f32.
+    let (b, h, t) = (4, 16, 2048);
+    let elements = (b * h * t * t) as f64;
+    let scores = randn(0f32, 4.0, &[b, h, t, t], DType::F32)?;
+    let shape = format!("({b}, {h}, {t}, {t}) f32");
+    bench.line(
+        "softmax_last_dim fwd",
+        &shape,
+        2.0 * 4.0 * elements,
+        &mut [
+            ("ours", &mut || ops::softmax_last_dim(&scores).map(drop)),
+            ("candle", &mut || {
+                oxtune_tensor::nn::ops::softmax_last_dim(&scores).map(drop)
+            }),
+            ("composed", &mut || ops::softmax_reference(&scores).map(drop)),
+        ],
+    )?;
+    let ys = ops::softmax_last_dim(&scores)?;
+    let grad = scores.clone();
+    bench.line(
+        "softmax bwd",
+        &shape,
+        3.0 * 4.0 * elements,
+        &mut [
+            ("ours", &mut || {
+                oxtune_tensor::cuda::softmax_backward(&ys, &grad, 1.0, None).map(drop)
+            }),
+            ("composed", &mut || {
+                let dot = (&ys * &grad)?.sum_keepdim(D::Minus1)?;
+                (&ys * grad.broadcast_sub(&dot)?).map(drop)
+            }),
+        ],
+    )?;
+    let causal = ScoreMask::Causal { past_tokens: 0 };
+    let mask = ops::causal_mask(t, 0, None, DType::F32, &gpu)?;
+    bench.line(
+        "scaled_masked_softmax causal fwd (skips the masked half's reads)",
+        &shape,
+        2.0 * 4.0 * elements,
+        &mut [
+            ("ours", &mut || {
+                ops::scaled_masked_softmax(&scores, 0.088, causal).map(drop)
+            }),
+            ("candle", &mut || {
+                let masked = (&scores * 0.088)?.broadcast_add(&mask)?;
+                oxtune_tensor::nn::ops::softmax_last_dim(&masked).map(drop)
+            }),
+            ("composed", &mut || {
+                let masked = (&scores * 0.088)?.broadcast_add(&mask)?;
+                ops::softmax_reference(&masked).map(drop)
+            }),
+        ],
+    )?;
+    let causal_kernel = oxtune_tensor::cuda::Causal {
+        queries: t,
+        past: 0,
+    };
+    let ys = ops::scaled_masked_softmax(&scores, 0.088, causal)?;
+    bench.line(
+        "scaled_masked_softmax causal bwd",
+        &shape,
+        3.0 * 4.0 * elements,
+        &mut [
+            ("ours", &mut || {
+                oxtune_tensor::cuda::softmax_backward(&ys, &grad, 0.088, Some(causal_kernel))
+                    .map(drop)
+            }),
+            ("composed", &mut || {
+                let dot = (&ys * &grad)?.sum_keepdim(D::Minus1)?;
+                ((&ys * grad.broadcast_sub(&dot)?)? * 0.088).map(drop)
+            }),
+        ],
+    )?;
+    drop((scores, ys, grad, mask));
+
+    // Vocabulary-wide rows: (64, 151936) f32 and bf16.
+    for dtype in [DType::F32, DType::BF16] {
+        let logits = randn(0f32, 4.0, &[64, 151_936], dtype)?;
+        let size = logits.dtype().size_in_bytes() as f64;
+        bench.line(
+            "softmax_last_dim fwd",
+            &format!("(64, 151936) {dtype:?}"),
+            2.0 * size * (64.0 * 151_936.0),
+            &mut [
+                ("ours", &mut || ops::softmax_last_dim(&logits).map(drop)),
+                ("candle", &mut || {
+                    oxtune_tensor::nn::ops::softmax_last_dim(&logits).map(drop)
+                }),
+                ("composed", &mut || ops::softmax_reference(&logits).map(drop)),
+            ],
+        )?;
+    }
+
+    // RMSNorm, SwiGLU, RoPE in bf16 at token counts of a micro-batch of 8 x 2048.
+    let dtype = DType::BF16;
+    let (rows, hidden) = (16_384, 4096);
+    let elements = (rows * hidden) as f64;
+    let x = randn(0f32, 1.0, &[rows, hidden], dtype)?;
+    let weight = randn(1f32, 0.1, &[hidden], dtype)?;
+    let dy = randn(0f32, 1.0, &[rows, hidden], dtype)?;
+    let shape = format!("({rows}, {hidden}) bf16");
+    bench.line(
+        "rms_norm fwd",
+        &shape,
+        2.0 * 2.0 * elements,
+        &mut [
+            ("ours", &mut || ops::rms_norm(&x, &weight, 1e-6).map(drop)),
+            ("candle", &mut || {
+                oxtune_tensor::nn::ops::rms_norm(&x, &weight, 1e-6).map(drop)
+            }),
+            ("composed", &mut || {
+                ops::rms_norm_reference(&x, &weight, 1e-6).map(drop)
+            }),
+        ],
+    )?;
+    bench.line(
+        "rms_norm bwd dx",
+        &shape,
+        3.0 * 2.0 * elements,
+        &mut [("ours", &mut || {
+            oxtune_tensor::cuda::rms_norm_backward(&x, &weight, &dy, 1e-6, false).map(drop)
+        })],
+    )?;
+    let (x_var, w_var) = (Var::from_tensor(&x)?, Var::from_tensor(&weight)?);
+    bench.line(
+        "rms_norm bwd dx + dweight",
+        &shape,
+        5.0 * 2.0 * elements,
+        &mut [
+            ("ours", &mut || {
+                oxtune_tensor::cuda::rms_norm_backward(&x, &weight, &dy, 1e-6, true).map(drop)
+            }),
+            ("composed (autograd of the reference)", &mut || {
+                let out = ops::rms_norm_reference(x_var.as_tensor(), w_var.as_tensor(), 1e-6)?;
+                (out * &dy)?.sum_all()?.backward().map(drop)
+            }),
+        ],
+    )?;
+
+    let (rows, intermediate) = (16_384, 8192);
+    let elements = (rows * intermediate) as f64;
+    let gate = randn(0f32, 2.0, &[rows, intermediate], dtype)?;
+    let up = randn(0f32, 1.0, &[rows, intermediate], dtype)?;
+    let dy = randn(0f32, 1.0, &[rows, intermediate], dtype)?;
+    let shape = format!("({rows}, {intermediate}) bf16");
+    bench.line(
+        "swiglu fwd",
+        &shape,
+        3.0 * 2.0 * elements,
+        &mut [
+            ("ours", &mut || ops::swiglu(&gate, &up).map(drop)),
+            ("composed", &mut || ops::swiglu_reference(&gate, &up).map(drop)),
+        ],
+    )?;
+    let (g_var, u_var) = (Var::from_tensor(&gate)?, Var::from_tensor(&up)?);
+    bench.line(
+        "swiglu bwd",
+        &shape,
+        5.0 * 2.0 * elements,
+        &mut [
+            ("ours", &mut || {
+                oxtune_tensor::cuda::swiglu_backward(&gate, &up, &dy).map(drop)
+            }),
+            ("composed (autograd of the reference)", &mut || {
+                let out = ops::swiglu_reference(g_var.as_tensor(), u_var.as_tensor())?;
+                (out * &dy)?.sum_all()?.backward().map(drop)
+            }),
+        ],
+    )?;
+    drop((gate, up, dy, x, x_var, w_var, g_var, u_var));
+
+    let (b, h, t, d) = (8, 16, 2048, 128);
+    let elements = (b * h * t * d) as f64;
+    let x = randn(0f32, 1.0, &[b, h, t, d], dtype)?;
+    let angles = Tensor::randn(0f32, 3.0, (t, d / 2), &Device::Cpu)?;
+    let cos = angles.cos()?.to_dtype(dtype)?.to_device(&gpu)?;
+    let sin = angles.sin()?.to_dtype(dtype)?.to_device(&gpu)?;
+    let shape = format!("({b}, {h}, {t}, {d}) bf16");
+    bench.line(
+        "rope fwd",
+        &shape,
+        2.0 * 2.0 * elements,
+        &mut [
+            ("ours", &mut || ops::rope(&x, &cos, &sin).map(drop)),
+            ("candle", &mut || {
+                oxtune_tensor::nn::rotary_emb::rope(&x, &cos, &sin).map(drop)
+            }),
+            ("composed", &mut || ops::rope_reference(&x, &cos, &sin).map(drop)),
+        ],
+    )?;
+    bench.line(
+        "rope bwd",
+        &shape,
+        2.0 * 2.0 * elements,
+        &mut [
+            ("ours", &mut || {
+                oxtune_tensor::cuda::rope_backward(&x, &cos, &sin).map(drop)
+            }),
+            ("composed", &mut || {
+                ops::rope_reference(&x, &cos, &sin.neg()?).map(drop)
+            }),
+        ],
+    )?;
     Ok(())
 }

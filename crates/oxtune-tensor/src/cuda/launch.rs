@@ -43,16 +43,19 @@ const ROPE: Module = Module {
     ptx: include_str!(concat!(env!("OUT_DIR"), "/rope.ptx")),
 };
 
-/// Widest row the dweight kernel of RMSNorm accumulates in (48 KiB of f32 shared memory).
-pub(crate) const RMS_NORM_DW_MAX_WIDTH: usize = 48 * 1024 / 4;
+/// Widest row the dweight kernel of RMSNorm accumulates in: its f32 accumulator plus the
+/// reduction scratch stay within the 48 KiB of shared memory a block gets without opting in.
+pub(crate) const RMS_NORM_DW_MAX_WIDTH: usize = 12_000;
 /// Blocks (row chunks) of the dweight kernel, hence rows of its partial sums.
 const RMS_NORM_DW_CHUNKS: usize = 256;
 
-/// Causal masking of a softmax row: rows are (.., queries) and query i sees keys
+/// Causal masking of a softmax row: rows are (.., queries, keys) and query i sees keys
 /// j <= i + past.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct Causal {
+pub struct Causal {
+    /// Queries (rows) per attention matrix: the second-to-last dimension of the scores.
     pub queries: usize,
+    /// Keys before the first query (cached tokens).
     pub past: usize,
 }
 
@@ -270,8 +273,8 @@ pub(crate) fn rms_norm_bwd_dw<T: KernelFloat>(
         shared_mem_bytes: to_u32(width * 4, "shared memory", kernel)?,
     };
     // SAFETY: `chunks` blocks cover rows [0, rows) in chunks of rows_per_chunk; x and dy
-    // lengths checked; the f32 accumulator (width * 4 bytes) is within the 48 KiB a block may
-    // use without opting in; out holds chunks * width; arguments match rms_norm_bwd_dw_<dtype>.
+    // lengths checked; the f32 accumulator (width * 4 <= 48_000 bytes, plus 128 bytes of
+    // static scratch) is within the 48 KiB a block may use without opting in; out holds chunks * width; arguments match rms_norm_bwd_dw_<dtype>.
     unsafe { builder.launch(config) }.w()?;
     Ok((out, chunks))
 }

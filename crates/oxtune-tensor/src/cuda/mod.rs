@@ -6,6 +6,9 @@
 //! need contiguous inputs, which the functions below arrange. `ops.rs` calls these on CUDA
 //! tensors and keeps its plain `*_reference` compositions for the CPU and for tests;
 //! `kernels/README.md` lists launch shapes and what each op saves for backward.
+//!
+//! Models call `ops.rs`; the functions here are public for the GPU tests and benchmarks,
+//! which time the backward kernels on their own.
 
 mod launch;
 
@@ -17,7 +20,7 @@ use candle_core::{
     Tensor, bail,
 };
 
-pub(crate) use launch::Causal;
+pub use launch::Causal;
 use launch::RopeShape;
 
 /// Whether the fused kernels take these tensors: all on one CUDA device, one dtype among
@@ -35,7 +38,7 @@ pub(crate) fn applies(tensors: &[&Tensor]) -> bool {
 }
 
 /// softmax(scale * xs) over the last dimension, optionally causally masked.
-pub(crate) fn softmax(xs: &Tensor, scale: f64, causal: Option<Causal>) -> Result<Tensor> {
+pub fn softmax(xs: &Tensor, scale: f64, causal: Option<Causal>) -> Result<Tensor> {
     #[expect(
         clippy::cast_possible_truncation,
         reason = "attention scales are O(1) constants"
@@ -45,7 +48,7 @@ pub(crate) fn softmax(xs: &Tensor, scale: f64, causal: Option<Causal>) -> Result
 }
 
 /// RMSNorm; `weight` is cast to the dtype of `xs`, as the reference does.
-pub(crate) fn rms_norm(xs: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+pub fn rms_norm(xs: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     #[expect(
         clippy::cast_possible_truncation,
         reason = "eps is a small f32 constant in configs"
@@ -56,7 +59,7 @@ pub(crate) fn rms_norm(xs: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor>
 }
 
 /// silu(gate) * up.
-pub(crate) fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     if gate.shape() != up.shape() {
         bail!(
             "swiglu: gate {:?} and up {:?} differ in shape",
@@ -68,9 +71,76 @@ pub(crate) fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 }
 
 /// RoPE; differentiable in `xs` only (the tables are constants).
-pub(crate) fn rope(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+pub fn rope(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     xs.contiguous()?
         .apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rope { sign: 1.0 })
+}
+
+/// The gradient of [`softmax`] from its output `ys` and the output's gradient `grad`.
+pub fn softmax_backward(
+    ys: &Tensor,
+    grad: &Tensor,
+    scale: f64,
+    causal: Option<Causal>,
+) -> Result<Tensor> {
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "attention scales are O(1) constants"
+    )]
+    let scale = scale as f32;
+    ys.contiguous()?
+        .apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBackward { scale, causal })
+}
+
+/// The gradients of [`rms_norm`]: dx, and dweight when `with_weight` (in the dtype of `xs`).
+pub fn rms_norm_backward(
+    xs: &Tensor,
+    weight: &Tensor,
+    grad: &Tensor,
+    eps: f64,
+    with_weight: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "eps is a small f32 constant in configs"
+    )]
+    let eps = eps as f32;
+    let (xs, grad) = (xs.contiguous()?, grad.contiguous()?);
+    let weight = weight.to_dtype(xs.dtype())?.contiguous()?;
+    let dx = xs.apply_op3_no_bwd(&weight, &grad, &RmsNormBackwardX { eps })?;
+    let dweight = if with_weight {
+        let width = xs.dim(D::Minus1)?;
+        let sum = if width <= launch::RMS_NORM_DW_MAX_WIDTH {
+            xs.apply_op2_no_bwd(&grad, &RmsNormBackwardWeight { eps })?
+                .sum(0)?
+        } else {
+            rms_norm_dweight_composed(&xs, &grad, eps)?
+        };
+        Some(sum.to_dtype(xs.dtype())?)
+    } else {
+        None
+    };
+    Ok((dx, dweight))
+}
+
+/// The gradients (dgate, dup) of [`swiglu`].
+pub fn swiglu_backward(gate: &Tensor, up: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
+    // (2, ..): dgate then dup, from one kernel.
+    let both = gate.contiguous()?.apply_op3_no_bwd(
+        &up.contiguous()?,
+        &grad.contiguous()?,
+        &SwigluBackward,
+    )?;
+    Ok((both.get(0)?, both.get(1)?))
+}
+
+/// The gradient of [`rope`] with respect to x: the rotation by -sin applied to `grad`.
+pub fn rope_backward(grad: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    grad.contiguous()?.apply_op3_no_bwd(
+        &cos.contiguous()?,
+        &sin.contiguous()?,
+        &Rope { sign: -1.0 },
+    )
 }
 
 /// Dispatches on the dtype of a storage: `$slice` is its typed `CudaSlice`, `$call` a
@@ -175,7 +245,9 @@ impl CustomOp1 for Softmax {
             scale: self.scale,
             causal: self.causal,
         };
-        Ok(Some(res.apply_op2_no_bwd(&grad.contiguous()?, &backward)?))
+        Ok(Some(
+            res.apply_op2_no_bwd(&grad.contiguous()?, &backward)?,
+        ))
     }
 }
 
@@ -279,21 +351,15 @@ impl CustomOp2 for RmsNorm {
         _: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
-        let dx = xs.apply_op3_no_bwd(weight, &grad, &RmsNormBackwardX { eps: self.eps })?;
         // Frozen norm weights (LoRA) get no gradient, and cost no second pass.
-        let dweight = if weight.track_op() {
-            let width = xs.dim(D::Minus1)?;
-            let sum = if width <= launch::RMS_NORM_DW_MAX_WIDTH {
-                xs.apply_op2_no_bwd(&grad, &RmsNormBackwardWeight { eps: self.eps })?
-                    .sum(0)?
-            } else {
-                rms_norm_dweight_composed(xs, &grad, self.eps)?
-            };
-            Some(sum.to_dtype(weight.dtype())?)
-        } else {
-            None
-        };
+        let (dx, dweight) = rms_norm_backward(
+            xs,
+            weight,
+            grad,
+            f64::from(self.eps),
+            weight.track_op(),
+        )?;
+        let dweight = dweight.map(|d| d.to_dtype(weight.dtype())).transpose()?;
         Ok((Some(dx), dweight))
     }
 }
@@ -455,9 +521,8 @@ impl CustomOp2 for Swiglu {
         _: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        // (2, ..): dgate then dup, from one kernel.
-        let both = gate.apply_op3_no_bwd(up, &grad.contiguous()?, &SwigluBackward)?;
-        Ok((Some(both.get(0)?), Some(both.get(1)?)))
+        let (dgate, dup) = swiglu_backward(gate, up, grad)?;
+        Ok((Some(dgate), Some(dup)))
     }
 }
 
@@ -581,7 +646,9 @@ impl CustomOp3 for Rope {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let backward = Rope { sign: -self.sign };
-        let dx = grad.contiguous()?.apply_op3_no_bwd(cos, sin, &backward)?;
+        let dx = grad
+            .contiguous()?
+            .apply_op3_no_bwd(cos, sin, &backward)?;
         Ok((Some(dx), None, None))
     }
 }
