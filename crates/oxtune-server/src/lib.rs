@@ -125,6 +125,8 @@ struct Inner {
     metrics: Metrics,
     permits: Arc<Semaphore>,
     draining: AtomicBool,
+    /// Set once the drain gave up waiting and aborted what was left.
+    aborted: AtomicBool,
     created: u64,
     /// One readiness generation at a time.
     ready_probe: tokio::sync::Mutex<()>,
@@ -175,6 +177,7 @@ impl AppState {
                 engine: OnceLock::new(),
                 metrics: Metrics::new(),
                 draining: AtomicBool::new(false),
+                aborted: AtomicBool::new(false),
                 created,
                 ready_probe: tokio::sync::Mutex::new(()),
             }),
@@ -220,6 +223,11 @@ impl AppState {
         self.inner.draining.load(Ordering::SeqCst)
     }
 
+    /// Whether the drain has aborted the requests still running (after `shutdown_timeout`).
+    pub fn has_aborted(&self) -> bool {
+        self.inner.aborted.load(Ordering::SeqCst)
+    }
+
     /// Requests being handled now.
     pub fn active_requests(&self) -> usize {
         self.inner.config.max_concurrent_requests - self.inner.permits.available_permits()
@@ -263,6 +271,7 @@ impl AppState {
             if let Some(engine) = engine {
                 engine.abort_all();
             }
+            self.inner.aborted.store(true, Ordering::SeqCst);
             if !self.wait_idle(Duration::from_secs(2)).await {
                 tracing::warn!("requests still open after the abort; closing anyway");
             }

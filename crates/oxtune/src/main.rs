@@ -31,6 +31,8 @@ enum Command {
     Data(commands::data::DataArgs),
     /// Score predictions against references: BLEU and ROUGE, with a JSON result and HTML report.
     Eval(commands::eval::EvalArgs),
+    /// Serve a model behind an OpenAI-compatible API (native engine, or vllm/sglang/lmdeploy).
+    Deploy(commands::deploy::DeployArgs),
     /// Measure speed: decode and prefill tokens/s.
     #[command(subcommand)]
     Bench(commands::bench::BenchCommand),
@@ -47,6 +49,7 @@ fn main() -> ExitCode {
         Command::Bench(command) => commands::bench::run(&command),
         Command::Data(args) => commands::data::run(&args),
         Command::Eval(args) => commands::eval::run(&args),
+        Command::Deploy(args) => commands::deploy::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod bench_serve;
 pub mod data;
+pub mod deploy;
 pub mod eval;
 pub mod export;
 pub mod infer;
