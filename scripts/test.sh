@@ -19,3 +19,11 @@ else
 fi
 
 scripts/browser-test.sh  # the chat page of `oxtune deploy` in headless Chromium (docs/deploy.md)
+
+# The official `openai` SDK against a live `oxtune deploy` of the demo model (tests/python/).
+# The venv lives outside the repository and is reused; versions are pinned.
+venv="${OXTUNE_TEST_VENV:-$HOME/.cache/oxtune-deploy-venv}"
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+"$venv/bin/pip" install --quiet -r tests/python/requirements.txt
+cargo build -p oxtune --quiet
+OXTUNE_BIN="$PWD/target/debug/oxtune" "$venv/bin/python" -m pytest -q tests/python
