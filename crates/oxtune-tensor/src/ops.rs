@@ -404,9 +404,8 @@ mod tests {
             .map(|i| ((i as f64 + 1.0) * 0.618 + seed_probe as f64).sin())
             .collect();
         let probe = Tensor::from_vec(probe, out_shape, &device)?;
-        let loss = |xs: &[Tensor]| -> Result<f64> {
-            (f(xs)? * &probe)?.sum_all()?.to_scalar::<f64>()
-        };
+        let loss =
+            |xs: &[Tensor]| -> Result<f64> { (f(xs)? * &probe)?.sum_all()?.to_scalar::<f64>() };
         let vars = inputs
             .iter()
             .map(Var::from_tensor)
@@ -417,7 +416,9 @@ mod tests {
         for (k, var) in vars.iter().enumerate() {
             let analytic: Vec<f64> = grads
                 .get(var.as_tensor())
-                .ok_or_else(|| candle_core::Error::Msg(format!("{name}: input {k} got no gradient")))?
+                .ok_or_else(|| {
+                    candle_core::Error::Msg(format!("{name}: input {k} got no gradient"))
+                })?
                 .flatten_all()?
                 .to_vec1()?;
             let base: Vec<f64> = inputs[k].flatten_all()?.to_vec1()?;

@@ -174,9 +174,7 @@ fn compare_rows(
     }
     let (error, index, row_max) = worst;
     let (row, column) = (index / width, index % width);
-    println!(
-        "{label} {what} {dtype:?}: max error {error:.2e} of the row max (allowed {tol:.1e})"
-    );
+    println!("{label} {what} {dtype:?}: max error {error:.2e} of the row max (allowed {tol:.1e})");
     assert!(
         error <= tol,
         "{label} {what} {dtype:?}: max error {error:e} relative to its row's max |reference| \
@@ -219,7 +217,10 @@ fn check_op_with_floor(
         .iter()
         .map(|t| t.to_dtype(dtype)?.to_dtype(DType::F64))
         .collect::<Result<_>>()?;
-    let cpu_vars: Vec<Var> = rounded.iter().map(Var::from_tensor).collect::<Result<_>>()?;
+    let cpu_vars: Vec<Var> = rounded
+        .iter()
+        .map(Var::from_tensor)
+        .collect::<Result<_>>()?;
     let gpu_vars: Vec<Var> = rounded
         .iter()
         .map(|t| Var::from_tensor(&t.to_dtype(dtype)?.to_device(&gpu)?))
@@ -260,9 +261,9 @@ fn check_op_with_floor(
         let expected = cpu_grads
             .get(cpu_vars[k].as_tensor())
             .unwrap_or_else(|| panic!("{label} {what}: the CPU reference gave no gradient"));
-        let got = gpu_grads.get(gpu_vars[k].as_tensor()).unwrap_or_else(|| {
-            panic!("{label} {what} {dtype:?}: no gradient through the GPU op")
-        });
+        let got = gpu_grads
+            .get(gpu_vars[k].as_tensor())
+            .unwrap_or_else(|| panic!("{label} {what} {dtype:?}: no gradient through the GPU op"));
         assert_eq!(got.dtype(), dtype, "{label} {what}: gradient dtype");
         // In bf16/f16 a row whose gradient is small by cancellation (softmax: a query seeing
         // two keys, one of them dominant, gets s * p * (1 - p) * (dy0 - dy1), computed from a
@@ -360,11 +361,7 @@ fn scaled_masked_softmax_kernel_matches_the_reference() -> Result<()> {
             &[true],
             |xs| ops::scaled_masked_softmax(&xs[0], 0.125, ScoreMask::Additive(&mask_gpu)),
             |xs| {
-                ops::scaled_masked_softmax_reference(
-                    &xs[0],
-                    0.125,
-                    ScoreMask::Additive(&mask_cpu),
-                )
+                ops::scaled_masked_softmax_reference(&xs[0], 0.125, ScoreMask::Additive(&mask_cpu))
             },
         )?;
     }
@@ -416,7 +413,14 @@ fn rms_norm_kernel_matches_the_reference() -> Result<()> {
 
 #[test]
 fn swiglu_kernel_matches_the_reference() -> Result<()> {
-    let shapes: [&[usize]; 6] = [&[1], &[3, 7], &[2, 33, 65], &[4, 3072], &[1_000_003], &[2, 3, 8]];
+    let shapes: [&[usize]; 6] = [
+        &[1],
+        &[3, 7],
+        &[2, 33, 65],
+        &[4, 3072],
+        &[1_000_003],
+        &[2, 3, 8],
+    ];
     for dtype in [DType::F32, DType::BF16, DType::F16] {
         for shape in shapes {
             let gate = randn(shape, 3.0)?;
@@ -547,7 +551,9 @@ fn bandwidth_of_fused_kernels_against_candle() -> Result<()> {
             ("candle", &mut || {
                 oxtune_tensor::nn::ops::softmax_last_dim(&scores).map(drop)
             }),
-            ("composed", &mut || ops::softmax_reference(&scores).map(drop)),
+            ("composed", &mut || {
+                ops::softmax_reference(&scores).map(drop)
+            }),
         ],
     )?;
     let ys = ops::softmax_last_dim(&scores)?;
@@ -621,7 +627,9 @@ fn bandwidth_of_fused_kernels_against_candle() -> Result<()> {
                 ("candle", &mut || {
                     oxtune_tensor::nn::ops::softmax_last_dim(&logits).map(drop)
                 }),
-                ("composed", &mut || ops::softmax_reference(&logits).map(drop)),
+                ("composed", &mut || {
+                    ops::softmax_reference(&logits).map(drop)
+                }),
             ],
         )?;
     }
@@ -684,7 +692,9 @@ fn bandwidth_of_fused_kernels_against_candle() -> Result<()> {
         3.0 * 2.0 * elements,
         &mut [
             ("ours", &mut || ops::swiglu(&gate, &up).map(drop)),
-            ("composed", &mut || ops::swiglu_reference(&gate, &up).map(drop)),
+            ("composed", &mut || {
+                ops::swiglu_reference(&gate, &up).map(drop)
+            }),
         ],
     )?;
     let (g_var, u_var) = (Var::from_tensor(&gate)?, Var::from_tensor(&up)?);
@@ -720,7 +730,9 @@ fn bandwidth_of_fused_kernels_against_candle() -> Result<()> {
             ("candle", &mut || {
                 oxtune_tensor::nn::rotary_emb::rope(&x, &cos, &sin).map(drop)
             }),
-            ("composed", &mut || ops::rope_reference(&x, &cos, &sin).map(drop)),
+            ("composed", &mut || {
+                ops::rope_reference(&x, &cos, &sin).map(drop)
+            }),
         ],
     )?;
     bench.line(

@@ -60,7 +60,11 @@ pub struct Causal {
 }
 
 /// The kernel `<root>_<dtype>` of a module, loaded into the device's context on first use.
-fn function<T: WithDType>(device: &CudaDevice, module: &Module, root: &str) -> Result<CudaFunction> {
+fn function<T: WithDType>(
+    device: &CudaDevice,
+    module: &Module,
+    root: &str,
+) -> Result<CudaFunction> {
     let name = format!("{root}_{}", T::DTYPE.as_str());
     Ok(device
         .get_or_load_custom_func(&name, module.name, module.ptx)?
@@ -140,7 +144,10 @@ pub(crate) fn softmax_fwd<T: KernelFloat>(
     let count = rows * width;
     expect_len(xs, count, "x", kernel)?;
     let (is_causal, queries, past) = causal_args(causal, width, kernel)?;
-    let (n, grid) = (to_i32(width, "width", kernel)?, to_i32(rows, "rows", kernel)?);
+    let (n, grid) = (
+        to_i32(width, "width", kernel)?,
+        to_i32(rows, "rows", kernel)?,
+    );
     let func = function::<T>(device, &SOFTMAX, kernel)?;
     // SAFETY: the kernel writes all rows * width elements (zeros in the masked tail).
     let mut out = unsafe { device.alloc::<T>(count)? };
@@ -170,7 +177,10 @@ pub(crate) fn softmax_bwd<T: KernelFloat>(
     expect_len(ys, count, "y", kernel)?;
     expect_len(grad, count, "dy", kernel)?;
     let (is_causal, queries, past) = causal_args(causal, width, kernel)?;
-    let (n, grid) = (to_i32(width, "width", kernel)?, to_i32(rows, "rows", kernel)?);
+    let (n, grid) = (
+        to_i32(width, "width", kernel)?,
+        to_i32(rows, "rows", kernel)?,
+    );
     let func = function::<T>(device, &SOFTMAX, kernel)?;
     // SAFETY: the kernel writes all rows * width elements (zeros in the masked tail).
     let mut out = unsafe { device.alloc::<T>(count)? };
@@ -197,7 +207,10 @@ pub(crate) fn rms_norm_fwd<T: KernelFloat>(
     let count = rows * width;
     expect_len(xs, count, "x", kernel)?;
     expect_len(weight, width, "weight", kernel)?;
-    let (n, grid) = (to_i32(width, "width", kernel)?, to_i32(rows, "rows", kernel)?);
+    let (n, grid) = (
+        to_i32(width, "width", kernel)?,
+        to_i32(rows, "rows", kernel)?,
+    );
     let func = function::<T>(device, &RMS_NORM, kernel)?;
     // SAFETY: the kernel writes every element of every row.
     let mut out = unsafe { device.alloc::<T>(count)? };
@@ -225,13 +238,22 @@ pub(crate) fn rms_norm_bwd_dx<T: KernelFloat>(
     expect_len(xs, count, "x", kernel)?;
     expect_len(weight, width, "weight", kernel)?;
     expect_len(grad, count, "dy", kernel)?;
-    let (n, grid) = (to_i32(width, "width", kernel)?, to_i32(rows, "rows", kernel)?);
+    let (n, grid) = (
+        to_i32(width, "width", kernel)?,
+        to_i32(rows, "rows", kernel)?,
+    );
     let func = function::<T>(device, &RMS_NORM, kernel)?;
     // SAFETY: the kernel writes every element of every row.
     let mut out = unsafe { device.alloc::<T>(count)? };
     let stream = device.cuda_stream();
     let mut builder = stream.launch_builder(&func);
-    builder.arg(xs).arg(weight).arg(grad).arg(&mut out).arg(&n).arg(&eps);
+    builder
+        .arg(xs)
+        .arg(weight)
+        .arg(grad)
+        .arg(&mut out)
+        .arg(&n)
+        .arg(&eps);
     // SAFETY: one block per row; lengths of x, w, dy and dx checked above; arguments match
     // rms_norm_bwd_dx_<dtype>.
     unsafe { builder.launch(row_config(grid.unsigned_abs(), width)) }.w()?;
@@ -378,9 +400,20 @@ pub(crate) fn rope<T: KernelFloat>(
     let stream = device.cuda_stream();
     let mut builder = stream.launch_builder(&func);
     builder.arg(xs).arg(cos).arg(sin).arg(&mut out);
-    builder.arg(&h).arg(&t).arg(&d).arg(&per_batch).arg(&sign).arg(&rows_u64);
+    builder
+        .arg(&h)
+        .arg(&t)
+        .arg(&d)
+        .arg(&per_batch)
+        .arg(&sign)
+        .arg(&rows_u64);
     let vector = 16 / std::mem::size_of::<T>();
-    let items = rows * if half % vector == 0 { half / vector } else { half };
+    let items = rows
+        * if half % vector == 0 {
+            half / vector
+        } else {
+            half
+        };
     // SAFETY: grid-stride over rows * head_dim / 2 pairs; x, y and the tables hold what the
     // kernel indexes (checked above); arguments match rope_<dtype> in rope.cu.
     unsafe { builder.launch(flat_config(items, kernel)?) }.w()?;

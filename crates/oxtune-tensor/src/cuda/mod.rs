@@ -245,9 +245,7 @@ impl CustomOp1 for Softmax {
             scale: self.scale,
             causal: self.causal,
         };
-        Ok(Some(
-            res.apply_op2_no_bwd(&grad.contiguous()?, &backward)?,
-        ))
+        Ok(Some(res.apply_op2_no_bwd(&grad.contiguous()?, &backward)?))
     }
 }
 
@@ -352,13 +350,8 @@ impl CustomOp2 for RmsNorm {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         // Frozen norm weights (LoRA) get no gradient, and cost no second pass.
-        let (dx, dweight) = rms_norm_backward(
-            xs,
-            weight,
-            grad,
-            f64::from(self.eps),
-            weight.track_op(),
-        )?;
+        let (dx, dweight) =
+            rms_norm_backward(xs, weight, grad, f64::from(self.eps), weight.track_op())?;
         let dweight = dweight.map(|d| d.to_dtype(weight.dtype())).transpose()?;
         Ok((Some(dx), dweight))
     }
@@ -646,9 +639,7 @@ impl CustomOp3 for Rope {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let backward = Rope { sign: -self.sign };
-        let dx = grad
-            .contiguous()?
-            .apply_op3_no_bwd(cos, sin, &backward)?;
+        let dx = grad.contiguous()?.apply_op3_no_bwd(cos, sin, &backward)?;
         Ok((Some(dx), None, None))
     }
 }
