@@ -8,10 +8,9 @@
 //!
 //! Adapters: `--adapters name=path [name=path ...]` serves each peft adapter beside the base
 //! (a request picks one with `model: name`); a plain `--adapters DIR` is named after the
-//! directory. Unlike `oxtune infer`'s single `--adapters DIR` (merged into the weights on load),
-//! deploy's adapters stay separate, so deploy declares its model flags itself instead of
-//! flattening `ModelArgs` (whose `--adapters` takes one directory) and builds a `ModelArgs` to
-//! resolve and load the base.
+//! directory. Unlike `oxtune infer`'s single `--adapters DIR` (applied on load), deploy's
+//! adapters stay separate: deploy flattens the base-model flags (`BaseModelArgs`) and has its
+//! own repeatable `--adapters`.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -22,7 +21,7 @@ use oxtune_engine::{EngineConfig, EngineHandle, SamplingParams};
 use oxtune_models::LoadedModel;
 use oxtune_server::{AppState, ServerConfig};
 
-use super::ModelArgs;
+use super::{BaseModelArgs, ModelArgs};
 
 /// Which engine serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -39,24 +38,8 @@ pub enum ServingBackend {
 
 #[derive(Debug, Clone, Args)]
 pub struct DeployArgs {
-    /// A Hugging Face model directory, a .gguf file, a `org/name` in the Hugging Face cache,
-    /// or a name from the models registry (see docs/models.md).
-    #[arg(long, alias = "model_id_or_path", value_name = "PATH_OR_NAME")]
-    pub model: Option<String>,
-
-    /// A name from the models registry, e.g. `qwen3-7b-chat` (used when --model is absent);
-    /// also the default served model name.
-    #[arg(long = "model_type", value_name = "NAME")]
-    pub model_type: Option<String>,
-
-    /// `auto` (the first GPU if built with CUDA, else the CPU), `cpu`, `cuda` or `cuda:N`.
-    #[arg(long, default_value = "auto")]
-    pub device: String,
-
-    /// Weight and compute dtype: `auto` (bfloat16 on GPU, float32 on CPU), float32,
-    /// bfloat16 or float16.
-    #[arg(long = "torch_dtype", default_value = "auto", value_name = "DTYPE")]
-    pub torch_dtype: String,
+    #[command(flatten)]
+    pub base: BaseModelArgs,
 
     /// peft adapters served beside the base: `name=DIR` (or a plain DIR, named after it).
     /// Repeat the flag or give several.
@@ -173,10 +156,7 @@ pub struct DeployArgs {
 impl DeployArgs {
     fn model_args(&self, adapter_for_base: Option<PathBuf>) -> ModelArgs {
         ModelArgs {
-            model: self.model.clone(),
-            model_type: self.model_type.clone(),
-            device: self.device.clone(),
-            torch_dtype: self.torch_dtype.clone(),
+            base: self.base.clone(),
             adapters: adapter_for_base,
         }
     }
@@ -252,7 +232,7 @@ fn run_native(args: &DeployArgs) -> anyhow::Result<()> {
     }
     let adapters = parse_adapters(&args.adapters)?;
     // Without --model, the base is the first adapter's base_model_name_or_path.
-    let base_args = args.model_args(match (&args.model, &args.model_type) {
+    let base_args = args.model_args(match (&args.base.model, &args.base.model_type) {
         (None, None) => adapters.first().map(|(_, dir)| dir.clone()),
         _ => None,
     });
@@ -383,10 +363,10 @@ fn served_name(args: &DeployArgs, dir: &Path) -> String {
     if let Some(name) = &args.served_model_name {
         return name.clone();
     }
-    if let Some(name) = &args.model_type {
+    if let Some(name) = &args.base.model_type {
         return name.clone();
     }
-    if let Some(model) = &args.model
+    if let Some(model) = &args.base.model
         && !Path::new(model).exists()
     {
         return model.clone();
@@ -553,7 +533,12 @@ fn run_external(backend: ServingBackend, args: &DeployArgs) -> anyhow::Result<()
         .resolve_dir(oxtune_tensor::DType::BF16)
     {
         Ok(dir) => dir.display().to_string(),
-        Err(error) => match args.model.clone().or_else(|| args.model_type.clone()) {
+        Err(error) => match args
+            .base
+            .model
+            .clone()
+            .or_else(|| args.base.model_type.clone())
+        {
             Some(name) => {
                 tracing::warn!(%error, "passing `{name}` to {name} as given", name = name);
                 name

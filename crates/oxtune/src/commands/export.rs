@@ -169,10 +169,12 @@ fn merge(args: &ExportArgs) -> anyhow::Result<()> {
     }
     let out_dtype = oxtune_tensor::parse_dtype(&args.torch_dtype)?;
     let model_args = super::ModelArgs {
-        model: args.model.clone(),
-        model_type: None,
-        device: "cpu".into(),
-        torch_dtype: "float32".into(),
+        base: super::BaseModelArgs {
+            model: args.model.clone(),
+            model_type: None,
+            device: "cpu".into(),
+            torch_dtype: "float32".into(),
+        },
         adapters: Some(adapter.clone()),
     };
     let base_dir = model_args.resolve_dir(DType::F32)?;

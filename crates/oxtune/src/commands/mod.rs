@@ -17,9 +17,9 @@ use clap::Args;
 use oxtune_models::{LoadedModel, ModelSource, SearchPaths};
 use oxtune_tensor::{DType, Device};
 
-/// Which model to run and where.
+/// Which base model to run and where (shared by every command that loads a model).
 #[derive(Debug, Clone, Args)]
-pub struct ModelArgs {
+pub struct BaseModelArgs {
     /// A Hugging Face model directory, a .gguf file, a `org/name` in the Hugging Face cache,
     /// or a name from the models registry (see docs/models.md).
     #[arg(long, alias = "model_id_or_path", value_name = "PATH_OR_NAME")]
@@ -37,6 +37,13 @@ pub struct ModelArgs {
     /// bfloat16 or float16.
     #[arg(long = "torch_dtype", default_value = "auto", value_name = "DTYPE")]
     pub torch_dtype: String,
+}
+
+/// Which model to run and where, with an optional adapter applied on load.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    #[command(flatten)]
+    pub base: BaseModelArgs,
 
     /// A LoRA / DoRA adapter directory (peft format: adapter_config.json +
     /// adapter_model.safetensors) applied on the base model. Without --model, the base is the
@@ -48,8 +55,8 @@ pub struct ModelArgs {
 impl ModelArgs {
     /// The device and dtype these flags ask for.
     pub fn device_and_dtype(&self) -> anyhow::Result<(Device, DType)> {
-        let device = oxtune_tensor::parse_device(&self.device)?;
-        let dtype = match self.torch_dtype.as_str() {
+        let device = oxtune_tensor::parse_device(&self.base.device)?;
+        let dtype = match self.base.torch_dtype.as_str() {
             "auto" if device.is_cuda() => DType::BF16,
             "auto" => DType::F32,
             name => oxtune_tensor::parse_dtype(name)?,
@@ -73,13 +80,13 @@ impl ModelArgs {
 
     /// The Hugging Face directory of the model (a GGUF file is imported once, in `dtype`).
     pub fn resolve_dir(&self, dtype: DType) -> anyhow::Result<PathBuf> {
-        let adapter_base = match (&self.adapters, &self.model, &self.model_type) {
+        let adapter_base = match (&self.adapters, &self.base.model, &self.base.model_type) {
             (Some(adapter), None, None) => Some(adapter_base_model(adapter)?),
             _ => None,
         };
         let source = oxtune_models::resolve::resolve(
-            self.model.as_deref().or(adapter_base.as_deref()),
-            self.model_type.as_deref(),
+            self.base.model.as_deref().or(adapter_base.as_deref()),
+            self.base.model_type.as_deref(),
             &SearchPaths::from_env(),
         )?;
         match &source {

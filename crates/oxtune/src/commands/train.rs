@@ -41,10 +41,12 @@ pub fn run(command: Command, args: &TrainCommandArgs) -> anyhow::Result<()> {
     let config = TrainArgs::from_command_line(command, &args.settings)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let model_args = super::ModelArgs {
-        model: Some(config.model.clone()),
-        model_type: None,
-        device: config.device.clone(),
-        torch_dtype: config.torch_dtype.as_str().to_owned(),
+        base: super::BaseModelArgs {
+            model: Some(config.model.clone()),
+            model_type: None,
+            device: config.device.clone(),
+            torch_dtype: config.torch_dtype.as_str().to_owned(),
+        },
         adapters: None,
     };
     let (device, _) = model_args.device_and_dtype()?;
