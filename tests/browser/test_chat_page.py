@@ -81,12 +81,12 @@ class Server:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 pytest.fail(f"oxtune deploy exited with {self.process.returncode}:\n{self.logs()}")
-            for path in ("/health/ready", "/health"):
-                try:
-                    if http_get(self.url + path)[0] == 200:
-                        return
-                except OSError:
-                    pass  # not listening yet
+            # Readiness, not liveness: /health answers 200 while the model is still loading.
+            try:
+                if http_get(self.url + "/health/ready")[0] == 200:
+                    return
+            except OSError:
+                pass  # not listening yet
             time.sleep(0.3)
         pytest.fail(f"oxtune deploy was not ready after {READY_TIMEOUT_S} s:\n{self.logs()}")
 

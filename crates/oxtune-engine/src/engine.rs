@@ -104,8 +104,13 @@ enum Command {
 
 /// A validated request on its way to the engine thread.
 struct Pending {
-    request: Request,
+    checked: Checked,
     events: EventSender,
+}
+
+/// What validation makes of a request.
+struct Checked {
+    request: Request,
     sampler: Sampler,
     constraint: Option<Box<dyn TokenConstraint>>,
     adapter: Option<usize>,
@@ -370,14 +375,14 @@ impl EngineHandle {
         if !self.shared.accepting.load(Ordering::SeqCst) {
             return Err(Error::ShuttingDown);
         }
-        let pending = self.validate(request)?;
+        let checked = self.validate(request)?;
         let limit = self.config.max_queued_requests;
         if self.shared.in_flight.fetch_add(1, Ordering::SeqCst) >= limit {
             self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
             return Err(Error::Overloaded { limit });
         }
         let (events, receiver) = tokio::sync::mpsc::unbounded_channel();
-        let command = Command::Submit(Box::new(Pending { events, ..pending }));
+        let command = Command::Submit(Box::new(Pending { checked, events }));
         if self.commands.send(command).is_err() {
             self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
             return Err(Error::EngineDead);
@@ -385,7 +390,7 @@ impl EngineHandle {
         Ok(receiver)
     }
 
-    fn validate(&self, request: Request) -> Result<Pending> {
+    fn validate(&self, request: Request) -> Result<Checked> {
         let invalid = |param: &'static str, code: Option<&'static str>, message: String| {
             Err(Error::InvalidRequest {
                 param,
@@ -514,11 +519,8 @@ impl EngineHandle {
                 )
             }
         };
-        // A closed placeholder; `submit` puts the real channel in.
-        let (events, _) = tokio::sync::mpsc::unbounded_channel();
-        Ok(Pending {
+        Ok(Checked {
             request,
-            events,
             sampler,
             constraint,
             adapter,
@@ -633,13 +635,16 @@ impl Engine {
         match command {
             Command::Submit(pending) => {
                 let Pending {
-                    request,
+                    checked:
+                        Checked {
+                            request,
+                            sampler,
+                            constraint,
+                            adapter,
+                            max_tokens,
+                            arrived,
+                        },
                     events,
-                    sampler,
-                    constraint,
-                    adapter,
-                    max_tokens,
-                    arrived,
                 } = *pending;
                 let id = self.next_id;
                 self.next_id += 1;
