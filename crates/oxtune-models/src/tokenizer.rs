@@ -5,15 +5,6 @@ use std::path::{Path, PathBuf};
 
 use crate::{Error, Result};
 
-type DecodeStreamInner<'a> = tokenizers::DecodeStream<
-    'a,
-    tokenizers::ModelWrapper,
-    tokenizers::NormalizerWrapper,
-    tokenizers::PreTokenizerWrapper,
-    tokenizers::PostProcessorWrapper,
-    tokenizers::DecoderWrapper,
->;
-
 /// The file holding special-token strings and the chat template.
 pub const TOKENIZER_CONFIG: &str = "tokenizer_config.json";
 
@@ -109,28 +100,6 @@ impl Tokenizer {
     /// The vocabulary size, added tokens included.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
-    }
-
-    /// An incremental detokenizer: feed ids one at a time, get text as soon as it is whole
-    /// (multi-byte characters split across tokens come out once complete).
-    pub fn decode_stream(&self, skip_special_tokens: bool) -> DecodeStream<'_> {
-        DecodeStream {
-            inner: self.inner.decode_stream(skip_special_tokens),
-        }
-    }
-}
-
-/// See [`Tokenizer::decode_stream`].
-pub struct DecodeStream<'a> {
-    inner: DecodeStreamInner<'a>,
-}
-
-impl DecodeStream<'_> {
-    /// Adds one token; returns the text it completes, if any.
-    pub fn step(&mut self, id: u32) -> Result<Option<String>> {
-        self.inner
-            .step(id)
-            .map_err(|e| Error::Tokenize(e.to_string()))
     }
 }
 

@@ -28,15 +28,15 @@ use tokio_stream::StreamExt as _;
 use tokio_stream::StreamMap;
 use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
 
-use crate::AppState;
 use crate::error::{ApiError, bounded};
 use crate::protocol::{
     ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
     ChatDelta, ChatLogprobs, ChatMessageIn, ChatMessageOut, ChatTokenLogprob, ChatTopLogprob,
-    Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, ContentIn, ModelCard,
-    ModelList, PromptIn, UsageOut,
+    CommonParams, Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, ContentIn,
+    ModelCard, ModelList, PromptIn, UsageOut,
 };
 use crate::validate::{self, Plan};
+use crate::{AppState, ServerConfig};
 
 // ---------------------------------------------------------------------------------------------
 // Parsing.
@@ -136,15 +136,13 @@ fn json_error(error: serde_path_to_error::Error<serde_json::Error>) -> ApiError 
 // ---------------------------------------------------------------------------------------------
 // Handlers.
 
-/// `POST /v1/chat/completions`.
-pub async fn chat_completions(
-    State(state): State<AppState>,
-    ApiJson(mut body): ApiJson<ChatCompletionRequest>,
-) -> Result<Response, ApiError> {
-    let start = Instant::now();
-    let (engine, permit) = state.admit()?;
-    let config = state.config();
-    let common = body.common();
+/// The name a request's answer reports (the one asked for, else the served name) and what it
+/// runs: the base model or one adapter.
+fn requested_model(
+    common: &CommonParams,
+    config: &ServerConfig,
+    engine: &EngineHandle,
+) -> Result<(String, validate::Target), ApiError> {
     let model = common
         .model
         .clone()
@@ -154,6 +152,19 @@ pub async fn chat_completions(
         &config.served_model_name,
         &engine.info().adapters,
     )?;
+    Ok((model, target))
+}
+
+/// `POST /v1/chat/completions`.
+pub async fn chat_completions(
+    State(state): State<AppState>,
+    ApiJson(mut body): ApiJson<ChatCompletionRequest>,
+) -> Result<Response, ApiError> {
+    let start = Instant::now();
+    let (engine, permit) = state.admit()?;
+    let config = state.config();
+    let common = body.common();
+    let (model, target) = requested_model(&common, config, &engine)?;
     if body.messages.is_empty() {
         return Err(ApiError::invalid(
             "messages",
@@ -209,15 +220,7 @@ pub async fn completions(
     let (engine, permit) = state.admit()?;
     let config = state.config();
     let common = body.common();
-    let model = common
-        .model
-        .clone()
-        .unwrap_or_else(|| config.served_model_name.clone());
-    let target = validate::resolve_model(
-        common.model.as_deref(),
-        &config.served_model_name,
-        &engine.info().adapters,
-    )?;
+    let (model, target) = requested_model(&common, config, &engine)?;
     if body.echo == Some(true) {
         return Err(ApiError::invalid(
             "echo",
