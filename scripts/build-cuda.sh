@@ -4,7 +4,12 @@
 # libcuda, cuBLAS and friends at run time (dlopen), so it runs wherever a CUDA 13 driver and
 # the CUDA 13 libraries are present (set LD_LIBRARY_PATH to them).
 #
-#   scripts/build-cuda.sh            # release builds: .gpu/oxtune and .gpu/parity (test)
+#   scripts/build-cuda.sh            # release builds: .gpu/oxtune, .gpu/parity, .gpu/cuda-ops
+#   scripts/build-cuda.sh clippy -p oxtune-tensor --tests -- -D warnings
+#                                    # any cargo command, with the same patch and features
+#
+# Builds run in a copy of the sources (target/cuda-workspace, or $OXTUNE_CUDA_WORKSPACE so that
+# several checks can run side by side) and share target/cuda.
 #
 # Steps: (1) nvcc from PyPI pinned to CUDA 13.0 (the driver can only JIT PTX from a toolkit no
 # newer than itself), (2) a copy of candle-core 0.11.1 switched from cudarc's link-time
@@ -40,14 +45,20 @@ if [ ! -f "$patched/Cargo.toml" ]; then
 fi
 
 # Build from a copy of the sources so the patch never touches the checkout's Cargo.lock.
-workspace=$root/target/cuda-workspace
+workspace=${OXTUNE_CUDA_WORKSPACE:-$root/target/cuda-workspace}
 rm -rf "$workspace"
 mkdir -p "$workspace"
 cp -r Cargo.toml Cargo.lock crates "$workspace/"
 cargo_cuda() {
-    (cd "$workspace" && cargo "$@" --release --features cuda --target-dir "$root/target/cuda" \
-        --config "patch.crates-io.candle-core.path=\"$patched\"")
+    local command=$1
+    shift
+    (cd "$workspace" && cargo "$command" --release --features cuda --target-dir "$root/target/cuda" \
+        --config "patch.crates-io.candle-core.path=\"$patched\"" "$@")
 }
+if [ "$#" -gt 0 ]; then
+    cargo_cuda "$@"
+    exit
+fi
 cargo_cuda build -p oxtune
 mkdir -p .gpu
 cp target/cuda/release/oxtune .gpu/oxtune

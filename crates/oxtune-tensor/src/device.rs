@@ -32,10 +32,10 @@ fn cuda_device(ordinal: usize) -> Result<Device> {
              hint: build with `scripts/build-cuda.sh` (cargo feature `cuda`), or pass --device cpu"
         );
     }
-    let device = Device::new_cuda(ordinal)?;
     #[cfg(feature = "cuda")]
-    cuda::keep_freed_memory(ordinal)?;
-    Ok(device)
+    return cuda::device(ordinal);
+    #[cfg(not(feature = "cuda"))]
+    Device::new_cuda(ordinal)
 }
 
 /// Device memory in use on a GPU (total minus free, in bytes); `None` on the CPU. Freed
@@ -90,18 +90,37 @@ pub fn dtype_name(dtype: DType) -> &'static str {
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    //! cudarc allocates from the device's default memory pool, whose release threshold is 0:
-    //! at every synchronize freed memory goes back to the driver and the next allocation maps
-    //! it again. Raising the threshold keeps it in the pool (a 512 MiB copy: 0.82 ms -> 0.27 ms).
+    //! How oxtune opens a GPU, for speed:
+    //! - one stream of its own, used by every thread (candle's default is each calling
+    //!   thread's per-thread stream), so every kernel, copy, cuBLAS and cuRAND call of the
+    //!   device is ordered on that stream;
+    //! - hence without cudarc's event tracking, which records an event on every buffer each
+    //!   kernel writes and waits on it before each read (two driver calls per argument per
+    //!   launch) so that buffers can cross streams safely; with one stream they never do;
+    //! - freed memory kept in the pool: cudarc allocates from the device's default memory
+    //!   pool, whose release threshold is 0, so at every synchronize freed memory goes back to
+    //!   the driver and the next allocation maps it again. Raising the threshold keeps it in
+    //!   the pool (a 512 MiB copy: 0.82 ms -> 0.27 ms).
     #![expect(
         unsafe_code,
-        reason = "two CUDA driver calls on the default memory pool"
+        reason = "CUDA driver calls on the memory pool; turning off event tracking"
     )]
 
-    use candle_core::Result;
     use candle_core::cuda_backend::cudarc::driver::sys;
+    use candle_core::{Device, Result};
 
-    pub(super) fn keep_freed_memory(ordinal: usize) -> Result<()> {
+    pub(super) fn device(ordinal: usize) -> Result<Device> {
+        let device = Device::new_cuda_with_stream(ordinal)?;
+        // SAFETY: event tracking guards buffers shared between streams; every operation on
+        // this device runs on its single stream (candle's kernels, cuBLAS and cuRAND take
+        // `cuda_stream()`, and so do our kernels), which orders each use of a buffer before
+        // its release and reuse. It is turned off before any tensor exists.
+        unsafe { device.as_cuda_device()?.disable_event_tracking() };
+        keep_freed_memory(ordinal)?;
+        Ok(device)
+    }
+
+    fn keep_freed_memory(ordinal: usize) -> Result<()> {
         let ordinal = i32::try_from(ordinal).map_err(candle_core::Error::wrap)?;
         // SAFETY: plain driver calls with valid out-pointers; the context exists because the
         // candle device was created just before.

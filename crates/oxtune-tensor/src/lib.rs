@@ -8,12 +8,14 @@
 //!   each with a plain, differentiable reference and a fast path: on CUDA our own fused
 //!   kernels with backward (`kernels/*.cu`, `cuda` feature), elsewhere candle-nn's fused
 //!   kernels when no gradient flows;
+//! - [`graph`]: recording a fixed piece of GPU work once and replaying it (CUDA graphs);
 //! - `cuda` (`cuda` feature): those kernels' forward and backward entry points, for the GPU
 //!   tests and benchmarks.
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod device;
+pub mod graph;
 pub mod ops;
 
 pub use candle_core as candle;
