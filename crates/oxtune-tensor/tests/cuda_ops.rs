@@ -765,15 +765,18 @@ fn a_recorded_graph_replays_on_updated_inputs() -> Result<()> {
         let hidden = ops::rms_norm(&input, &Tensor::ones(64, DType::BF16, &gpu)?, 1e-6)?;
         ops::softmax_last_dim(&hidden.matmul(&weight)?.to_dtype(DType::F32)?)
     };
-    let mut graph = oxtune_tensor::graph::Graph::capture(&gpu, || {
-        output.slice_set(&step()?, 0, 0)
-    })?;
+    let mut graph =
+        oxtune_tensor::graph::Graph::capture(&gpu, || output.slice_set(&step()?, 0, 0))?;
     for round in 0..3 {
         let fresh = Tensor::randn(0f32, 1.0, (4, 64), &gpu)?.to_dtype(DType::BF16)?;
         input.slice_set(&fresh, 0, 0)?;
         graph.replay()?;
         let expected = step()?;
-        let diff: f32 = (&output - &expected)?.abs()?.flatten_all()?.max(0)?.to_scalar()?;
+        let diff: f32 = (&output - &expected)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar()?;
         println!("graph replay {round}: max |replayed - eager| {diff:e}");
         assert!(diff == 0.0, "replay {round} differs from eager by {diff:e}");
     }
