@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The kernel files, one PTX module each (`src/cuda/mod.rs` names the same list).
-const KERNELS: [&str; 4] = ["softmax", "rms_norm", "swiglu", "rope"];
+const KERNELS: [&str; 5] = ["softmax", "rms_norm", "swiglu", "rope", "flash_attn"];
 
 fn main() {
     println!("cargo::rerun-if-changed=build.rs");

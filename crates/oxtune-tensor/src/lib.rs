@@ -8,10 +8,13 @@
 //!   each with a plain, differentiable reference and a fast path: on CUDA our own fused
 //!   kernels with backward (`kernels/*.cu`, `cuda` feature), elsewhere candle-nn's fused
 //!   kernels when no gradient flows;
+//! - [`attention`]: FlashAttention-2 forward and backward kernels on CUDA (grouped-query,
+//!   causal, packed segments, sliding window) beside their plain candle reference;
 //! - [`graph`]: recording a fixed piece of GPU work once and replaying it (CUDA graphs);
 //! - `cuda` (`cuda` feature): those kernels' forward and backward entry points, for the GPU
 //!   tests and benchmarks.
 
+pub mod attention;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod device;

@@ -782,3 +782,180 @@ fn a_recorded_graph_replays_on_updated_inputs() -> Result<()> {
     }
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------
+// flash attention
+
+use oxtune_tensor::attention::{AttentionMask, flash_attention, flash_attention_reference};
+
+/// Masks the flash-attention tests cycle through: (label, causal, segments, sliding window).
+const FLASH_MASKS: [(&str, bool, bool, Option<usize>); 5] = [
+    ("causal", true, false, None),
+    ("causal + segments", true, true, None),
+    ("causal + window 48", true, false, Some(48)),
+    ("unmasked", false, false, None),
+    ("segments + window 48, not causal", false, true, Some(48)),
+];
+
+/// (b, t) segments of packed rows: row 0 is [0; 5], [1; 7], [2; rest], row 1 three samples of
+/// about t / 3 (whole key tiles of another sample are skipped at t = 1000), cut at t.
+fn flash_segments(t: usize) -> Vec<Vec<u32>> {
+    let row0 = (0..t)
+        .map(|i| match i {
+            0..5 => 0,
+            5..12 => 1,
+            _ => 2,
+        })
+        .collect();
+    let third = t.div_ceil(3).max(1);
+    let row1 = (0..t)
+        .map(|i| u32::try_from(i / third).unwrap_or(0))
+        .collect();
+    vec![row0, row1]
+}
+
+/// The fused forward and dq, dk, dv (through candle's autograd) against the f64 CPU
+/// reference on the same dtype-rounded inputs, for bf16 and f16, head_dim 64 and 128,
+/// t = 1 .. 1000, b = 2, h = 4, kv_h = 4, 2, 1, each case with one of [`FLASH_MASKS`] in turn
+/// (every mask meets every t). Tolerances as for the other kernels: the forward within 2^-6
+/// (bf16) or 2^-8 (f16) of its row's max |reference|, gradients twice that (P and dS are
+/// rounded to the dtype before their matmuls, as in FlashAttention-2), with the floor of
+/// [`check_op_with_floor`] (a quarter of the tensor's largest gradient).
+#[test]
+fn flash_attention_matches_the_reference() -> Result<()> {
+    let gpu = oxtune_tensor::parse_device("cuda")?;
+    let (b, h) = (2, 4);
+    let mut case = 0;
+    for dtype in [DType::BF16, DType::F16] {
+        for d in [64, 128] {
+            for t in [1, 17, 128, 257, 1000] {
+                for kv_h in [4, 2, 1] {
+                    let (label, causal, with_segments, window) =
+                        FLASH_MASKS[case % FLASH_MASKS.len()];
+                    case += 1;
+                    let segments = flash_segments(t);
+                    let segments_cpu = Tensor::new(segments.clone(), &Device::Cpu)?;
+                    let segments_gpu = segments_cpu.to_device(&gpu)?;
+                    let mask = |segments| AttentionMask {
+                        causal,
+                        segments: with_segments.then_some(segments),
+                        sliding_window: window,
+                    };
+                    let (mask_cpu, mask_gpu) = (mask(&segments_cpu), mask(&segments_gpu));
+                    let scale = 1.0 / (d as f64).sqrt();
+                    let q = randn(&[b, h, t, d], 2.0)?;
+                    let k = randn(&[b, kv_h, t, d], 1.0)?;
+                    let v = randn(&[b, kv_h, t, d], 1.0)?;
+                    check_op(
+                        &format!("flash_attention {label} kv_h {kv_h}"),
+                        dtype,
+                        &[q, k, v],
+                        &[true, true, true],
+                        |xs| flash_attention(&xs[0], &xs[1], &xs[2], scale, mask_gpu),
+                        |xs| flash_attention_reference(&xs[0], &xs[1], &xs[2], scale, mask_cpu),
+                    )?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Milliseconds and TFLOP/s of the fused forward and backward at the shape of a Qwen3-style
+/// layer in training, (b 4, h 16, kv_h 8, t 2048, d 128) bf16 causal, next to the composed
+/// path the models used before (repeat_kv, f32 scores by matmul, our causal softmax kernel,
+/// cast, matmul; its backward through candle's autograd), and the GPU memory each forward
+/// holds for its backward. FLOPs count the visible (causal) half: the forward's two matmuls
+/// are 2 * 2 * b * h * t^2 * d / 2, the backward's five 2.5 times that.
+#[test]
+fn flash_attention_speed_against_the_composed_path() -> Result<()> {
+    let gpu = oxtune_tensor::parse_device("cuda")?;
+    let (b, h, kv_h, t, d) = (4, 16, 8, 2048, 128);
+    let dtype = DType::BF16;
+    let scale = 1.0 / (d as f64).sqrt();
+    let mask = AttentionMask {
+        causal: true,
+        ..AttentionMask::default()
+    };
+    let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, h, t, d), &gpu)?.to_dtype(dtype)?)?;
+    let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, kv_h, t, d), &gpu)?.to_dtype(dtype)?)?;
+    let v = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, kv_h, t, d), &gpu)?.to_dtype(dtype)?)?;
+    let grad = Tensor::randn(0f32, 1.0, (b, h, t, d), &gpu)?.to_dtype(dtype)?;
+    let forward_flops = 2.0 * 2.0 * (b * h * t * t * d) as f64 / 2.0;
+    let backward_flops = 2.5 * forward_flops;
+    let line = |name: &str, flops: f64, seconds: f64| {
+        println!(
+            "| {name} | {:.3} ms | {:.1} TFLOP/s |",
+            seconds * 1e3,
+            flops / seconds / 1e12
+        );
+    };
+    let (qt, kt, vt) = (q.as_tensor(), k.as_tensor(), v.as_tensor());
+    println!("flash attention (b {b}, h {h}, kv_h {kv_h}, t {t}, d {d}) bf16 causal");
+    println!("| path | time | throughput |");
+    println!("| --- | --- | --- |");
+
+    let seconds = seconds_per_call(&gpu, || {
+        oxtune_tensor::cuda::flash_attention_with_lse(qt, kt, vt, scale, &mask).map(drop)
+    })?;
+    line("flash forward", forward_flops, seconds);
+    let (o, lse) = oxtune_tensor::cuda::flash_attention_with_lse(qt, kt, vt, scale, &mask)?;
+    let seconds = seconds_per_call(&gpu, || {
+        oxtune_tensor::cuda::flash_attention_backward(qt, kt, vt, &o, &lse, &grad, scale, &mask)
+            .map(drop)
+    })?;
+    line("flash backward", backward_flops, seconds);
+    let seconds = seconds_per_call(&gpu, || {
+        let out = flash_attention(qt, kt, vt, scale, mask)?;
+        (out * &grad)?.sum_all()?.backward().map(drop)
+    })?;
+    line(
+        "flash forward + backward (autograd)",
+        forward_flops + backward_flops,
+        seconds,
+    );
+
+    let composed = || -> Result<Tensor> {
+        let k = ops::repeat_kv(kt, h / kv_h)?.contiguous()?;
+        let v = ops::repeat_kv(vt, h / kv_h)?.contiguous()?;
+        let scores = qt
+            .to_dtype(DType::F32)?
+            .matmul(&k.to_dtype(DType::F32)?.t()?)?;
+        let probs =
+            ops::scaled_masked_softmax(&scores, scale, ScoreMask::Causal { past_tokens: 0 })?
+                .to_dtype(dtype)?;
+        probs.matmul(&v)
+    };
+    let seconds = seconds_per_call(&gpu, || composed().map(drop))?;
+    line("composed forward", forward_flops, seconds);
+    let seconds = seconds_per_call(&gpu, || {
+        (composed()? * &grad)?.sum_all()?.backward().map(drop)
+    })?;
+    line(
+        "composed forward + backward (autograd)",
+        forward_flops + backward_flops,
+        seconds,
+    );
+
+    // memory a forward keeps alive for its backward (the pool may keep freed blocks, so
+    // these are what the device reports in use, before and after)
+    drop((o, lse));
+    gpu.synchronize()?;
+    let before = oxtune_tensor::memory_in_use(&gpu)?.unwrap_or(0);
+    let out = flash_attention(qt, kt, vt, scale, mask)?;
+    gpu.synchronize()?;
+    let flash_held = oxtune_tensor::memory_in_use(&gpu)?.unwrap_or(0);
+    drop(out);
+    let out = composed()?;
+    gpu.synchronize()?;
+    let composed_held = oxtune_tensor::memory_in_use(&gpu)?.unwrap_or(0);
+    drop(out);
+    let mib = |bytes: u64| bytes.saturating_sub(before) as f64 / (1 << 20) as f64;
+    println!(
+        "GPU memory in use after the forward, above the inputs: flash {:.0} MiB, composed {:.0} \
+         MiB (a pool that keeps freed blocks makes the second an upper bound of its own)",
+        mib(flash_held),
+        mib(composed_held)
+    );
+    Ok(())
+}

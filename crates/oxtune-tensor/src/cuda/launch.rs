@@ -21,9 +21,9 @@ pub(crate) trait KernelFloat: DeviceRepr + WithDType + CudaDType {}
 impl<T: DeviceRepr + WithDType + CudaDType> KernelFloat for T {}
 
 /// One PTX module: its name in candle's module cache and its text.
-struct Module {
-    name: &'static str,
-    ptx: &'static str,
+pub(super) struct Module {
+    pub(super) name: &'static str,
+    pub(super) ptx: &'static str,
 }
 
 const SOFTMAX: Module = Module {
@@ -60,7 +60,7 @@ pub struct Causal {
 }
 
 /// The kernel `<root>_<dtype>` of a module, loaded into the device's context on first use.
-fn function<T: WithDType>(
+pub(super) fn function<T: WithDType>(
     device: &CudaDevice,
     module: &Module,
     root: &str,
@@ -71,15 +71,15 @@ fn function<T: WithDType>(
         .into_cuda_function())
 }
 
-fn to_i32(value: usize, what: &str, kernel: &str) -> Result<i32> {
+pub(super) fn to_i32(value: usize, what: &str, kernel: &str) -> Result<i32> {
     i32::try_from(value).or_else(|_| bail!("{kernel}: {what} = {value} does not fit an i32"))
 }
 
-fn to_u32(value: usize, what: &str, kernel: &str) -> Result<u32> {
+pub(super) fn to_u32(value: usize, what: &str, kernel: &str) -> Result<u32> {
     u32::try_from(value).or_else(|_| bail!("{kernel}: {what} = {value} does not fit a u32"))
 }
 
-fn expect_len<T>(view: &CudaView<'_, T>, expected: usize, what: &str, kernel: &str) -> Result<()> {
+pub(super) fn expect_len<T>(view: &CudaView<'_, T>, expected: usize, what: &str, kernel: &str) -> Result<()> {
     if view.len() != expected {
         bail!(
             "{kernel}: {what} holds {} elements, the kernel indexes {expected}",

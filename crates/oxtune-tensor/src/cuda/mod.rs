@@ -643,3 +643,10 @@ impl CustomOp3 for Rope {
         Ok((Some(dx), None, None))
     }
 }
+
+// Ops in files of their own (each with its launch code); the helpers above are visible to
+// them.
+mod flash;
+
+pub(crate) use flash::HEAD_DIMS as FLASH_HEAD_DIMS;
+pub use flash::{flash_attention, flash_attention_backward, flash_attention_with_lse};
