@@ -162,7 +162,9 @@ __device__ void forward(const T* __restrict__ q, const T* __restrict__ k, const 
     float* table = reinterpret_cast<float*>(smem + L::IDX);
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int q0 = blockIdx.x * BR;
+    // the last query tiles first: under a causal mask they see the most keys, so the longest
+    // blocks start early and short ones fill the tail
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * BR;
     const int bh = blockIdx.y, b = bh / h, hh = bh % h;
     const int kvh = hh / (h / kv_h);
     const size_t q_base = static_cast<size_t>(bh) * t * D;

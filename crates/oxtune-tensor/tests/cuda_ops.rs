@@ -825,36 +825,62 @@ fn flash_segments(t: usize) -> Vec<Vec<u32>> {
 fn flash_attention_matches_the_reference() -> Result<()> {
     let gpu = oxtune_tensor::parse_device("cuda")?;
     let (b, h) = (2, 4);
-    let mut case = 0;
-    for dtype in [DType::BF16, DType::F16] {
-        for d in [64, 128] {
-            for t in [1, 17, 128, 257, 1000] {
-                for kv_h in [4, 2, 1] {
-                    let (label, causal, with_segments, window) =
-                        FLASH_MASKS[case % FLASH_MASKS.len()];
-                    case += 1;
-                    let segments = flash_segments(t);
-                    let segments_cpu = Tensor::new(segments.clone(), &Device::Cpu)?;
-                    let segments_gpu = segments_cpu.to_device(&gpu)?;
-                    let mask = |segments| AttentionMask {
-                        causal,
-                        segments: with_segments.then_some(segments),
-                        sliding_window: window,
-                    };
-                    let (mask_cpu, mask_gpu) = (mask(&segments_cpu), mask(&segments_gpu));
-                    let scale = 1.0 / (d as f64).sqrt();
-                    let q = randn(&[b, h, t, d], 2.0)?;
-                    let k = randn(&[b, kv_h, t, d], 1.0)?;
-                    let v = randn(&[b, kv_h, t, d], 1.0)?;
-                    check_op(
-                        &format!("flash_attention {label} kv_h {kv_h}"),
-                        dtype,
-                        &[q, k, v],
-                        &[true, true, true],
-                        |xs| flash_attention(&xs[0], &xs[1], &xs[2], scale, mask_gpu),
-                        |xs| flash_attention_reference(&xs[0], &xs[1], &xs[2], scale, mask_cpu),
-                    )?;
-                }
+    for (combo, (dtype, d)) in [
+        (DType::BF16, 64),
+        (DType::BF16, 128),
+        (DType::F16, 64),
+        (DType::F16, 128),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        for (t_index, t) in [1, 17, 128, 257, 1000].into_iter().enumerate() {
+            for (kv_index, kv_h) in [4, 2, 1].into_iter().enumerate() {
+                // combo + t_index + kv_index takes 6 consecutive values at every t: each
+                // mask meets each t (and each kv_h) at least once
+                let (label, causal, with_segments, window) =
+                    FLASH_MASKS[(combo + t_index + kv_index) % FLASH_MASKS.len()];
+                let segments = flash_segments(t);
+                let segments_cpu = Tensor::new(segments.clone(), &Device::Cpu)?;
+                let segments_gpu = segments_cpu.to_device(&gpu)?;
+                let mask = |segments| AttentionMask {
+                    causal,
+                    segments: with_segments.then_some(segments),
+                    sliding_window: window,
+                };
+                let (mask_cpu, mask_gpu) = (mask(&segments_cpu), mask(&segments_gpu));
+                let scale = 1.0 / (d as f64).sqrt();
+                let q = randn(&[b, h, t, d], 2.0)?;
+                let k = randn(&[b, kv_h, t, d], 1.0)?;
+                let v = randn(&[b, kv_h, t, d], 1.0)?;
+                check_op(
+                    &format!("flash_attention {label} kv_h {kv_h}"),
+                    dtype,
+                    &[q, k, v],
+                    &[true, true, true],
+                    |xs| flash_attention(&xs[0], &xs[1], &xs[2], scale, mask_gpu),
+                    |xs| flash_attention_reference(&xs[0], &xs[1], &xs[2], scale, mask_cpu),
+                )?;
+                // the public function took the kernel (not the reference on the GPU)
+                let on_gpu = |x: &Tensor| x.to_dtype(dtype)?.to_device(&gpu);
+                let (q, k, v) = (
+                    on_gpu(&randn(&[b, h, t, d], 2.0)?)?,
+                    on_gpu(&randn(&[b, kv_h, t, d], 1.0)?)?,
+                    on_gpu(&randn(&[b, kv_h, t, d], 1.0)?)?,
+                );
+                let public = flash_attention(&q, &k, &v, scale, mask_gpu)?;
+                let (kernel, _) =
+                    oxtune_tensor::cuda::flash_attention_with_lse(&q, &k, &v, scale, &mask_gpu)?;
+                let differ: f32 = (public.to_dtype(DType::F32)? - kernel.to_dtype(DType::F32)?)?
+                    .abs()?
+                    .flatten_all()?
+                    .max(0)?
+                    .to_scalar()?;
+                assert!(
+                    differ == 0.0,
+                    "flash_attention {label} kv_h {kv_h} t {t} d {d} {dtype:?}: the public \
+                     function differs from the kernel by {differ:e}"
+                );
             }
         }
     }
