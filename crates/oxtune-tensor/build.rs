@@ -8,7 +8,15 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The kernel files, one PTX module each (`src/cuda/mod.rs` names the same list).
-const KERNELS: [&str; 5] = ["softmax", "rms_norm", "swiglu", "rope", "flash_attn"];
+const KERNELS: [&str; 7] = [
+    "softmax",
+    "rms_norm",
+    "swiglu",
+    "rope",
+    "flash_attn",
+    "cross_entropy",
+    "add_rms_norm",
+];
 
 fn main() {
     println!("cargo::rerun-if-changed=build.rs");

@@ -299,6 +299,96 @@ pub fn packed_causal_mask(
     Tensor::from_vec(mask, (b, 1, t, t), device)?.to_dtype(dtype)
 }
 
+/// Summed cross-entropy of vocabulary rows: the sum over rows r with
+/// `targets[r] != ignore_index` of `-log_softmax(logits[r])[targets[r]]`, statistics in f32
+/// (f64 for f64 logits), as an f32 scalar (f64 for f64 logits); differentiable in `logits`.
+///
+/// `logits`: (rows, vocab) in any float dtype; `targets`: (rows,) i64 or u32. On CUDA
+/// (f32, bf16, f16) two kernels read the logits once each, in their dtype (forward: loss and
+/// each row's log-sum-exp, kept for the backward; backward: the gradient, written in the
+/// logits' dtype, with ignored rows never read), and a target outside `[0, vocab)` that is
+/// not `ignore_index` gives a NaN loss; elsewhere [`cross_entropy_sum_reference`].
+pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor, ignore_index: i64) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if crate::cuda::applies(&[logits]) && logits.rank() == 2 {
+        return crate::cuda::cross_entropy_sum(logits, targets, ignore_index);
+    }
+    cross_entropy_sum_reference(logits, targets, ignore_index)
+}
+
+/// The differentiable reference for [`cross_entropy_sum`]: `logsumexp(logits) - logit[target]`
+/// per row with candle ops on an f32 copy of the logits (f64 stays f64), masked and summed.
+pub fn cross_entropy_sum_reference(
+    logits: &Tensor,
+    targets: &Tensor,
+    ignore_index: i64,
+) -> Result<Tensor> {
+    let (rows, _) = logits.dims2()?;
+    if targets.dims() != [rows] {
+        candle_core::bail!(
+            "cross_entropy_sum: targets {:?} for logits {:?}; expected ({rows},)",
+            targets.shape(),
+            logits.shape()
+        );
+    }
+    let internal = if logits.dtype() == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    let targets = targets.to_device(logits.device())?.to_dtype(DType::I64)?;
+    let kept = targets.ne(ignore_index)?;
+    let ids = kept
+        .where_cond(&targets, &targets.zeros_like()?)?
+        .unsqueeze(1)?;
+    let mask = kept.to_dtype(internal)?;
+    let logits = logits.to_dtype(internal)?;
+    // -log_softmax at the target = logsumexp(logits) - logit[target]
+    let max = logits.max_keepdim(D::Minus1)?.detach();
+    let logsumexp = logits
+        .broadcast_sub(&max)?
+        .exp()?
+        .sum_keepdim(D::Minus1)?
+        .log()?
+        .add(&max)?;
+    let target_logit = logits.gather(&ids, D::Minus1)?;
+    let per_token = (logsumexp - target_logit)?.squeeze(1)?;
+    (per_token * mask)?.sum_all()
+}
+
+/// Residual add and RMSNorm: `(xs + residual, rms_norm(xs + residual, weight))`, the sum
+/// rounded to the dtype of `xs` as candle's add rounds it, then [`rms_norm`]'s numerics.
+/// Differentiable in xs, residual and weight (the weight's gradient is computed only when it
+/// tracks one). On CUDA (f32, bf16, f16) one kernel writes both outputs; its backward is
+/// RMSNorm's backward kernels on the sum; elsewhere [`add_rms_norm_reference`].
+///
+/// `xs`, `residual`: (.., hidden); `weight`: (hidden,).
+pub fn add_rms_norm(
+    xs: &Tensor,
+    residual: &Tensor,
+    weight: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if crate::cuda::applies(&[xs, residual]) && weight.device().same_device(xs.device()) {
+        return crate::cuda::add_rms_norm(xs, residual, weight, eps);
+    }
+    add_rms_norm_reference(xs, residual, weight, eps)
+}
+
+/// The differentiable reference for [`add_rms_norm`]: candle's add, then
+/// [`rms_norm_reference`].
+pub fn add_rms_norm_reference(
+    xs: &Tensor,
+    residual: &Tensor,
+    weight: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor)> {
+    let sum = (xs + residual)?;
+    let normed = rms_norm_reference(&sum, weight, eps)?;
+    Ok((sum, normed))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -574,5 +664,126 @@ mod tests {
         assert_eq!(visible[0], [false, false, true, true, false]);
         assert_eq!(visible[1], [false, false, false, true, true]);
         Ok(())
+    }
+
+    /// -log softmax(row)[target] summed over the rows whose target is not -100, in f64 loops.
+    fn naive_cross_entropy(logits: &[Vec<f64>], targets: &[i64]) -> f64 {
+        logits
+            .iter()
+            .zip(targets)
+            .filter(|(_, t)| **t != -100)
+            .map(|(row, t)| {
+                let max = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let lse = max + row.iter().map(|v| (v - max).exp()).sum::<f64>().ln();
+                lse - row[usize::try_from(*t).expect("a kept target is an index")]
+            })
+            .sum()
+    }
+
+    #[test]
+    fn cross_entropy_reference_matches_a_naive_sum() -> Result<()> {
+        let device = Device::Cpu;
+        let logits = Tensor::randn(0f64, 3.0, (5, 11), &device)?;
+        let rows: Vec<Vec<f64>> = logits.to_vec2()?;
+        let argmax = rows[1]
+            .iter()
+            .enumerate()
+            .fold((0, f64::NEG_INFINITY), |best, (j, v)| {
+                if *v > best.1 { (j, *v) } else { best }
+            })
+            .0;
+        // targets at 0, the row's max, the last column, an ignored row, one in the middle
+        let targets = [0, i64::try_from(argmax).expect("small"), 10, -100, 4];
+        let expected = naive_cross_entropy(&rows, &targets);
+        let ids = Tensor::new(&targets, &device)?;
+        let got = cross_entropy_sum(&logits, &ids, -100)?.to_scalar::<f64>()?;
+        assert!((got - expected).abs() < 1e-12, "f64: {got} vs {expected}");
+        let got = cross_entropy_sum_reference(&logits.to_dtype(DType::F32)?, &ids, -100)?;
+        assert_eq!(got.dtype(), DType::F32);
+        let got = f64::from(got.to_scalar::<f32>()?);
+        assert!(
+            (got - expected).abs() < 1e-5 * expected.abs(),
+            "f32: {got} vs {expected}"
+        );
+        // u32 targets with an ignore index of their own
+        let unsigned = Tensor::new(&[0u32, 3, 10, 7, 4], &device)?;
+        let kept = [0, 3, 10, -100, 4];
+        let got = cross_entropy_sum(&logits, &unsigned, 7)?.to_scalar::<f64>()?;
+        let expected = naive_cross_entropy(&rows, &kept);
+        assert!((got - expected).abs() < 1e-12, "u32: {got} vs {expected}");
+        // every row ignored: zero
+        let none = Tensor::new(&[-100i64; 5], &device)?;
+        assert_eq!(
+            cross_entropy_sum(&logits, &none, -100)?.to_scalar::<f64>()?,
+            0.0
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn cross_entropy_gradient_matches_finite_differences() -> Result<()> {
+        let device = Device::Cpu;
+        let logits = Tensor::randn(0f64, 2.0, (4, 6), &device)?;
+        let targets = Tensor::new(&[5i64, -100, 0, 2], &device)?;
+        gradcheck(
+            "cross_entropy_sum",
+            |xs| cross_entropy_sum(&xs[0], &targets, -100),
+            &[logits],
+            7,
+        )
+    }
+
+    #[test]
+    fn add_rms_norm_is_the_sum_then_rms_norm() -> Result<()> {
+        let device = Device::Cpu;
+        let xs = Tensor::randn(0f64, 1.0, (3, 7), &device)?;
+        let residual = Tensor::randn(0f64, 1.0, (3, 7), &device)?;
+        let weight = Tensor::randn(1f64, 0.2, 7, &device)?;
+        let (sum, normed) = add_rms_norm(&xs, &residual, &weight, 1e-6)?;
+        let (x, r, w): (Vec<Vec<f64>>, Vec<Vec<f64>>, Vec<f64>) =
+            (xs.to_vec2()?, residual.to_vec2()?, weight.to_vec1()?);
+        let (sum, normed): (Vec<Vec<f64>>, Vec<Vec<f64>>) = (sum.to_vec2()?, normed.to_vec2()?);
+        for row in 0..3 {
+            let s: Vec<f64> = x[row].iter().zip(&r[row]).map(|(a, b)| a + b).collect();
+            let rms = (s.iter().map(|v| v * v).sum::<f64>() / 7.0 + 1e-6).sqrt();
+            for j in 0..7 {
+                assert!((sum[row][j] - s[j]).abs() < 1e-12, "sum [{row}, {j}]");
+                let y = s[j] / rms * w[j];
+                assert!(
+                    (normed[row][j] - y).abs() < 1e-12,
+                    "normed [{row}, {j}]: {} vs {y}",
+                    normed[row][j]
+                );
+            }
+        }
+        // bf16: the sum is rounded before the norm, as the composition rounds it
+        let bf16 = |t: &Tensor| t.to_dtype(DType::BF16);
+        let (sum, normed) = add_rms_norm(&bf16(&xs)?, &bf16(&residual)?, &bf16(&weight)?, 1e-6)?;
+        let composed = (bf16(&xs)? + bf16(&residual)?)?;
+        let values = |t: &Tensor| t.to_dtype(DType::F32)?.to_vec2::<f32>();
+        assert_eq!(values(&sum)?, values(&composed)?);
+        assert_eq!(
+            values(&normed)?,
+            values(&rms_norm_reference(&composed, &bf16(&weight)?, 1e-6)?)?
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn add_rms_norm_gradients_match_finite_differences() -> Result<()> {
+        let device = Device::Cpu;
+        let xs = Tensor::randn(0f64, 1.0, (2, 5), &device)?;
+        let residual = Tensor::randn(0f64, 1.0, (2, 5), &device)?;
+        let weight = Tensor::randn(1f64, 0.2, 5, &device)?;
+        // both outputs at once: (2, 2, 5) = [sum, normed]
+        gradcheck(
+            "add_rms_norm",
+            |xs| {
+                let (sum, normed) = add_rms_norm(&xs[0], &xs[1], &xs[2], 1e-6)?;
+                Tensor::stack(&[sum, normed], 0)
+            },
+            &[xs, residual, weight],
+            8,
+        )
     }
 }

@@ -985,3 +985,342 @@ fn flash_attention_speed_against_the_composed_path() -> Result<()> {
     );
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------
+// cross entropy
+
+/// Targets of a test batch: row r takes, by r % 5, the row's largest logit, nothing
+/// (ignored), column 0, the last column, or a column in between.
+fn cross_entropy_targets(rows: &[Vec<f64>]) -> Vec<i64> {
+    rows.iter()
+        .enumerate()
+        .map(|(r, row)| {
+            let vocab = row.len();
+            let argmax = row
+                .iter()
+                .enumerate()
+                .fold((0, f64::NEG_INFINITY), |best, (j, v)| {
+                    if *v > best.1 { (j, *v) } else { best }
+                })
+                .0;
+            let column = match r % 5 {
+                0 => argmax,
+                1 => return -100,
+                2 => 0,
+                3 => vocab - 1,
+                _ => (r * 7919) % vocab,
+            };
+            i64::try_from(column).expect("vocabularies fit i64")
+        })
+        .collect()
+}
+
+/// `ops::cross_entropy_sum` on the GPU in `dtype` against the f64 CPU reference on the same
+/// rounded logits: the loss (relative to the reference loss), then d(g * loss)/d logits row
+/// by row (as [`compare_rows`]), with g = 0.37 standing in for 1 / target tokens.
+fn check_cross_entropy(dtype: DType, rows: usize, vocab: usize) -> Result<()> {
+    let gpu = oxtune_tensor::parse_device("cuda")?;
+    let label = format!("cross_entropy_sum ({rows}, {vocab})");
+    let logits = randn(&[rows, vocab], 3.0)?
+        .to_dtype(dtype)?
+        .to_dtype(DType::F64)?;
+    let targets = cross_entropy_targets(&logits.to_vec2()?);
+    let kept = targets.iter().filter(|t| **t != -100).count();
+    let scale = 0.37;
+
+    let cpu_var = Var::from_tensor(&logits)?;
+    let cpu_targets = Tensor::new(targets.as_slice(), &Device::Cpu)?;
+    let cpu_loss = ops::cross_entropy_sum_reference(cpu_var.as_tensor(), &cpu_targets, -100)?;
+    let cpu_grads = (&cpu_loss * scale)?.backward()?;
+    let cpu_loss = cpu_loss.to_scalar::<f64>()?;
+
+    let gpu_var = Var::from_tensor(&logits.to_dtype(dtype)?.to_device(&gpu)?)?;
+    let gpu_targets = cpu_targets.to_device(&gpu)?;
+    let gpu_loss = ops::cross_entropy_sum(gpu_var.as_tensor(), &gpu_targets, -100)?;
+    assert_eq!(gpu_loss.dtype(), DType::F32, "{label}: loss dtype");
+    assert_eq!(gpu_loss.dims(), [0usize; 0], "{label}: loss shape");
+    let gpu_grads = (&gpu_loss * scale)?.backward()?;
+    let gpu_loss = f64::from(gpu_loss.to_scalar::<f32>()?);
+
+    // every kept row's loss is computed in f32 from the same values: f32 accuracy
+    let error = (gpu_loss - cpu_loss).abs() / cpu_loss.abs().max(1e-30);
+    println!(
+        "{label} forward {dtype:?}: loss {gpu_loss:.6} vs {cpu_loss:.6} ({kept} of {rows} rows kept), relative error {error:.2e}"
+    );
+    assert!(
+        error <= 2e-5 || (kept == 0 && gpu_loss == 0.0),
+        "{label} forward {dtype:?}: GPU loss {gpu_loss} vs reference {cpu_loss} (relative error \
+         {error:e} > 2e-5; {kept} of {rows} rows kept)"
+    );
+    let expected = cpu_grads
+        .get(cpu_var.as_tensor())
+        .unwrap_or_else(|| panic!("{label}: the CPU reference gave no gradient"));
+    let got = gpu_grads
+        .get(gpu_var.as_tensor())
+        .unwrap_or_else(|| panic!("{label} {dtype:?}: no gradient through the GPU op"));
+    assert_eq!(got.dtype(), dtype, "{label}: gradient dtype");
+    compare_rows(&label, "d/d logits", dtype, expected, got, 0.0)
+}
+
+#[test]
+fn cross_entropy_kernel_matches_the_reference() -> Result<()> {
+    // every (rows, vocab) of at most 64 x 151936 logits: not (1000, 32000) nor (1000, 151936),
+    // whose f64 CPU reference needs GBs per copy (the timing below runs 883 x 151936)
+    let mut cases = Vec::new();
+    for rows in [1, 3, 64, 1000] {
+        for vocab in [7, 1000, 32_000, 151_936] {
+            if rows * vocab <= 64 * 151_936 {
+                cases.push((rows, vocab));
+            }
+        }
+    }
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        for &(rows, vocab) in &cases {
+            check_cross_entropy(dtype, rows, vocab)?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn cross_entropy_handles_u32_targets_and_all_ignored_rows() -> Result<()> {
+    let gpu = oxtune_tensor::parse_device("cuda")?;
+    let logits = randn(&[4, 1000], 2.0)?;
+    let signed = Tensor::new(&[3i64, 999, 0, 500], &Device::Cpu)?;
+    let unsigned = Tensor::new(&[3u32, 999, 0, 500], &Device::Cpu)?;
+    let expected = ops::cross_entropy_sum_reference(&logits, &signed, -100)?.to_scalar::<f32>()?;
+    let got = ops::cross_entropy_sum(&logits.to_device(&gpu)?, &unsigned.to_device(&gpu)?, -100)?
+        .to_scalar::<f32>()?;
+    println!("cross_entropy_sum u32 targets: {got} vs {expected}");
+    assert!(
+        (got - expected).abs() <= 1e-5 * expected.abs(),
+        "cross_entropy_sum (4, 1000) f32 with u32 targets: GPU {got} vs reference {expected}"
+    );
+    let ignored = Tensor::new(&[-100i64; 4], &gpu)?;
+    let var = Var::from_tensor(&logits.to_device(&gpu)?)?;
+    let loss = ops::cross_entropy_sum(var.as_tensor(), &ignored, -100)?;
+    assert_eq!(loss.to_scalar::<f32>()?, 0.0, "all rows ignored: loss");
+    let grads = loss.backward()?;
+    let grad = grads.get(var.as_tensor()).expect("a gradient");
+    let largest: f32 = grad.abs()?.flatten_all()?.max(0)?.to_scalar()?;
+    assert_eq!(largest, 0.0, "all rows ignored: gradient");
+    Ok(())
+}
+
+#[test]
+fn bandwidth_of_cross_entropy_against_candle() -> Result<()> {
+    let gpu = oxtune_tensor::parse_device("cuda")?;
+    let bench = Bench { device: &gpu };
+    println!("| op | shape | ours | candle composed |");
+    println!("| --- | --- | --- | --- |");
+    let vocab = 151_936;
+    // the trainer's loss chunk (2^27 logits) and a small batch
+    for rows in [(1 << 27) / vocab, 64] {
+        let logits = Tensor::randn(0f32, 4.0, (rows, vocab), &gpu)?.to_dtype(DType::BF16)?;
+        let ids: Vec<i64> = (0..rows)
+            .map(|r| i64::try_from((r * 7919) % vocab).expect("small"))
+            .collect();
+        let targets = Tensor::new(ids.as_slice(), &gpu)?;
+        let logits_bytes = 2.0 * (rows * vocab) as f64;
+        let shape = format!("({rows}, {vocab}) bf16");
+        bench.line(
+            "cross_entropy_sum fwd",
+            &shape,
+            logits_bytes,
+            &mut [
+                ("ours", &mut || {
+                    ops::cross_entropy_sum(&logits, &targets, -100).map(drop)
+                }),
+                ("composed", &mut || {
+                    ops::cross_entropy_sum_reference(&logits, &targets, -100).map(drop)
+                }),
+            ],
+        )?;
+        let (_, lse) = oxtune_tensor::cuda::cross_entropy_sum_with_lse(&logits, &targets, -100)?;
+        let grad = Tensor::new(0.5f32, &gpu)?;
+        bench.line(
+            "cross_entropy_sum bwd (reads logits, writes dlogits)",
+            &shape,
+            2.0 * logits_bytes,
+            &mut [("ours", &mut || {
+                oxtune_tensor::cuda::cross_entropy_backward(&logits, &targets, &lse, &grad, -100)
+                    .map(drop)
+            })],
+        )?;
+        let var = Var::from_tensor(&logits)?;
+        bench.line(
+            "cross_entropy_sum fwd + bwd (autograd)",
+            &shape,
+            3.0 * logits_bytes,
+            &mut [
+                ("ours", &mut || {
+                    let loss = ops::cross_entropy_sum(var.as_tensor(), &targets, -100)?;
+                    (loss * 1e-3)?.backward().map(drop)
+                }),
+                ("composed", &mut || {
+                    let loss = ops::cross_entropy_sum_reference(var.as_tensor(), &targets, -100)?;
+                    (loss * 1e-3)?.backward().map(drop)
+                }),
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// add rms_norm
+
+#[test]
+fn add_rms_norm_kernel_matches_the_reference() -> Result<()> {
+    let shapes: [&[usize]; 7] = [
+        &[3, 1],
+        &[5, 7],
+        &[2, 3, 1024],
+        &[4, 4096],
+        &[3, 5120],
+        &[2, 40_000], // wider than the kernel's register cache: s is re-read
+        &[300, 1024],
+    ];
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        for shape in shapes {
+            let xs = randn(shape, 2.0)?;
+            let residual = randn(shape, 1.0)?;
+            let width = shape[shape.len() - 1];
+            let weight = Tensor::randn(1f32, 0.2, width, &Device::Cpu)?;
+            let floor = if width == 1 { 10.0 } else { 0.0 };
+            for trainable in [
+                [true, true, true],
+                [true, true, false],
+                [false, true, false],
+            ] {
+                let name = format!("add_rms_norm (trainable xs, residual, weight: {trainable:?})");
+                // both outputs at once: (2, ..) = [sum, normed]; the CPU reference sums in f64
+                // where the GPU rounds the sum to the dtype first (as candle's add does)
+                check_op_with_floor(
+                    &name,
+                    dtype,
+                    &[xs.clone(), residual.clone(), weight.clone()],
+                    &trainable,
+                    |xs| {
+                        let (sum, normed) = ops::add_rms_norm(&xs[0], &xs[1], &xs[2], 1e-6)?;
+                        Tensor::stack(&[sum, normed], 0)
+                    },
+                    |xs| {
+                        let (sum, normed) =
+                            ops::add_rms_norm_reference(&xs[0], &xs[1], &xs[2], 1e-6)?;
+                        Tensor::stack(&[sum, normed], 0)
+                    },
+                    floor,
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn add_rms_norm_equals_add_then_rms_norm_on_the_gpu() -> Result<()> {
+    // the same rounding as candle's add followed by our rms_norm kernel, bit for bit
+    let gpu = oxtune_tensor::parse_device("cuda")?;
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        for width in [1, 7, 1024, 4096, 5120] {
+            let on = |std: f32, shape: &[usize]| -> Result<Tensor> {
+                Tensor::randn(0f32, std, shape, &gpu)?.to_dtype(dtype)
+            };
+            let (xs, residual) = (on(2.0, &[5, width])?, on(1.0, &[5, width])?);
+            let weight = (on(0.2, &[width])? + 1.0)?;
+            let (sum, normed) = ops::add_rms_norm(&xs, &residual, &weight, 1e-6)?;
+            let composed = (&xs + &residual)?;
+            let expected = ops::rms_norm(&composed, &weight, 1e-6)?;
+            // the sum must be identical; the norm sums the same squares in the same order as
+            // the rms_norm kernel, so it should be too (one ulp allowed, in case the compiler
+            // contracts the two kernels' arithmetic differently)
+            let ulp = match dtype {
+                DType::F32 => f32::EPSILON,
+                DType::F16 => 1.0 / 1024.0,
+                _ => 1.0 / 128.0,
+            };
+            for (what, got, want, allowed_ulps) in [
+                ("sum", &sum, &composed, 0.0),
+                ("normed", &normed, &expected, 1.0),
+            ] {
+                let want = want.to_dtype(DType::F32)?;
+                let diff: f32 = (got.to_dtype(DType::F32)? - &want)?
+                    .abs()?
+                    .flatten_all()?
+                    .max(0)?
+                    .to_scalar()?;
+                let largest: f32 = want.abs()?.flatten_all()?.max(0)?.to_scalar()?;
+                let allowed = allowed_ulps * ulp * largest;
+                println!(
+                    "add_rms_norm (5, {width}) {dtype:?} {what}: max |fused - composed| {diff:e} \
+                     (allowed {allowed:e})"
+                );
+                assert!(
+                    diff <= allowed,
+                    "add_rms_norm (5, {width}) {dtype:?}: {what} differs from add + rms_norm by \
+                     {diff:e} (allowed {allowed:e}, largest |value| {largest:e})"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn bandwidth_of_add_rms_norm_against_add_and_rms_norm() -> Result<()> {
+    let gpu = oxtune_tensor::parse_device("cuda")?;
+    let bench = Bench { device: &gpu };
+    println!("| op | shape | ours | add + rms_norm |");
+    println!("| --- | --- | --- | --- |");
+    let (rows, hidden) = (16_384, 4096);
+    let randn = |mean: f32, std: f32, shape: &[usize]| -> Result<Tensor> {
+        Tensor::randn(mean, std, shape, &gpu)?.to_dtype(DType::BF16)
+    };
+    let xs = randn(0.0, 1.0, &[rows, hidden])?;
+    let residual = randn(0.0, 1.0, &[rows, hidden])?;
+    let weight = randn(1.0, 0.1, &[hidden])?;
+    let elements = (rows * hidden) as f64;
+    let shape = format!("({rows}, {hidden}) bf16");
+    bench.line(
+        "add_rms_norm fwd (reads xs, residual; writes sum, normed)",
+        &shape,
+        4.0 * 2.0 * elements,
+        &mut [
+            ("ours", &mut || {
+                ops::add_rms_norm(&xs, &residual, &weight, 1e-6).map(drop)
+            }),
+            ("add + rms_norm", &mut || {
+                ops::rms_norm(&(&xs + &residual)?, &weight, 1e-6).map(drop)
+            }),
+        ],
+    )?;
+    let (x_var, r_var) = (Var::from_tensor(&xs)?, Var::from_tensor(&residual)?);
+    let (dsum, dnormed) = (
+        randn(0.0, 1.0, &[rows, hidden])?,
+        randn(0.0, 1.0, &[rows, hidden])?,
+    );
+    // the probe's own multiplications and sums are in both columns
+    bench.line(
+        "add_rms_norm fwd + bwd (autograd, frozen weight; probe ops included)",
+        &shape,
+        4.0 * 2.0 * elements,
+        &mut [
+            ("ours", &mut || {
+                let (sum, normed) =
+                    ops::add_rms_norm(x_var.as_tensor(), r_var.as_tensor(), &weight, 1e-6)?;
+                ((sum * &dsum)?.sum_all()? + (normed * &dnormed)?.sum_all()?)?
+                    .backward()
+                    .map(drop)
+            }),
+            ("add + rms_norm", &mut || {
+                let sum = (x_var.as_tensor() + r_var.as_tensor())?;
+                let normed = ops::rms_norm(&sum, &weight, 1e-6)?;
+                ((sum * &dsum)?.sum_all()? + (normed * &dnormed)?.sum_all()?)?
+                    .backward()
+                    .map(drop)
+            }),
+        ],
+    )?;
+    Ok(())
+}

@@ -4,7 +4,7 @@
 //! The loss is returned as a SUM over target tokens together with their count, so the
 //! trainer can divide by the number of target tokens of a whole accumulation window.
 
-use oxtune_tensor::{D, DType, Tensor};
+use oxtune_tensor::{Tensor, ops};
 
 use crate::Result;
 
@@ -44,33 +44,31 @@ pub fn target_count(targets: &[i64]) -> usize {
 }
 
 /// Summed cross-entropy of `logits` (n, v), in any dtype, against `targets` (n of them,
-/// [`IGNORE_INDEX`] for none), with the statistics in f32.
+/// [`IGNORE_INDEX`] for none), with the statistics in f32: [`ops::cross_entropy_sum`], which
+/// on CUDA reads the logits in their dtype (no f32 copy) and writes their gradient in it.
+/// Each target is checked here, on the host, to be an index into the vocabulary.
 pub fn cross_entropy_sum(logits: &Tensor, targets: &[i64]) -> Result<Tensor> {
-    let (n, _) = logits.dims2()?;
-    let device = logits.device();
-    let mask: Vec<f32> = targets
+    let (n, vocab) = logits.dims2()?;
+    if targets.len() != n {
+        return Err(oxtune_tensor::candle::Error::Msg(format!(
+            "cross_entropy_sum: {} targets for {n} rows of logits",
+            targets.len()
+        ))
+        .into());
+    }
+    if let Some((row, target)) = targets
         .iter()
-        .map(|&l| if l == IGNORE_INDEX { 0.0 } else { 1.0 })
-        .collect();
-    let ids = targets
-        .iter()
-        .map(|&l| u32::try_from(if l == IGNORE_INDEX { 0 } else { l }))
-        .collect::<Result<Vec<u32>, _>>()
-        .map_err(oxtune_tensor::candle::Error::wrap)?;
-    let logits = logits.to_dtype(DType::F32)?;
-    let ids = Tensor::from_vec(ids, (n, 1), device)?;
-    let mask = Tensor::from_vec(mask, n, device)?;
-    // -log_softmax at the target = logsumexp(logits) - logit[target]
-    let max = logits.max_keepdim(D::Minus1)?.detach();
-    let logsumexp = logits
-        .broadcast_sub(&max)?
-        .exp()?
-        .sum_keepdim(D::Minus1)?
-        .log()?
-        .add(&max)?;
-    let target_logit = logits.gather(&ids, D::Minus1)?;
-    let per_token = (logsumexp - target_logit)?.squeeze(1)?;
-    Ok((per_token * mask)?.sum_all()?)
+        .enumerate()
+        .find(|(_, t)| **t != IGNORE_INDEX && usize::try_from(**t).map_or(true, |t| t >= vocab))
+    {
+        return Err(oxtune_tensor::candle::Error::Msg(format!(
+            "cross_entropy_sum: target {target} of row {row} is not a token of the \
+             {vocab}-token vocabulary (nor {IGNORE_INDEX})"
+        ))
+        .into());
+    }
+    let targets = Tensor::from_slice(targets, n, logits.device())?;
+    Ok(ops::cross_entropy_sum(logits, &targets, IGNORE_INDEX)?)
 }
 
 #[cfg(test)]
@@ -88,6 +86,22 @@ mod tests {
         let expected = (1.0f32.exp() + 1.0).ln() - 1.0; // -log softmax([0, 1])[1]
         assert_eq!(count, 1);
         assert!((sum.to_scalar::<f32>()? - expected).abs() < 1e-6);
+        Ok(())
+    }
+
+    #[test]
+    fn rejects_targets_outside_the_vocabulary() -> Result<()> {
+        let logits = Tensor::zeros((2, 3), oxtune_tensor::DType::F32, &Device::Cpu)?;
+        for bad in [[0, 3], [-1, 0], [IGNORE_INDEX, 7]] {
+            let error = cross_entropy_sum(&logits, &bad).expect_err("an out-of-range target");
+            assert!(error.to_string().contains("3-token vocabulary"), "{error}");
+        }
+        assert!(
+            cross_entropy_sum(&logits, &[0]).is_err(),
+            "a target count that differs"
+        );
+        let sum = cross_entropy_sum(&logits, &[IGNORE_INDEX, 2])?.to_scalar::<f32>()?;
+        assert!((sum - 3f32.ln()).abs() < 1e-6, "{sum}");
         Ok(())
     }
 }

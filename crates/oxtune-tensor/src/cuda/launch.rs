@@ -79,7 +79,12 @@ pub(super) fn to_u32(value: usize, what: &str, kernel: &str) -> Result<u32> {
     u32::try_from(value).or_else(|_| bail!("{kernel}: {what} = {value} does not fit a u32"))
 }
 
-pub(super) fn expect_len<T>(view: &CudaView<'_, T>, expected: usize, what: &str, kernel: &str) -> Result<()> {
+pub(super) fn expect_len<T>(
+    view: &CudaView<'_, T>,
+    expected: usize,
+    what: &str,
+    kernel: &str,
+) -> Result<()> {
     if view.len() != expected {
         bail!(
             "{kernel}: {what} holds {} elements, the kernel indexes {expected}",
@@ -91,7 +96,7 @@ pub(super) fn expect_len<T>(view: &CudaView<'_, T>, expected: usize, what: &str,
 
 /// Threads of a one-block-per-row kernel: about 8 elements a thread, a whole number of
 /// warps, 32 to 1024.
-fn row_threads(width: usize) -> u32 {
+pub(super) fn row_threads(width: usize) -> u32 {
     let threads = width.div_ceil(8).next_multiple_of(32).clamp(32, 1024);
     u32::try_from(threads).expect("at most 1024")
 }

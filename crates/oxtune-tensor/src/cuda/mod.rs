@@ -644,9 +644,13 @@ impl CustomOp3 for Rope {
     }
 }
 
-// Ops in files of their own (each with its launch code); the helpers above are visible to
-// them.
+// Ops in files of their own (each with its launch code); the macro and helpers above are
+// visible to them.
+mod add_rms_norm;
+mod cross_entropy;
 mod flash;
 
+pub use add_rms_norm::add_rms_norm;
+pub use cross_entropy::{cross_entropy_backward, cross_entropy_sum, cross_entropy_sum_with_lse};
 pub(crate) use flash::HEAD_DIMS as FLASH_HEAD_DIMS;
 pub use flash::{flash_attention, flash_attention_backward, flash_attention_with_lse};
