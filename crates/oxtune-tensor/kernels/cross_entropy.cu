@@ -82,15 +82,14 @@ __device__ void xent_partials(const T* __restrict__ x, const int64_t* __restrict
         if (nan) {
             acc = XENT_NAN;
         } else if (local != -INFINITY) {
-            const float shift = local * LOG2E;
             float s = 0.f;
 #pragma unroll
             for (int u = 0; u < XENT_UNROLL; ++u) {
                 if (threadIdx.x + u * blockDim.x < body) {
 #pragma unroll
                     for (int k = 0; k < V; ++k)
-                        s += exp2f(fmaf(to_float(reinterpret_cast<const T*>(&raw[u])[k]), LOG2E,
-                                        -shift));
+                        s += exp2f((to_float(reinterpret_cast<const T*>(&raw[u])[k]) - local) *
+                                   LOG2E);
                 }
             }
             acc = {local, s};
@@ -156,11 +155,13 @@ __device__ void xent_bwd(const T* __restrict__ x, const int64_t* __restrict__ ta
     const long long target = targets[row];
     const bool ignored = target == ignore_index;
     const float g = stats[0];
-    const float shift = stats[1 + row] * LOG2E;
+    const float lse = stats[1 + row];
     // the target's index within this span (outside [0, len) when it is elsewhere)
     const long long local_target = target - begin;
+    // exp2((v - lse) * log2 e): v - lse is exact-ish where the probability is large, which
+    // keeps p - 1 at a dominant target accurate
     auto grad = [&](int j, float v) {
-        const float softmax = exp2f(fmaf(v, LOG2E, -shift));
+        const float softmax = exp2f((v - lse) * LOG2E);
         return g * (j == local_target ? softmax - 1.f : softmax);
     };
     int tail = 0;

@@ -1024,8 +1024,23 @@ fn check_cross_entropy(dtype: DType, rows: usize, vocab: usize) -> Result<()> {
     let logits = randn(&[rows, vocab], 3.0)?
         .to_dtype(dtype)?
         .to_dtype(DType::F64)?;
-    let targets = cross_entropy_targets(&logits.to_vec2()?);
+    let values: Vec<Vec<f64>> = logits.to_vec2()?;
+    let targets = cross_entropy_targets(&values);
     let kept = targets.iter().filter(|t| **t != -100).count();
+    // The magnitude of what the loss is computed from: sum over kept rows of |lse| + |x[t]|.
+    // A row's loss lse - x[t] can be far smaller than either (a dominant target), so f32's
+    // error is measured against these, not against the loss.
+    let magnitude: f64 = values
+        .iter()
+        .zip(&targets)
+        .filter(|(_, t)| **t != -100)
+        .map(|(row, t)| {
+            let max = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let lse = max + row.iter().map(|v| (v - max).exp()).sum::<f64>().ln();
+            lse.abs() + row[usize::try_from(*t).expect("a kept target is an index")].abs()
+        })
+        .sum();
+    drop(values);
     let scale = 0.37;
 
     let cpu_var = Var::from_tensor(&logits)?;
@@ -1043,14 +1058,15 @@ fn check_cross_entropy(dtype: DType, rows: usize, vocab: usize) -> Result<()> {
     let gpu_loss = f64::from(gpu_loss.to_scalar::<f32>()?);
 
     // every kept row's loss is computed in f32 from the same values: f32 accuracy
-    let error = (gpu_loss - cpu_loss).abs() / cpu_loss.abs().max(1e-30);
+    let error = (gpu_loss - cpu_loss).abs() / magnitude.max(1e-30);
     println!(
-        "{label} forward {dtype:?}: loss {gpu_loss:.6} vs {cpu_loss:.6} ({kept} of {rows} rows kept), relative error {error:.2e}"
+        "{label} forward {dtype:?}: loss {gpu_loss:.6} vs {cpu_loss:.6} ({kept} of {rows} rows \
+         kept), error {error:.2e} of sum |lse| + |x[target]|"
     );
     assert!(
-        error <= 2e-5 || (kept == 0 && gpu_loss == 0.0),
-        "{label} forward {dtype:?}: GPU loss {gpu_loss} vs reference {cpu_loss} (relative error \
-         {error:e} > 2e-5; {kept} of {rows} rows kept)"
+        error <= 1e-5 || (kept == 0 && gpu_loss == 0.0),
+        "{label} forward {dtype:?}: GPU loss {gpu_loss} vs reference {cpu_loss}: error {error:e} \
+         of sum |lse| + |x[target]| = {magnitude:e} (allowed 1e-5; {kept} of {rows} rows kept)"
     );
     let expected = cpu_grads
         .get(cpu_var.as_tensor())
@@ -1059,17 +1075,20 @@ fn check_cross_entropy(dtype: DType, rows: usize, vocab: usize) -> Result<()> {
         .get(gpu_var.as_tensor())
         .unwrap_or_else(|| panic!("{label} {dtype:?}: no gradient through the GPU op"));
     assert_eq!(got.dtype(), dtype, "{label}: gradient dtype");
-    compare_rows(&label, "d/d logits", dtype, expected, got, 0.0)
+    // The gradient is g * (softmax - onehot): its f32 error is a fraction of g (through lse,
+    // and cancellation in p - 1 at a dominant target), so a row's max counts as at least g; a
+    // wrong target or lse still shows as an error of the order of g.
+    compare_rows(&label, "d/d logits", dtype, expected, got, scale)
 }
 
 #[test]
 fn cross_entropy_kernel_matches_the_reference() -> Result<()> {
-    // every (rows, vocab) of at most 64 x 151936 logits: not (1000, 32000) nor (1000, 151936),
-    // whose f64 CPU reference needs GBs per copy (the timing below runs 883 x 151936)
+    // every (rows, vocab) but (1000, 151936), whose f64 CPU reference needs 1.2 GB per copy
+    // (the timing below runs 883 x 151936)
     let mut cases = Vec::new();
     for rows in [1, 3, 64, 1000] {
         for vocab in [7, 1000, 32_000, 151_936] {
-            if rows * vocab <= 64 * 151_936 {
+            if rows * vocab <= 1000 * 32_000 {
                 cases.push((rows, vocab));
             }
         }
