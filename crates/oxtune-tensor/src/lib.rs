@@ -4,8 +4,9 @@
 //! candle upgrade (or a patched fork) touches one place. It adds:
 //! - [`device`]: device and dtype selection from user strings (`cpu`, `cuda:1`, `bfloat16`),
 //!   and the CUDA memory-pool setting that keeps freed memory with the process;
-//! - [`ops`]: the ops the models use (RMSNorm, RoPE, softmax, scaled masked softmax, SwiGLU),
-//!   each with a plain, differentiable reference and a fast path: on CUDA our own fused
+//! - [`ops`]: the ops the models use (RMSNorm, residual add + RMSNorm, RoPE, softmax, scaled
+//!   masked softmax, SwiGLU, summed cross-entropy over vocabulary rows), each with a plain,
+//!   differentiable reference and a fast path: on CUDA our own fused
 //!   kernels with backward (`kernels/*.cu`, `cuda` feature), elsewhere candle-nn's fused
 //!   kernels when no gradient flows;
 //! - [`attention`]: FlashAttention-2 forward and backward kernels on CUDA (grouped-query,

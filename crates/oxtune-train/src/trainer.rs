@@ -270,12 +270,8 @@ pub fn train(
             }
         } else {
             consecutive_skipped = 0;
-            if factor < 1.0 {
-                for grad in grads.values_mut() {
-                    *grad = (&*grad * factor)?;
-                }
-            }
-            optimizer.step(&grads, learning_rate)?;
+            // The clip factor multiplies the gradients inside the (fused) update.
+            optimizer.step_scaled(&grads, learning_rate, factor)?;
         }
         state.global_step += 1;
         state.epoch = data.epoch();

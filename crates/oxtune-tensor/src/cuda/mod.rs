@@ -10,6 +10,7 @@
 //! Models call `ops.rs`; the functions here are public for the GPU tests and benchmarks,
 //! which time the backward kernels on their own.
 
+pub(crate) mod adamw;
 mod launch;
 
 use candle_core::backend::BackendStorage;
