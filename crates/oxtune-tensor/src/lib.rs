@@ -12,6 +12,9 @@
 //! - [`attention`]: FlashAttention-2 forward and backward kernels on CUDA (grouped-query,
 //!   causal, packed segments, sliding window) beside their plain candle reference;
 //! - [`graph`]: recording a fixed piece of GPU work once and replaying it (CUDA graphs);
+//! - [`optim`]: multi-tensor AdamW over a flat fp32 state buffer, updating the weights in
+//!   place (one CUDA kernel launch per 64 parameters), and the global gradient norm's sum of
+//!   squares for clipping;
 //! - `cuda` (`cuda` feature): those kernels' forward and backward entry points, for the GPU
 //!   tests and benchmarks.
 
@@ -21,6 +24,7 @@ pub mod cuda;
 pub mod device;
 pub mod graph;
 pub mod ops;
+pub mod optim;
 
 pub use candle_core as candle;
 pub use candle_nn as nn;
