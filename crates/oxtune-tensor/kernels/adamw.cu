@@ -69,8 +69,9 @@ __device__ __forceinline__ void adamw_element(const AdamWArgs& a, const AdamWTen
     weight[j] = from_float<T>(p);
 }
 
-// The last tensor whose first element is <= i (empty tensors are skipped over).
-__device__ __forceinline__ unsigned int adamw_find(const AdamWArgs& a, unsigned long long i) {
+// The last tensor of `a` whose first element is <= i (empty tensors are skipped over).
+template <typename Args>
+__device__ __forceinline__ unsigned int find_tensor(const Args& a, unsigned long long i) {
     unsigned int lo = 0, hi = a.count - 1;
     while (lo < hi) {
         const unsigned int mid = (lo + hi + 1) >> 1;
@@ -88,7 +89,7 @@ __device__ void adamw(const AdamWArgs& a) {
     for (unsigned long long c = blockIdx.x; c < chunks; c += gridDim.x) {
         const unsigned long long start = c * ADAMW_CHUNK;
         const unsigned long long end = min(start + ADAMW_CHUNK, a.total);
-        unsigned int k = adamw_find(a, start);
+        unsigned int k = find_tensor(a, start);
         for (unsigned long long i = start + threadIdx.x; i < end; i += blockDim.x) {
             while (i >= a.tensors[k].first + a.tensors[k].len) ++k;
             const AdamWTensor& t = a.tensors[k];
@@ -105,3 +106,56 @@ __device__ void adamw(const AdamWArgs& a) {
 ADAMW(float, f32)
 ADAMW(__nv_bfloat16, bf16)
 ADAMW(__half, f16)
+
+// The global gradient norm's sum of squares: up to SUM_SQUARES_MAX_TENSORS f32 tensors per
+// launch, chunked as above; each thread sums x^2 in f64, each block writes its sum to
+// partials[blockIdx.x] (the caller sums the partials of all launches). Deterministic for
+// given sizes.
+#define SUM_SQUARES_MAX_TENSORS 128
+
+struct SumSquaresTensor {
+    const float* data;
+    unsigned long long len;
+    unsigned long long first;
+};
+
+struct SumSquaresArgs {
+    SumSquaresTensor tensors[SUM_SQUARES_MAX_TENSORS];
+    double* partials;          // gridDim.x sums
+    unsigned long long total;  // sum of the tensors' len
+    unsigned int count;
+    unsigned int padding;
+};
+static_assert(sizeof(SumSquaresArgs) == 128 * 24 + 3 * 8, "src/cuda/adamw.rs mirrors this layout");
+
+__device__ __forceinline__ double warp_sum_f64(double x) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(0xffffffff, x, offset);
+    return x;
+}
+
+extern "C" __global__ void sum_squares_f32(const __grid_constant__ SumSquaresArgs a) {
+    double sum = 0.0;
+    if (a.count > 0) {
+        const unsigned long long chunks = (a.total + ADAMW_CHUNK - 1) / ADAMW_CHUNK;
+        for (unsigned long long c = blockIdx.x; c < chunks; c += gridDim.x) {
+            const unsigned long long start = c * ADAMW_CHUNK;
+            const unsigned long long end = min(start + ADAMW_CHUNK, a.total);
+            unsigned int k = find_tensor(a, start);
+            for (unsigned long long i = start + threadIdx.x; i < end; i += blockDim.x) {
+                while (i >= a.tensors[k].first + a.tensors[k].len) ++k;
+                const double x = a.tensors[k].data[i - a.tensors[k].first];
+                sum += x * x;
+            }
+        }
+    }
+    __shared__ double scratch[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    sum = warp_sum_f64(sum);
+    if (lane == 0) scratch[warp] = sum;
+    __syncthreads();
+    if (warp == 0) {
+        sum = warp_sum_f64(lane < warps ? scratch[lane] : 0.0);
+        if (lane == 0) a.partials[blockIdx.x] = sum;
+    }
+}

@@ -572,12 +572,26 @@ impl WeightUpdate<'_> {
     }
 }
 
-/// sum over `tensors` of sum(t^2), as a scalar f64 tensor on their device: each tensor's
-/// squares summed in f32, those sums in f64. No host sync; `to_scalar::<f64>()` reads it.
-/// `device` is where the sum of no tensors lives.
+/// sum over `tensors` of sum(t^2), as a scalar f64 tensor on their device, with no host
+/// sync (`to_scalar::<f64>()` reads it). On CUDA the multi-tensor kernel of `adamw.cu` sums
+/// the squares in f64 (one launch per 128 tensors and one candle sum of the per-block
+/// partials); elsewhere each tensor's squares are summed in f32 by candle and those sums in
+/// f64. `device` is where the sum of no tensors lives.
 pub fn sum_of_squares(tensors: &[Tensor], device: &Device) -> Result<Tensor> {
     if tensors.is_empty() {
         return Tensor::zeros((), DType::F64, device);
+    }
+    #[cfg(feature = "cuda")]
+    if tensors
+        .iter()
+        .all(|t| t.device().is_cuda() && t.device().same_device(device))
+    {
+        // One launch per 128 tensors, squares summed in f64 (more exact than below).
+        let tensors = tensors
+            .iter()
+            .map(|t| t.to_dtype(DType::F32)?.contiguous())
+            .collect::<Result<Vec<_>>>()?;
+        return crate::cuda::adamw::sum_of_squares(&tensors, device);
     }
     let sums = tensors
         .iter()

@@ -1571,18 +1571,21 @@ fn adamw_kernel_matches_the_f64_reference() -> Result<()> {
     Ok(())
 }
 
-/// The sum of squares for clipping against f64, over odd sizes and dtypes.
+/// The sum of squares for clipping against f64, over odd sizes and dtypes, and 200 small
+/// tensors besides (two launches of the multi-tensor kernel).
 #[test]
 fn sum_of_squares_matches_f64() -> Result<()> {
     let gpu = oxtune_tensor::parse_device("cuda")?;
-    let tensors = [
+    let mut specs = vec![
         (1usize, DType::F32),
         (4097, DType::BF16),
         ((1 << 20) + 3, DType::F32),
-    ]
-    .iter()
-    .map(|&(len, dtype)| Tensor::randn(0f32, 1.0, len, &Device::Cpu)?.to_dtype(dtype))
-    .collect::<Result<Vec<_>>>()?;
+    ];
+    specs.extend((0..200).map(|i| (1 + (i * 53) % 700, DType::F32)));
+    let tensors = specs
+        .iter()
+        .map(|&(len, dtype)| Tensor::randn(0f32, 1.0, len, &Device::Cpu)?.to_dtype(dtype))
+        .collect::<Result<Vec<_>>>()?;
     let mut expected = 0f64;
     for t in &tensors {
         expected += host_f32(t)?
@@ -1731,6 +1734,15 @@ fn adamw_speed_against_the_per_parameter_ops() -> Result<()> {
             composed_seconds / fused_seconds
         );
     }
+    let mut per_gradient_sum = 0f64;
+    for grad in &grads {
+        per_gradient_sum += f64::from(grad.sqr()?.sum_all()?.to_scalar::<f32>()?);
+    }
+    let one_sync_sum: f64 = sum_of_squares(&grads, &gpu)?.to_scalar()?;
+    assert!(
+        ((one_sync_sum - per_gradient_sum) / per_gradient_sum).abs() < 1e-5,
+        "clip sum of squares: multi-tensor {one_sync_sum} vs per gradient {per_gradient_sum}"
+    );
     let one_sync = seconds_per_call(&gpu, || {
         let _: f64 = sum_of_squares(&grads, &gpu)?.to_scalar()?;
         Ok(())

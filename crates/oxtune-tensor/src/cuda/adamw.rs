@@ -310,3 +310,134 @@ fn launch_adamw<T: KernelFloat>(device: &CudaDevice, args: &AdamWArgs) -> Result
     unsafe { builder.launch(config) }.w()?;
     Ok(())
 }
+
+/// Tensors of one sum-of-squares launch (`SUM_SQUARES_MAX_TENSORS`).
+const SUM_SQUARES_MAX_TENSORS: usize = 128;
+/// The sum-of-squares grid's cap.
+const SUM_SQUARES_MAX_BLOCKS: usize = 1024;
+
+/// `SumSquaresTensor` of adamw.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct SumSquaresTensor {
+    data: u64,
+    len: u64,
+    first: u64,
+}
+
+/// `SumSquaresArgs` of adamw.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct SumSquaresArgs {
+    tensors: [SumSquaresTensor; SUM_SQUARES_MAX_TENSORS],
+    partials: u64,
+    total: u64,
+    count: u32,
+    padding: u32,
+}
+
+const _: () = assert!(std::mem::size_of::<SumSquaresArgs>() == 128 * 24 + 3 * 8);
+
+// SAFETY: plain integers, #[repr(C)] with the layout of SumSquaresArgs in adamw.cu (sizes
+// asserted on both sides); passed by value.
+unsafe impl DeviceRepr for SumSquaresArgs {}
+
+/// sum of x^2 over `tensors` (f32, contiguous, on `device`), as an f64 scalar tensor: one
+/// launch per 128 tensors writing per-block f64 partial sums, then one candle sum.
+pub(crate) fn sum_of_squares(tensors: &[Tensor], device: &candle_core::Device) -> Result<Tensor> {
+    let mut launches = Vec::new();
+    let mut blocks = 0;
+    for chunk in tensors.chunks(SUM_SQUARES_MAX_TENSORS) {
+        let total: usize = chunk.iter().map(Tensor::elem_count).sum();
+        let launch_blocks = total.div_ceil(CHUNK).clamp(1, SUM_SQUARES_MAX_BLOCKS);
+        launches.push((chunk, blocks, launch_blocks));
+        blocks += launch_blocks;
+    }
+    let partials = Tensor::zeros(blocks, candle_core::DType::F64, device)?;
+    partials.inplace_op1(&SumSquares {
+        launches: &launches,
+    })?;
+    partials.sum_all()
+}
+
+/// Writes the partial sums of every launch into the f64 tensor it is applied to.
+struct SumSquares<'a> {
+    /// (tensors, first partial, blocks) per launch.
+    launches: &'a [(&'a [Tensor], usize, usize)],
+}
+
+impl candle_core::InplaceOp1 for SumSquares<'_> {
+    fn name(&self) -> &'static str {
+        "oxtune-sum-of-squares"
+    }
+
+    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout) -> Result<()> {
+        bail!(
+            "oxtune-sum-of-squares: a CUDA kernel; optim::sum_of_squares composes candle ops on the CPU"
+        )
+    }
+
+    fn cuda_fwd(&self, storage: &mut CudaStorage, layout: &Layout) -> Result<()> {
+        let kernel = "sum_squares";
+        let device = storage.device.clone();
+        let stream = device.cuda_stream();
+        let blocks: usize = self.launches.iter().map(|(_, _, blocks)| blocks).sum();
+        if !layout.is_contiguous() || layout.shape().elem_count() != blocks {
+            bail!(
+                "{kernel}: partials {:?} for {blocks} blocks",
+                layout.shape()
+            );
+        }
+        let partials = storage.as_cuda_slice_mut::<f64>()?;
+        let (partials, _partials_written) = partials.device_ptr_mut(&stream);
+        let partials = partials + to_u64(layout.start_offset() * 8);
+        let func = launch::function::<f32>(&device, &ADAMW, kernel)?;
+        for &(tensors, first_block, launch_blocks) in self.launches {
+            let storages: Vec<_> = tensors.iter().map(Tensor::storage_and_layout).collect();
+            let mut reads = Vec::with_capacity(storages.len());
+            let mut args = SumSquaresArgs {
+                tensors: [SumSquaresTensor::default(); SUM_SQUARES_MAX_TENSORS],
+                partials: partials + to_u64(first_block * 8),
+                total: 0,
+                count: 0,
+                padding: 0,
+            };
+            for (k, (storage, tensor_layout)) in storages.iter().enumerate() {
+                let Storage::Cuda(storage) = &**storage else {
+                    bail!("{kernel}: tensor {k} of a launch is not on the GPU");
+                };
+                if !tensor_layout.is_contiguous() {
+                    bail!(
+                        "{kernel}: tensor {k} {:?} (stride {:?}) is not contiguous",
+                        tensor_layout.shape(),
+                        tensor_layout.stride()
+                    );
+                }
+                let (pointer, read) = storage.as_cuda_slice::<f32>()?.device_ptr(&stream);
+                reads.push(read);
+                let len = tensor_layout.shape().elem_count();
+                args.tensors[k] = SumSquaresTensor {
+                    data: pointer + to_u64(tensor_layout.start_offset() * 4),
+                    len: to_u64(len),
+                    first: args.total,
+                };
+                args.total += to_u64(len);
+                args.count += 1;
+            }
+            let mut builder = stream.launch_builder(&func);
+            builder.arg(&args);
+            let config = LaunchConfig {
+                grid_dim: (launch::to_u32(launch_blocks, "blocks", kernel)?, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: each of the `count` tensors points at `len` f32 elements of a storage
+            // read-locked in `storages`; the launch's `launch_blocks` blocks write partials
+            // [first_block, first_block + launch_blocks) of the f64 tensor this op holds
+            // (its length checked above); arguments match sum_squares_f32.
+            unsafe { builder.launch(config) }.w()?;
+            drop(reads);
+        }
+        Ok(())
+    }
+}
