@@ -8,15 +8,16 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The kernel files, one PTX module each (`src/cuda/mod.rs` names the same list).
-const KERNELS: [&str; 8] = [
+const KERNELS: [&str; 9] = [
     "softmax",
     "rms_norm",
     "swiglu",
     "rope",
     "adamw",
-    "flash_attn",
     "cross_entropy",
     "add_rms_norm",
+    "flash_attn",
+    "paged_attn",
 ];
 
 fn main() {

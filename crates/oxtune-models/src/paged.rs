@@ -7,10 +7,15 @@
 //! only reads and writes the slots it is given.
 //!
 //! One step runs every scheduled sequence's new tokens as one flattened row (1, t_total, c), so
-//! the linear layers see the whole batch; attention then runs per group: consecutive
-//! single-token (decode) sequences as one padded batch, each multi-token (prefill) chunk on its
-//! own.
+//! the linear layers see the whole batch. Attention then reads the cache in one of two ways:
+//! - on a GPU, one paged-attention kernel per layer for the whole step
+//!   (`oxtune_tensor::ops::paged_attention`): every new token is a query row that reads its
+//!   sequence's slots straight from the pools, causally (a prefill chunk's rows share their
+//!   sequence's slot table and see growing prefixes of it) and within the sliding window;
+//! - elsewhere, per group: consecutive single-token (decode) sequences as one padded batch,
+//!   each multi-token (prefill) chunk on its own, each gathering its context and masking it.
 
+use oxtune_tensor::ops::PagedContext;
 use oxtune_tensor::{DType, Device, Tensor};
 
 use crate::Result;
@@ -79,17 +84,24 @@ impl PagedKvCache {
         self.num_blocks
     }
 
-    /// Writes this step's keys and values (t, kv_h * d) of `layer` into `slots` (t of them).
-    pub(crate) fn write(&self, layer: usize, slots: &Tensor, k: &Tensor, v: &Tensor) -> Result<()> {
+    /// Writes this step's keys and values (t, kv_h * d) of `layer` into their slots; `index`
+    /// is [`PagedStep::write_index`], the slots broadcast over a row: (t, kv_h * d).
+    pub(crate) fn write(&self, layer: usize, index: &Tensor, k: &Tensor, v: &Tensor) -> Result<()> {
         let (pool_k, pool_v) = &self.layers[layer];
-        let t = k.dim(0)?;
-        let index = slots
-            .reshape((t, 1))?
-            .broadcast_as((t, self.width))?
-            .contiguous()?;
-        pool_k.scatter_set(&index, &k.contiguous()?, 0)?;
-        pool_v.scatter_set(&index, &v.contiguous()?, 0)?;
+        pool_k.scatter_set(index, &k.contiguous()?, 0)?;
+        pool_v.scatter_set(index, &v.contiguous()?, 0)?;
         Ok(())
+    }
+
+    /// The key and value pools of `layer`: (num_blocks * block_size, kv_h * d) each.
+    pub(crate) fn pools(&self, layer: usize) -> (&Tensor, &Tensor) {
+        let (pool_k, pool_v) = &self.layers[layer];
+        (pool_k, pool_v)
+    }
+
+    /// kv_h * d: the width of a slot.
+    pub(crate) fn width(&self) -> usize {
+        self.width
     }
 
     /// Keys and values at `slots` (n of them): (n, kv_h * d) each.
@@ -178,10 +190,20 @@ pub(crate) struct PagedStep {
     /// RoPE tables at each new token's position: (t_total, d/2).
     pub(crate) cos: Tensor,
     pub(crate) sin: Tensor,
-    /// Slots the new tokens are written to: (t_total,) u32.
-    pub(crate) new_slots: Tensor,
-    pub(crate) groups: Vec<AttentionGroup>,
+    /// Slots the new tokens are written to, broadcast over a slot's width for `scatter_set`:
+    /// (t_total, kv_h * d) u32.
+    pub(crate) write_index: Tensor,
+    pub(crate) attention: StepAttention,
     pub(crate) routing: AdapterRouting,
+}
+
+/// How the layers of a step read the cache.
+#[derive(Debug)]
+pub(crate) enum StepAttention {
+    /// On a GPU: one paged-attention kernel per layer, every new token a query row.
+    Kernel(PagedContext),
+    /// Elsewhere: per group, the padded context gathered and masked.
+    Groups(Vec<AttentionGroup>),
 }
 
 /// Sequences whose attention runs as one batched computation.
@@ -200,11 +222,13 @@ pub(crate) struct AttentionGroup {
 }
 
 impl PagedStep {
+    /// `kv_width`: kv_h * d, the width of a cache slot.
     pub(crate) fn new(
         sequences: &[PagedSequence],
         cos_table: &Tensor,
         sin_table: &Tensor,
         sliding_window: Option<usize>,
+        kv_width: usize,
         device: &Device,
     ) -> Result<Self> {
         let max_positions = cos_table.dim(0)?;
@@ -231,6 +255,42 @@ impl PagedStep {
             new_slots.extend_from_slice(&sequence.slots[sequence.num_cached_tokens..]);
         }
         let positions = Tensor::new(positions.as_slice(), device)?;
+        let t = new_slots.len();
+        let write_index = Tensor::new(new_slots.as_slice(), device)?
+            .reshape((t, 1))?
+            .broadcast_as((t, kv_width))?
+            .contiguous()?;
+        let attention = if device.is_cuda() {
+            StepAttention::Kernel(PagedContext::from_sequences(
+                sequences.iter().map(|sequence| {
+                    (
+                        sequence.slots.as_slice(),
+                        sequence.num_cached_tokens..sequence.total(),
+                    )
+                }),
+                sliding_window,
+                device,
+            )?)
+        } else {
+            StepAttention::Groups(AttentionGroup::of_step(sequences, sliding_window, device)?)
+        };
+        Ok(Self {
+            cos: cos_table.index_select(&positions, 0)?,
+            sin: sin_table.index_select(&positions, 0)?,
+            write_index,
+            attention,
+            routing: AdapterRouting::of_tokens(sequences),
+        })
+    }
+}
+
+impl AttentionGroup {
+    /// The groups of a step: runs of decode sequences, and each prefill chunk on its own.
+    fn of_step(
+        sequences: &[PagedSequence],
+        sliding_window: Option<usize>,
+        device: &Device,
+    ) -> Result<Vec<Self>> {
         let mut groups = Vec::new();
         let mut start = 0;
         let mut index = 0;
@@ -254,17 +314,9 @@ impl PagedStep {
             index += run;
             groups.push(group);
         }
-        Ok(Self {
-            cos: cos_table.index_select(&positions, 0)?,
-            sin: sin_table.index_select(&positions, 0)?,
-            new_slots: Tensor::new(new_slots.as_slice(), device)?,
-            groups,
-            routing: AdapterRouting::of_tokens(sequences),
-        })
+        Ok(groups)
     }
-}
 
-impl AttentionGroup {
     /// Either one sequence (any number of new tokens) or several with one new token each.
     fn new(
         sequences: &[PagedSequence],

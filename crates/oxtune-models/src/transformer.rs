@@ -16,7 +16,7 @@ use oxtune_tensor::{DType, Module, Tensor, Var};
 use crate::Result;
 use crate::checkpoint::WeightSource;
 use crate::config::ModelConfig;
-use crate::paged::{AdapterRouting, PagedKvCache, PagedSequence, PagedStep};
+use crate::paged::{AdapterRouting, PagedKvCache, PagedSequence, PagedStep, StepAttention};
 use crate::rope::RotaryEmbedding;
 
 /// What a tuner puts into a linear layer (LoRA, DoRA, …): given the input and the frozen base
@@ -439,8 +439,9 @@ impl Attention {
     }
 
     /// One serving step over the paged cache: xs (1, t, c) holds every scheduled sequence's
-    /// new tokens; their keys/values are written to the cache, then each attention group
-    /// reads its sequences' whole context back. -> (1, t, c)
+    /// new tokens; their keys/values are written to the cache, then attention reads each
+    /// token's context from it: on a GPU one paged-attention kernel for the whole step,
+    /// elsewhere each attention group gathers its sequences' padded context. -> (1, t, c)
     fn forward_paged(
         &self,
         xs: &Tensor,
@@ -454,29 +455,47 @@ impl Attention {
         let (q, k) = self.project_qk(xs, routing)?;
         let v = self.v_proj.forward_routed(xs, routing)?;
 
-        // (1, t, heads, d) -> (1, heads, t, d), RoPE at each token's own position
-        let q = ops::rope(&q.transpose(1, 2)?.contiguous()?, &step.cos, &step.sin)?;
-        let k = ops::rope(&k.transpose(1, 2)?.contiguous()?, &step.cos, &step.sin)?;
-        let k_rows = k.squeeze(0)?.transpose(0, 1)?.reshape((t, kv_h * d))?;
-        cache.write(layer, &step.new_slots, &k_rows, &v.reshape((t, kv_h * d))?)?;
+        // (1, t, heads, d) -> (t, heads, 1, d): each token a batch row of its own, rotated by
+        // its own position's (1, d/2) table row; no transposes
+        let (cos, sin) = (step.cos.unsqueeze(1)?, step.sin.unsqueeze(1)?);
+        let q = ops::rope(&q.reshape((t, h, 1, d))?, &cos, &sin)?.reshape((t, h, d))?;
+        let k = ops::rope(&k.reshape((t, kv_h, 1, d))?, &cos, &sin)?;
+        let k_rows = k.reshape((t, kv_h * d))?;
+        cache.write(
+            layer,
+            &step.write_index,
+            &k_rows,
+            &v.reshape((t, kv_h * d))?,
+        )?;
 
-        let q_rows = q.squeeze(0)?.transpose(0, 1)?; // (t, h, d)
-        let mut outputs = Vec::with_capacity(step.groups.len());
-        for group in &step.groups {
-            let (b, l) = (group.sequences, group.context);
-            let queries = group.rows / b;
-            let q = q_rows
-                .narrow(0, group.start, group.rows)?
-                .reshape((b, queries, h, d))?
-                .transpose(1, 2)?
-                .contiguous()?;
-            let (keys, values) = cache.gather(layer, &group.slots)?;
-            let keys = keys.reshape((b, l, kv_h, d))?.transpose(1, 2)?;
-            let values = values.reshape((b, l, kv_h, d))?.transpose(1, 2)?;
-            let out = self.attend(&q, &keys, &values, Some(&group.mask))?;
-            outputs.push(out.transpose(1, 2)?.reshape((group.rows, h * d))?);
-        }
-        let out = Tensor::cat(&outputs, 0)?.reshape((1, t, h * d))?;
+        let out = match &step.attention {
+            StepAttention::Kernel(context) => {
+                // (t, h, d) over the pools, for every row of the step at once
+                #[expect(clippy::cast_precision_loss, reason = "head_dim is small")]
+                let scale = 1.0 / (d as f64).sqrt();
+                let (k_pool, v_pool) = cache.pools(layer);
+                ops::paged_attention(&q.detach(), k_pool, v_pool, context, scale)?
+            }
+            StepAttention::Groups(groups) => {
+                let mut outputs = Vec::with_capacity(groups.len());
+                for group in groups {
+                    let (b, l) = (group.sequences, group.context);
+                    let queries = group.rows / b;
+                    let q = q
+                        .narrow(0, group.start, group.rows)?
+                        .reshape((b, queries, h, d))?
+                        .transpose(1, 2)?
+                        .contiguous()?;
+                    let (keys, values) = cache.gather(layer, &group.slots)?;
+                    let keys = keys.reshape((b, l, kv_h, d))?.transpose(1, 2)?;
+                    let values = values.reshape((b, l, kv_h, d))?.transpose(1, 2)?;
+                    let out = self.attend(&q, &keys, &values, Some(&group.mask))?;
+                    outputs.push(out.transpose(1, 2)?.reshape((group.rows, h * d))?);
+                }
+                Tensor::cat(&outputs, 0)?
+            }
+        };
+        let out = out.reshape((1, t, h * d))?;
         self.o_proj.forward_routed(&out, routing)
     }
 
@@ -967,6 +986,7 @@ impl CausalLm {
             &self.rope.cos,
             &self.rope.sin,
             self.config.sliding_window,
+            cache.width(),
             device,
         )?;
         let ids = Tensor::new(input_ids, device)?;

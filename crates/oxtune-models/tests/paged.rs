@@ -1,6 +1,10 @@
 //! The paged serving forward gives the same logits as the contiguous KV-cache forward (itself
 //! checked against transformers in `parity.rs`): several sequences in one step, scattered
 //! non-contiguous blocks, prefill chunks mixed with decode tokens, on each fixture family.
+//!
+//! `OXTUNE_TEST_DEVICE=cuda` runs the same steps on a GPU (build with `--features cuda`),
+//! where attention is the paged-attention kernel: f32 logits within 1e-4, and with
+//! `OXTUNE_TEST_DTYPE=bfloat16` within 2e-2 of the largest reference logit.
 
 use std::path::{Path, PathBuf};
 
@@ -9,6 +13,17 @@ use oxtune_models::{LoadedModel, PagedKvCache, PagedSequence};
 use oxtune_tensor::{DType, Device, Tensor};
 
 const BLOCK: usize = 4;
+
+/// The device and dtype under test (CPU f32 unless the environment says otherwise).
+fn target() -> anyhow::Result<(Device, DType)> {
+    let device = oxtune_tensor::parse_device(
+        &std::env::var("OXTUNE_TEST_DEVICE").unwrap_or_else(|_| "cpu".into()),
+    )?;
+    let dtype = oxtune_tensor::parse_dtype(
+        &std::env::var("OXTUNE_TEST_DTYPE").unwrap_or_else(|_| "float32".into()),
+    )?;
+    Ok((device, dtype))
+}
 
 fn fixture(name: &str) -> PathBuf {
     std::env::var_os("OXTUNE_FIXTURES")
@@ -22,7 +37,7 @@ fn fixture(name: &str) -> PathBuf {
 /// Last-position logits of `tokens` through the contiguous cache, in one call.
 fn reference(model: &LoadedModel, tokens: &[u32]) -> anyhow::Result<Vec<f32>> {
     let mut cache = model.model.new_cache();
-    let input = Tensor::new(tokens, &Device::Cpu)?.unsqueeze(0)?;
+    let input = Tensor::new(tokens, model.model.device())?.unsqueeze(0)?;
     Ok(model
         .model
         .forward_last(&input, &mut cache)?
@@ -46,9 +61,10 @@ impl Served {
 }
 
 fn check_family(name: &str) -> anyhow::Result<()> {
-    let model = LoadedModel::load(&fixture(name), &Device::Cpu, DType::F32)?;
+    let (device, dtype) = target()?;
+    let model = LoadedModel::load(&fixture(name), &device, dtype)?;
     let vocab = u32::try_from(model.config.vocab_size)?;
-    let cache = PagedKvCache::new(&model.config, 64, BLOCK, DType::F32, &Device::Cpu)?;
+    let cache = PagedKvCache::new(&model.config, 64, BLOCK, dtype, &device)?;
     // Blocks handed out in a scrambled order, so no sequence's slots are contiguous.
     let mut free: Vec<u32> = (0..64).map(|i| (i * 37) % 64).collect();
     let mut take = |n: usize| -> Vec<u32> { free.drain(..n).collect() };
@@ -99,9 +115,15 @@ fn check_family(name: &str) -> anyhow::Result<()> {
                 .zip(&got)
                 .map(|(a, b)| (a - b).abs())
                 .fold(0.0f32, f32::max);
+            let tolerance = if dtype == DType::F32 {
+                1e-4
+            } else {
+                2e-2 * expected.iter().fold(0.0f32, |m, v| m.max(v.abs()))
+            };
             ensure!(
-                diff < 1e-4,
-                "{name}: step {step}, sequence {s}: paged logits differ by {diff}"
+                diff < tolerance,
+                "{name} on {device:?} in {dtype:?}: step {step}, sequence {s}: paged logits \
+                 differ by {diff} (allowed {tolerance})"
             );
         }
     }

@@ -12,6 +12,9 @@
 //! - [`attention`]: FlashAttention-2 forward and backward kernels on CUDA (grouped-query,
 //!   causal, packed segments, sliding window) beside their plain candle reference;
 //! - [`graph`]: recording a fixed piece of GPU work once and replaying it (CUDA graphs);
+//! - [`paged_attention`]: attention of serving query rows over keys and values read straight
+//!   from a paged KV cache (one CUDA kernel, flash-decoding splits at small batch), beside its
+//!   plain gather-and-softmax reference;
 //! - [`optim`]: multi-tensor AdamW over a flat fp32 state buffer, updating the weights in
 //!   place (one CUDA kernel launch per 64 parameters), and the global gradient norm's sum of
 //!   squares for clipping;
@@ -25,6 +28,7 @@ pub mod device;
 pub mod graph;
 pub mod ops;
 pub mod optim;
+pub mod paged_attention;
 
 pub use candle_core as candle;
 pub use candle_nn as nn;

@@ -14,6 +14,9 @@
 
 use candle_core::{D, DType, Result, Tensor};
 
+/// Serving attention over a paged KV cache ([`crate::paged_attention`]).
+pub use crate::paged_attention::{PagedContext, paged_attention, paged_attention_reference};
+
 /// RMSNorm as Hugging Face computes it: statistics in f32, the normalised activations cast
 /// back to the input dtype, then scaled by `weight`.
 ///

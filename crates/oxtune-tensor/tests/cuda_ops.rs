@@ -1763,3 +1763,340 @@ fn adamw_speed_against_the_per_parameter_ops() -> Result<()> {
     );
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------
+// paged attention
+
+/// Sequences of a paged attention test: per sequence, its context length and how many query
+/// rows it has (its last ones: 1 for a decode row, more for a prefill chunk whose rows share
+/// the sequence's slot table).
+struct PagedCase {
+    sequences: Vec<(usize, usize)>,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+/// Slot tables scrambled over a pool of `pool_slots` (consecutive positions land far apart,
+/// and sequences overlap in the pool), one per sequence.
+fn paged_tables(sequences: &[(usize, usize)], pool_slots: usize) -> Vec<Vec<u32>> {
+    sequences
+        .iter()
+        .enumerate()
+        .map(|(s, &(len, _))| {
+            (0..len)
+                .map(|p| u32::try_from((s * 1013 + p * 7919) % pool_slots).unwrap_or(0))
+                .collect()
+        })
+        .collect()
+}
+
+fn paged_context(
+    tables: &[Vec<u32>],
+    sequences: &[(usize, usize)],
+    window: Option<usize>,
+    device: &Device,
+) -> Result<ops::PagedContext> {
+    ops::PagedContext::from_sequences(
+        tables
+            .iter()
+            .zip(sequences)
+            .map(|(table, &(len, rows))| (table.as_slice(), len - rows..len)),
+        window,
+        device,
+    )
+}
+
+/// Runs the kernel in `dtype` and the reference on the CPU in f64 from the same rounded
+/// inputs and compares them; `max_context` overrides the launch hint (None: the true one).
+fn check_paged(
+    case: &PagedCase,
+    dtype: DType,
+    window: Option<usize>,
+    max_context: Option<usize>,
+) -> Result<()> {
+    let gpu = oxtune_tensor::parse_device("cuda")?;
+    let PagedCase {
+        sequences,
+        heads,
+        kv_heads,
+        head_dim,
+    } = case;
+    let (h, kv_h, d) = (*heads, *kv_heads, *head_dim);
+    let n: usize = sequences.iter().map(|&(_, rows)| rows).sum();
+    let pool_slots = 5003;
+    let tables = paged_tables(sequences, pool_slots);
+    let rounded = |t: Tensor| t.to_dtype(dtype)?.to_dtype(DType::F64);
+    let q = rounded(randn(&[n, h, d], 1.5)?)?;
+    let k_pool = rounded(randn(&[pool_slots, kv_h * d], 1.0)?)?;
+    let v_pool = rounded(randn(&[pool_slots, kv_h * d], 1.0)?)?;
+    #[expect(clippy::cast_precision_loss, reason = "small head sizes")]
+    let scale = 1.0 / (d as f64).sqrt();
+    let mut gpu_context = paged_context(&tables, sequences, window, &gpu)?;
+    if let Some(hint) = max_context {
+        gpu_context.max_context = hint;
+    }
+    let on_gpu = |t: &Tensor| t.to_dtype(dtype)?.to_device(&gpu);
+    let got = ops::paged_attention(
+        &on_gpu(&q)?,
+        &on_gpu(&k_pool)?,
+        &on_gpu(&v_pool)?,
+        &gpu_context,
+        scale,
+    )?;
+    assert_eq!(got.dtype(), dtype, "paged_attention: output dtype");
+    let cpu_context = paged_context(&tables, sequences, window, &Device::Cpu)?;
+    let expected = ops::paged_attention_reference(&q, &k_pool, &v_pool, &cpu_context, scale)?;
+    let contexts: Vec<usize> = sequences.iter().map(|&(len, _)| len).collect();
+    let label = format!(
+        "paged_attention q ({n}, {h}, {d}), kv_h {kv_h}, contexts {contexts:?}, query rows \
+         {:?}, window {window:?}, max_context hint {:?} (error rows are query row * {h} + head)",
+        sequences.iter().map(|&(_, rows)| rows).collect::<Vec<_>>(),
+        gpu_context.max_context
+    );
+    // The output averages values of magnitude ~1 with weights summing to 1; over long
+    // contexts the average itself cancels towards 0, so errors are measured against 0.5 at
+    // least (the scale of the terms summed), not against the small average.
+    compare_rows(&label, "forward", dtype, &expected, &got, 0.5)
+}
+
+#[test]
+fn paged_attention_kernel_matches_the_reference() -> Result<()> {
+    let lengths = [1, 7, 16, 100, 1000, 4097];
+    // n = 1: a long decode row; n = 5: ragged decode rows; n = 32: every length as a decode
+    // row plus a prefill chunk of 26 rows sharing one table (positions 74..100)
+    let layouts: [Vec<(usize, usize)>; 3] = [
+        vec![(4097, 1)],
+        lengths[..5].iter().map(|&len| (len, 1)).collect(),
+        lengths
+            .iter()
+            .map(|&len| (len, 1))
+            .chain([(100, 26)])
+            .collect(),
+    ];
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        for head_dim in [64, 128] {
+            for per_kv in [1, 2, 4] {
+                for sequences in &layouts {
+                    let case = PagedCase {
+                        sequences: sequences.clone(),
+                        heads: 2 * per_kv,
+                        kv_heads: 2,
+                        head_dim,
+                    };
+                    check_paged(&case, dtype, None, None)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn paged_attention_kernel_handles_windows_odd_shapes_and_wrong_hints() -> Result<()> {
+    let mixed = vec![(1, 1), (7, 1), (100, 1), (1000, 1), (4097, 1), (300, 20)];
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        // sliding windows (Mistral): shorter and longer than some contexts
+        for window in [1, 64, 2048] {
+            let case = PagedCase {
+                sequences: mixed.clone(),
+                heads: 8,
+                kv_heads: 2,
+                head_dim: 128,
+            };
+            check_paged(&case, dtype, Some(window), None)?;
+        }
+        // a hint far below the real contexts: one block loops over all partitions of a row;
+        // a hint of half: several partitions per split, then the reduce
+        for hint in [1, 2048] {
+            let case = PagedCase {
+                sequences: mixed.clone(),
+                heads: 4,
+                kv_heads: 4,
+                head_dim: 64,
+            };
+            check_paged(&case, dtype, None, Some(hint))?;
+        }
+        // head sizes off the 16-byte vector (36 in bf16/f16, 7 everywhere), small ones (16,
+        // the fixtures'), the largest (256); 6 and 16 query heads per kv head (blocks of 8
+        // with idle heads, two head groups) and MQA
+        for (heads, kv_heads, head_dim) in [
+            (12, 2, 36),
+            (3, 1, 7),
+            (4, 2, 16),
+            (32, 2, 256),
+            (16, 1, 80),
+            (24, 3, 128),
+        ] {
+            let case = PagedCase {
+                sequences: vec![(1, 1), (33, 1), (1000, 1), (50, 9)],
+                heads,
+                kv_heads,
+                head_dim,
+            };
+            check_paged(&case, dtype, None, None)?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn paged_attention_kernel_turns_bad_slots_into_nan() -> Result<()> {
+    let gpu = oxtune_tensor::parse_device("cuda")?;
+    let (h, kv_h, d, pool_slots) = (4, 2, 64, 16);
+    // 2000 table entries, all inside the pool but entry 2 (slot 16 of a pool of 16)
+    let slots: Vec<u32> = (0..2000u32)
+        .map(|i| if i == 2 { 16 } else { i * 7 % 16 })
+        .collect();
+    // (offset, length): fine; a bad slot; a long table running past `slots` (whole split
+    // partitions of bad entries); a short one running past; a long fine one
+    let rows = [[0u32, 2], [1, 3], [0, 3000], [1990, 15], [3, 1500]];
+    let expect_nan = [false, true, true, true, false];
+    for dtype in [DType::F32, DType::BF16] {
+        let q = Tensor::randn(0f32, 1.0, (rows.len(), h, d), &gpu)?.to_dtype(dtype)?;
+        let pool = Tensor::randn(0f32, 1.0, (pool_slots, kv_h * d), &gpu)?.to_dtype(dtype)?;
+        // the true longest context (splits and the reduce), then a hint of 1 (one block per
+        // row loops over every partition)
+        for max_context in [3000, 1] {
+            let context = ops::PagedContext {
+                slots: Tensor::new(slots.as_slice(), &gpu)?,
+                rows: Tensor::new(&rows, &gpu)?,
+                max_context,
+                sliding_window: None,
+            };
+            let out: Vec<Vec<Vec<f32>>> = ops::paged_attention(&q, &pool, &pool, &context, 0.125)?
+                .to_device(&Device::Cpu)?
+                .to_dtype(DType::F32)?
+                .to_vec3()?;
+            for (row, nan) in expect_nan.iter().enumerate() {
+                let values: Vec<f32> = out[row].iter().flatten().copied().collect();
+                let ok = if *nan {
+                    values.iter().all(|v| v.is_nan())
+                } else {
+                    values.iter().all(|v| v.is_finite())
+                };
+                assert!(
+                    ok,
+                    "paged_attention {dtype:?}, max_context hint {max_context}: row {row} \
+                     (offset, length) {:?} should be {} (a slot outside the pool or a table \
+                     past `slots` makes its row NaN, and only its row)",
+                    rows[row],
+                    if *nan { "all NaN" } else { "finite" }
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The serving path the kernel replaces (`Attention::forward_paged` per decode group): gather
+/// every sequence's padded context, repeat the kv heads, f32 scores, additive mask, softmax,
+/// cast, matmul. q (b, h, d) -> (b, h, d).
+fn paged_gather_path(
+    q: &Tensor,
+    k_pool: &Tensor,
+    v_pool: &Tensor,
+    slots: &Tensor, // (b * l,)
+    mask: &Tensor,  // (b, 1, 1, l) f32
+    kv_heads: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, h, d) = q.dims3()?;
+    let l = slots.dim(0)? / b;
+    let per_head = |pool: &Tensor| -> Result<Tensor> {
+        let gathered = pool
+            .index_select(slots, 0)?
+            .reshape((b, l, kv_heads, d))?
+            .transpose(1, 2)?;
+        ops::repeat_kv(&gathered, h / kv_heads)?.contiguous()
+    };
+    let (keys, values) = (per_head(k_pool)?, per_head(v_pool)?);
+    let q = q.unsqueeze(2)?; // (b, h, 1, d)
+    let scores = q
+        .to_dtype(DType::F32)?
+        .matmul(&keys.to_dtype(DType::F32)?.t()?)?;
+    let probs = ops::scaled_masked_softmax(&scores, scale, ScoreMask::Additive(mask))?
+        .to_dtype(values.dtype())?;
+    probs.matmul(&values)?.squeeze(2)
+}
+
+#[test]
+fn paged_attention_speed_against_the_gather_path() -> Result<()> {
+    let gpu = oxtune_tensor::parse_device("cuda")?;
+    let dtype = DType::BF16;
+    let d = 128;
+    let scale = 1.0 / (d as f64).sqrt();
+    println!(
+        "| paged attention, bf16, d 128 | context K/V bytes | kernel | gather path (index_select, \
+         repeat_kv, f32 scores, mask, softmax, matmul) |"
+    );
+    println!("| --- | --- | --- | --- |");
+    // (label, heads, kv heads, sequences: (context, query rows))
+    let cases = [
+        ("Qwen3-8B decode, batch 1, ctx 512", 32, 8, vec![(512, 1)]),
+        ("Qwen3-8B decode, batch 1, ctx 2048", 32, 8, vec![(2048, 1)]),
+        ("Qwen3-8B decode, batch 1, ctx 8192", 32, 8, vec![(8192, 1)]),
+        (
+            "Qwen3-8B decode, batch 32, ctx 1024",
+            32,
+            8,
+            vec![(1024, 1); 32],
+        ),
+        (
+            "Qwen3-0.6B decode, batch 1, ctx 2048",
+            16,
+            8,
+            vec![(2048, 1)],
+        ),
+        (
+            "Qwen3-0.6B decode, batch 64, ctx 512",
+            16,
+            8,
+            vec![(512, 1); 64],
+        ),
+        (
+            "Qwen3-8B prefill chunk of 512 rows at ctx 2048 (no gather-path timing)",
+            32,
+            8,
+            vec![(2048, 512)],
+        ),
+    ];
+    for (label, h, kv_h, sequences) in cases {
+        let total: usize = sequences.iter().map(|&(len, _)| len).sum();
+        let n: usize = sequences.iter().map(|&(_, rows)| rows).sum();
+        let pool_slots = total + 7;
+        let tables = paged_tables(&sequences, pool_slots);
+        let context = paged_context(&tables, &sequences, None, &gpu)?;
+        let q = Tensor::randn(0f32, 1.0, (n, h, d), &gpu)?.to_dtype(dtype)?;
+        let k_pool = Tensor::randn(0f32, 1.0, (pool_slots, kv_h * d), &gpu)?.to_dtype(dtype)?;
+        let v_pool = Tensor::randn(0f32, 1.0, (pool_slots, kv_h * d), &gpu)?.to_dtype(dtype)?;
+        let bytes = (2 * total * kv_h * d * dtype.size_in_bytes()) as f64;
+        let kernel = seconds_per_call(&gpu, || {
+            ops::paged_attention(&q, &k_pool, &v_pool, &context, scale).map(drop)
+        })?;
+        let gather = if sequences.iter().all(|&(_, rows)| rows == 1) {
+            let b = sequences.len();
+            let l = sequences[0].0;
+            let slots = Tensor::new(tables.concat().as_slice(), &gpu)?;
+            let mask = Tensor::zeros((b, 1, 1, l), DType::F32, &gpu)?;
+            // same numbers as the kernel, before timing it
+            let reference = paged_gather_path(&q, &k_pool, &v_pool, &slots, &mask, kv_h, scale)?;
+            let got = ops::paged_attention(&q, &k_pool, &v_pool, &context, scale)?;
+            compare_rows(label, "forward", dtype, &reference, &got, 0.5)?;
+            let seconds = seconds_per_call(&gpu, || {
+                paged_gather_path(&q, &k_pool, &v_pool, &slots, &mask, kv_h, scale).map(drop)
+            })?;
+            format!("{:.1} µs, {:.0} GB/s", seconds * 1e6, bytes / seconds / 1e9)
+        } else {
+            "-".to_owned()
+        };
+        println!(
+            "| {label} | {:.1} MB | {:.1} µs, {:.0} GB/s ({:.0} % of copy) | {gather} |",
+            bytes / 1e6,
+            kernel * 1e6,
+            bytes / kernel / 1e9,
+            100.0 * bytes / kernel / 1e9 / COPY_GB_PER_S
+        );
+    }
+    Ok(())
+}

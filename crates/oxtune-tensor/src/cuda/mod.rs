@@ -650,8 +650,10 @@ impl CustomOp3 for Rope {
 mod add_rms_norm;
 mod cross_entropy;
 mod flash;
+mod paged;
 
 pub use add_rms_norm::add_rms_norm;
 pub use cross_entropy::{cross_entropy_backward, cross_entropy_sum, cross_entropy_sum_with_lse};
 pub(crate) use flash::HEAD_DIMS as FLASH_HEAD_DIMS;
 pub use flash::{flash_attention, flash_attention_backward, flash_attention_with_lse};
+pub use paged::{PAGED_ATTENTION_MAX_HEAD_DIM, paged_attention};
