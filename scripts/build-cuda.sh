@@ -4,7 +4,7 @@
 # libcuda, cuBLAS and friends at run time (dlopen), so it runs wherever a CUDA 13 driver and
 # the CUDA 13 libraries are present (set LD_LIBRARY_PATH to them).
 #
-#   scripts/build-cuda.sh            # release builds: .gpu/oxtune, .gpu/parity, .gpu/cuda-ops
+#   scripts/build-cuda.sh            # release builds: .gpu/oxtune and the GPU test binaries
 #   scripts/build-cuda.sh clippy -p oxtune-tensor --tests -- -D warnings
 #                                    # any cargo command, with the same patch and features
 #
@@ -62,12 +62,18 @@ fi
 cargo_cuda build -p oxtune
 mkdir -p .gpu
 cp target/cuda/release/oxtune .gpu/oxtune
-# The transformers parity test, run on the GPU with OXTUNE_TEST_DEVICE=cuda (see its docs).
-parity=$(cargo_cuda test -p oxtune-models --test parity --no-run --message-format=json \
-    | python3 -c 'import json,sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable")][-1])')
-cp "$parity" .gpu/parity
-# Every op on the GPU against the CPU at real checkpoint shapes.
-ops=$(cargo_cuda test -p oxtune-tensor --test cuda_ops --no-run --message-format=json \
-    | python3 -c 'import json,sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable")][-1])')
-cp "$ops" .gpu/cuda-ops
-echo "built .gpu/oxtune, .gpu/parity and .gpu/cuda-ops"
+# Test binaries, run on the GPU: `test_binary PACKAGE TEST NAME` builds the integration test
+# TEST of PACKAGE and copies it to .gpu/NAME.
+test_binary() {
+    local executable
+    executable=$(cargo_cuda test -p "$1" --test "$2" --no-run --message-format=json \
+        | python3 -c 'import json,sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable")][-1])')
+    cp "$executable" ".gpu/$3"
+}
+# The transformers parity test, with OXTUNE_TEST_DEVICE=cuda (see its docs).
+test_binary oxtune-models parity parity
+# Every op on the GPU against the CPU at real checkpoint shapes, and each fused kernel.
+test_binary oxtune-tensor cuda_ops cuda-ops
+# Training through the fused attention and decode replayed from CUDA graphs, on small models.
+test_binary oxtune-models gpu_model gpu-model
+echo "built .gpu/oxtune, .gpu/parity, .gpu/cuda-ops and .gpu/gpu-model"

@@ -14,6 +14,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use oxtune_models::decode_graph::DecodeGraphs;
 use oxtune_models::{ChatTemplate, LoadedModel, PagedKvCache, Tokenizer};
 use oxtune_tensor::{D, DType, Tensor};
 
@@ -51,6 +52,8 @@ pub struct EngineConfig {
     pub max_logprobs: usize,
     /// Context length served (prompt plus output); `None` = the model's.
     pub max_model_len: Option<usize>,
+    /// Run every step op by op: no CUDA graphs for decode steps (vLLM's `enforce_eager`).
+    pub enforce_eager: bool,
 }
 
 impl Default for EngineConfig {
@@ -66,6 +69,7 @@ impl Default for EngineConfig {
             enable_prefix_caching: true,
             max_logprobs: 20,
             max_model_len: None,
+            enforce_eager: false,
         }
     }
 }
@@ -243,7 +247,11 @@ impl EngineHandle {
         );
         Self::spawn(
             EngineParts {
-                runner: Box::new(ModelRunner::new(model, cache)),
+                runner: Box::new(ModelRunner::new(
+                    model,
+                    cache,
+                    (!config.enforce_eager).then(|| DecodeGraphs::new(max_model_len)),
+                )),
                 tokenizer,
                 chat_template,
                 info,

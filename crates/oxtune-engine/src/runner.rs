@@ -7,6 +7,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use oxtune_models::decode_graph::DecodeGraphs;
 use oxtune_models::{CausalLm, PagedKvCache};
 use oxtune_tensor::{DType, Device, Tensor};
 
@@ -19,16 +20,22 @@ pub trait Runner: Send {
     fn execute(&mut self, batch: &Batch) -> Result<Tensor>;
 }
 
-/// The transformer over its paged KV cache.
+/// The transformer over its paged KV cache, with decode steps replayed from CUDA graphs
+/// when `graphs` is given (and the model is on a GPU).
 #[derive(Debug)]
 pub struct ModelRunner {
     model: CausalLm,
     cache: PagedKvCache,
+    graphs: Option<DecodeGraphs>,
 }
 
 impl ModelRunner {
-    pub fn new(model: CausalLm, cache: PagedKvCache) -> Self {
-        Self { model, cache }
+    pub fn new(model: CausalLm, cache: PagedKvCache, graphs: Option<DecodeGraphs>) -> Self {
+        Self {
+            model,
+            cache,
+            graphs,
+        }
     }
 
     /// Loads each peft adapter `(name, dir)` as served adapter number `index` (its position
@@ -105,6 +112,13 @@ impl ModelRunner {
 
 impl Runner for ModelRunner {
     fn execute(&mut self, batch: &Batch) -> Result<Tensor> {
+        if let Some(graphs) = self.graphs.as_mut() {
+            let replayed =
+                graphs.run(&self.model, &batch.input_ids, &batch.sequences, &self.cache)?;
+            if let Some(logits) = replayed {
+                return Ok(logits);
+            }
+        }
         Ok(self
             .model
             .forward_paged(&batch.input_ids, &batch.sequences, &self.cache)?)

@@ -9,6 +9,7 @@
 pub mod chat_template;
 pub mod checkpoint;
 pub mod config;
+pub mod decode_graph;
 mod error;
 pub mod families;
 pub mod generation;

@@ -9,6 +9,7 @@
 //! Weight names (`model.layers.{i}.self_attn.q_proj.weight`, …) are those of the Hugging Face
 //! checkpoints, so a missing or mis-shaped tensor is reported under its checkpoint name.
 
+use oxtune_tensor::attention::{AttentionMask, flash_attention};
 use oxtune_tensor::candle::backprop::GradStore;
 use oxtune_tensor::ops;
 use oxtune_tensor::{DType, Module, Tensor, Var};
@@ -161,6 +162,11 @@ impl RmsNorm {
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         Ok(ops::rms_norm(xs, &self.weight, self.eps)?)
     }
+
+    /// The residual stream `xs + residual` and its norm, from one fused kernel on a GPU.
+    fn forward_residual(&self, xs: &Tensor, residual: &Tensor) -> Result<(Tensor, Tensor)> {
+        Ok(ops::add_rms_norm(xs, residual, &self.weight, self.eps)?)
+    }
 }
 
 /// Keys and values of the tokens seen so far, one entry per layer.
@@ -233,8 +239,13 @@ struct AttentionContext<'a> {
     /// RoPE tables for the new tokens: (t, d/2), or (b, t, d/2) when rows differ.
     cos: Tensor,
     sin: Tensor,
-    /// Additive mask broadcastable to (b, h, t, p + t); `None` when every key is visible.
+    /// Additive mask broadcastable to (b, h, t, p + t); `None` when every key is visible
+    /// or when `segments` masks instead.
     mask: Option<Tensor>,
+    /// Training on a GPU: (b, t) u32 sample of each token, for the fused attention kernel,
+    /// which masks causally within a sample (and the model's sliding window) by itself.
+    segments: Option<Tensor>,
+    sliding_window: Option<usize>,
     /// Keys/values of earlier tokens (inference); `None` in training.
     cache: Option<&'a mut KvCache>,
 }
@@ -266,8 +277,11 @@ impl TrainingPass {
 pub struct BatchLayout {
     /// (b, t) u32: each token's position within its own sample.
     positions: Tensor,
-    /// (b, 1, t, t) f32 additive mask: causal within a sample, nothing across samples.
-    mask: Tensor,
+    /// (b, t) u32: the sample each token belongs to (padding tokens: one each).
+    segments: Tensor,
+    /// (b, 1, t, t) f32 additive mask: causal within a sample, nothing across samples. Only
+    /// off the GPU: there the fused attention kernel masks from `segments`.
+    mask: Option<Tensor>,
 }
 
 impl BatchLayout {
@@ -306,9 +320,21 @@ impl BatchLayout {
             }
             segments.push(row);
         }
+        let mask = if device.is_cuda() {
+            None
+        } else {
+            Some(ops::packed_causal_mask(
+                &segments,
+                sliding_window,
+                DType::F32,
+                device,
+            )?)
+        };
+        let b = sample_lengths.len();
         Ok(Self {
-            positions: Tensor::from_vec(positions, (sample_lengths.len(), t), device)?,
-            mask: ops::packed_causal_mask(&segments, sliding_window, DType::F32, device)?,
+            positions: Tensor::from_vec(positions, (b, t), device)?,
+            segments: Tensor::from_vec(segments.concat(), (b, t), device)?,
+            mask,
         })
     }
 
@@ -408,10 +434,18 @@ impl Attention {
             None => (k, v),
         };
         // 5. (b, h, t, d) -> (b, t, h * d) -> o_proj
-        let out = self
-            .attend(&q, &k, &v, context.mask.as_ref())?
-            .transpose(1, 2)?
-            .reshape((b, t, h * d))?;
+        let out = match &context.segments {
+            Some(segments) => {
+                let mask = AttentionMask {
+                    causal: true,
+                    segments: Some(segments),
+                    sliding_window: context.sliding_window,
+                };
+                flash_attention(&q, &k, &v, self.scale(), mask)?
+            }
+            None => self.attend(&q, &k, &v, context.mask.as_ref())?,
+        };
+        let out = out.transpose(1, 2)?.reshape((b, t, h * d))?;
         self.o_proj.forward(&out)
     }
 
@@ -425,8 +459,7 @@ impl Attention {
         let groups = self.num_heads / self.num_kv_heads;
         let k = ops::repeat_kv(k, groups)?.contiguous()?;
         let v = ops::repeat_kv(v, groups)?.contiguous()?;
-        #[expect(clippy::cast_precision_loss, reason = "head_dim is small")]
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let scale = self.scale();
         let scores = q
             .to_dtype(DType::F32)?
             .matmul(&k.to_dtype(DType::F32)?.t()?)?;
@@ -436,6 +469,13 @@ impl Attention {
         };
         let probs = ops::scaled_masked_softmax(&scores, scale, mask)?.to_dtype(v.dtype())?;
         Ok(probs.matmul(&v)?)
+    }
+
+    /// 1 / sqrt(head_dim), the scale of attention scores.
+    fn scale(&self) -> f64 {
+        #[expect(clippy::cast_precision_loss, reason = "head_dim is small")]
+        let head_dim = self.head_dim as f64;
+        1.0 / head_dim.sqrt()
     }
 
     /// One serving step over the paged cache: xs (1, t, c) holds every scheduled sequence's
@@ -630,10 +670,10 @@ impl DecoderLayer {
         let attention =
             self.self_attn
                 .forward(&self.input_layernorm.forward(xs)?, context, layer)?;
-        let xs = (xs + attention)?;
-        let mlp = self
-            .mlp
-            .forward(&self.post_attention_layernorm.forward(&xs)?, None)?;
+        let (xs, normed) = self
+            .post_attention_layernorm
+            .forward_residual(xs, &attention)?;
+        let mlp = self.mlp.forward(&normed, None)?;
         Ok((xs + mlp)?)
     }
 
@@ -647,11 +687,10 @@ impl DecoderLayer {
         let attention =
             self.self_attn
                 .forward_paged(&self.input_layernorm.forward(xs)?, step, cache, layer)?;
-        let xs = (xs + attention)?;
-        let mlp = self.mlp.forward(
-            &self.post_attention_layernorm.forward(&xs)?,
-            Some(&step.routing),
-        )?;
+        let (xs, normed) = self
+            .post_attention_layernorm
+            .forward_residual(xs, &attention)?;
+        let mlp = self.mlp.forward(&normed, Some(&step.routing))?;
         Ok((xs + mlp)?)
     }
 }
@@ -803,6 +842,8 @@ impl CausalLm {
                 cos,
                 sin,
                 mask,
+                segments: None,
+                sliding_window: None,
                 cache: Some(&mut *cache),
             },
         )?;
@@ -943,7 +984,9 @@ impl CausalLm {
         Ok(AttentionContext {
             cos,
             sin,
-            mask: Some(layout.mask.clone()),
+            segments: layout.mask.is_none().then(|| layout.segments.clone()),
+            mask: layout.mask.clone(),
+            sliding_window: self.config.sliding_window,
             cache: None,
         })
     }
@@ -990,31 +1033,62 @@ impl CausalLm {
             device,
         )?;
         let ids = Tensor::new(input_ids, device)?;
-        let mut xs = self.embed_tokens.index_select(&ids, 0)?.unsqueeze(0)?;
+        // Decode-only steps need every row; otherwise each sequence's last new token.
+        let last = if t == sequences.len() {
+            None
+        } else {
+            let mut last = Vec::with_capacity(sequences.len());
+            let mut end = 0u32;
+            for sequence in sequences {
+                end += u32::try_from(sequence.num_new_tokens)
+                    .map_err(oxtune_tensor::candle::Error::wrap)?;
+                last.push(end - 1);
+            }
+            Some(Tensor::new(last.as_slice(), device)?)
+        };
+        let head_routing = AdapterRouting::of_last_tokens(sequences);
+        self.paged_logits(&ids, &step, cache, last.as_ref(), &head_routing)
+    }
+
+    /// f32 logits of a serving step at rows `last` of the flattened batch (every row when
+    /// `None`): (rows, v). `ids` (t,) u32 are the step's new tokens, `head_routing` the
+    /// adapters of the rows kept. Issues no host-device copy, so that a recorded CUDA graph
+    /// can replay it ([`crate::decode_graph`]).
+    pub(crate) fn paged_logits(
+        &self,
+        ids: &Tensor,
+        step: &PagedStep,
+        cache: &PagedKvCache,
+        last: Option<&Tensor>,
+        head_routing: &AdapterRouting,
+    ) -> Result<Tensor> {
+        let mut xs = self.embed_tokens.index_select(ids, 0)?.unsqueeze(0)?;
         for (index, layer) in self.layers.iter().enumerate() {
-            xs = layer.forward_paged(&xs, &step, cache, index)?;
+            xs = layer.forward_paged(&xs, step, cache, index)?;
         }
-        let mut last = Vec::with_capacity(sequences.len());
-        let mut end = 0u32;
-        for sequence in sequences {
-            end += u32::try_from(sequence.num_new_tokens)
-                .map_err(oxtune_tensor::candle::Error::wrap)?;
-            last.push(end - 1);
-        }
-        let last = xs
-            .squeeze(0)?
-            .index_select(&Tensor::new(last.as_slice(), device)?, 0)?;
+        let xs = xs.squeeze(0)?;
+        let last = match last {
+            Some(rows) => xs.index_select(rows, 0)?,
+            None => xs,
+        };
         let hidden = self.norm.forward(&last)?;
         let logits = match &self.lm_head {
             Some(head) => head
-                .forward_routed(
-                    &hidden.unsqueeze(0)?,
-                    Some(&AdapterRouting::of_last_tokens(sequences)),
-                )?
+                .forward_routed(&hidden.unsqueeze(0)?, Some(head_routing))?
                 .squeeze(0)?,
             None => self.lm_head(&hidden)?,
         };
         Ok(logits.to_dtype(DType::F32)?)
+    }
+
+    /// The RoPE tables (cos, sin) over every position the model handles: (positions, d/2).
+    pub(crate) fn rope_tables(&self) -> (&Tensor, &Tensor) {
+        (&self.rope.cos, &self.rope.sin)
+    }
+
+    /// Positions the model handles (the length of its RoPE tables).
+    pub fn max_positions(&self) -> usize {
+        self.rope.cos.dims()[0]
     }
 
     /// Logits for hidden states: (.., c) -> (.., v).

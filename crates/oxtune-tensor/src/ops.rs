@@ -363,7 +363,9 @@ pub fn cross_entropy_sum_reference(
 /// rounded to the dtype of `xs` as candle's add rounds it, then [`rms_norm`]'s numerics.
 /// Differentiable in xs, residual and weight (the weight's gradient is computed only when it
 /// tracks one). On CUDA (f32, bf16, f16) one kernel writes both outputs; its backward is
-/// RMSNorm's backward kernels on the sum; elsewhere [`add_rms_norm_reference`].
+/// RMSNorm's backward kernels on the sum; elsewhere candle's add, then [`rms_norm`] (which
+/// takes candle-nn's kernel when no gradient flows, [`add_rms_norm_reference`]'s composition
+/// otherwise).
 ///
 /// `xs`, `residual`: (.., hidden); `weight`: (hidden,).
 pub fn add_rms_norm(
@@ -376,7 +378,10 @@ pub fn add_rms_norm(
     if crate::cuda::applies(&[xs, residual]) && weight.device().same_device(xs.device()) {
         return crate::cuda::add_rms_norm(xs, residual, weight, eps);
     }
-    add_rms_norm_reference(xs, residual, weight, eps)
+    // The add, then [`rms_norm`] with its own fast path (candle-nn's kernel for inference).
+    let sum = (xs + residual)?;
+    let normed = rms_norm(&sum, weight, eps)?;
+    Ok((sum, normed))
 }
 
 /// The differentiable reference for [`add_rms_norm`]: candle's add, then

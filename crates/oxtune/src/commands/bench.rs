@@ -112,6 +112,10 @@ pub struct BenchInferArgs {
     #[arg(long = "bandwidth_gb_s")]
     pub bandwidth_gb_s: Option<f64>,
 
+    /// Decode op by op instead of replaying recorded CUDA graphs.
+    #[arg(long = "enforce_eager", default_value_t = false, action = clap::ArgAction::Set)]
+    pub enforce_eager: bool,
+
     /// Also write the results as JSON here.
     #[arg(long = "output_json", value_name = "FILE")]
     pub output_json: Option<PathBuf>,
@@ -154,6 +158,7 @@ fn bench_infer(args: &BenchInferArgs) -> anyhow::Result<()> {
             // Every repeat must compute its prompt again.
             enable_prefix_caching: false,
             max_model_len: Some(context + 1),
+            enforce_eager: args.enforce_eager,
             ..EngineConfig::default()
         },
     )?;

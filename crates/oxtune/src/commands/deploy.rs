@@ -113,6 +113,10 @@ pub struct DeployArgs {
     #[arg(long = "enable_prefix_caching", default_value_t = true, action = ArgAction::Set)]
     pub enable_prefix_caching: bool,
 
+    /// Run decode steps op by op instead of replaying recorded CUDA graphs.
+    #[arg(long = "enforce_eager", default_value_t = false, action = ArgAction::Set)]
+    pub enforce_eager: bool,
+
     /// Seconds in-flight requests may finish after SIGTERM/SIGINT before they are aborted.
     #[arg(long = "shutdown_timeout", default_value_t = 30.0)]
     pub shutdown_timeout: f64,
@@ -279,6 +283,7 @@ fn run_native(args: &DeployArgs) -> anyhow::Result<()> {
         enable_prefix_caching: args.enable_prefix_caching,
         max_logprobs: args.max_logprobs,
         max_model_len: args.max_model_len,
+        enforce_eager: args.enforce_eager,
         ..EngineConfig::default()
     };
     tracing::info!(args = %args.redacted(), "oxtune deploy");
@@ -417,6 +422,9 @@ pub fn external_command(
             }
             if let Some(len) = args.max_model_len {
                 push(&["--max-model-len", &len.to_string()]);
+            }
+            if args.enforce_eager {
+                push(&["--enforce-eager"]);
             }
             if let Some(key) = args.api_key.first() {
                 push(&["--api-key", key]);
