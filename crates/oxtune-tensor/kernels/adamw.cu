@@ -159,3 +159,53 @@ extern "C" __global__ void sum_squares_f32(const __grid_constant__ SumSquaresArg
         if (lane == 0) a.partials[blockIdx.x] = sum;
     }
 }
+
+// Gradient accumulation: dst[offset + j] (+)= f32(src[j]) for up to ACCUMULATE_MAX_TENSORS
+// gradients of one dtype per launch into the optimizer's flat f32 gradient buffer (assign
+// on a step's first micro-batch), chunked as above. f32 adds, as candle's `a + b`.
+#define ACCUMULATE_MAX_TENSORS 120
+
+struct AccumulateTensor {
+    const void* src;           // len elements of T
+    unsigned long long len;
+    unsigned long long first;  // elements of the launch's earlier tensors
+    unsigned long long offset; // where it goes in dst
+};
+
+struct AccumulateArgs {
+    AccumulateTensor tensors[ACCUMULATE_MAX_TENSORS];
+    float* dst;
+    unsigned long long total;
+    unsigned int count;
+    unsigned int assign;  // 1: dst = src, 0: dst += src
+};
+static_assert(sizeof(AccumulateArgs) == 120 * 32 + 3 * 8, "src/cuda/adamw.rs mirrors this layout");
+static_assert(sizeof(AccumulateArgs) <= 4096, "kernel arguments fit the classic 4 KiB");
+
+template <typename T>
+__device__ void accumulate(const AccumulateArgs& a) {
+    if (a.count == 0) return;
+    const unsigned long long chunks = (a.total + ADAMW_CHUNK - 1) / ADAMW_CHUNK;
+    for (unsigned long long c = blockIdx.x; c < chunks; c += gridDim.x) {
+        const unsigned long long start = c * ADAMW_CHUNK;
+        const unsigned long long end = min(start + ADAMW_CHUNK, a.total);
+        unsigned int k = find_tensor(a, start);
+        for (unsigned long long i = start + threadIdx.x; i < end; i += blockDim.x) {
+            while (i >= a.tensors[k].first + a.tensors[k].len) ++k;
+            const AccumulateTensor& t = a.tensors[k];
+            const unsigned long long j = i - t.first;
+            const float g = to_float(static_cast<const T*>(t.src)[j]);
+            float* d = a.dst + t.offset + j;
+            *d = a.assign ? g : __fadd_rn(*d, g);
+        }
+    }
+}
+
+#define ACCUMULATE(T, NAME)                                                                  \
+    extern "C" __global__ void accumulate_##NAME(const __grid_constant__ AccumulateArgs args) { \
+        accumulate<T>(args);                                                                 \
+    }
+
+ACCUMULATE(float, f32)
+ACCUMULATE(__nv_bfloat16, bf16)
+ACCUMULATE(__half, f16)

@@ -38,7 +38,9 @@
 //!   launches instead of ~5000 candle ops, and the weights are written once, not copied.
 //!
 //! Gradients are f32 (others are converted first) and are only read. [`sum_of_squares`] is
-//! the global-norm reduction for clipping, read back with one host sync.
+//! the global-norm reduction for clipping, read back with one host sync, and
+//! [`accumulate_into`] sums micro-batch gradients into one flat f32 buffer (on CUDA one
+//! launch per 120 gradients of a dtype); both use kernels of `adamw.cu` on CUDA.
 
 use std::cell::RefCell;
 use std::collections::HashSet;
@@ -600,6 +602,75 @@ pub fn sum_of_squares(tensors: &[Tensor], device: &Device) -> Result<Tensor> {
     Tensor::stack(&sums, 0)?.to_dtype(DType::F64)?.sum_all()
 }
 
+/// Gradient accumulation into one flat f32 buffer: `flat[offsets[i]..][..len_i]` becomes
+/// `sources[i]` (`assign`, a step's first micro-batch) or that plus `sources[i]`, in f32 as
+/// candle's `a + b` adds. `flat` is a contiguous 1-D f32 tensor, written in place; the
+/// regions must not overlap. On CUDA: one launch per 120 sources of a dtype (f32, bf16 or
+/// f16, read in their dtype); elsewhere candle ops and `slice_set` per source.
+pub fn accumulate_into(
+    flat: &Tensor,
+    offsets: &[usize],
+    sources: &[Tensor],
+    assign: bool,
+) -> Result<()> {
+    let op = "accumulate_into";
+    if flat.dtype() != DType::F32 || flat.rank() != 1 || !flat.is_contiguous() {
+        bail!(
+            "{op}: the buffer is {:?} {:?}; a contiguous 1-D f32 tensor is needed",
+            flat.dtype(),
+            flat.shape()
+        );
+    }
+    if offsets.len() != sources.len() {
+        bail!(
+            "{op}: {} offsets for {} gradients",
+            offsets.len(),
+            sources.len()
+        );
+    }
+    let flat_len = flat.elem_count();
+    let flat_storage = storage_key(flat);
+    for (index, (source, &offset)) in sources.iter().zip(offsets).enumerate() {
+        if offset + source.elem_count() > flat_len {
+            bail!(
+                "{op}: gradient {index} {:?} at {offset} overruns the buffer of {flat_len}",
+                source.shape()
+            );
+        }
+        if !source.device().same_device(flat.device()) {
+            bail!(
+                "{op}: gradient {index} is on {:?}, the buffer on {:?}",
+                source.device(),
+                flat.device()
+            );
+        }
+        if storage_key(source) == flat_storage {
+            bail!("{op}: gradient {index} shares the buffer's storage");
+        }
+    }
+    #[cfg(feature = "cuda")]
+    if flat.device().is_cuda() {
+        let sources = sources
+            .iter()
+            .map(|s| match s.dtype() {
+                DType::F32 | DType::BF16 | DType::F16 => s.contiguous(),
+                _ => s.to_dtype(DType::F32)?.contiguous(),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        return crate::cuda::adamw::accumulate(flat, offsets, &sources, assign);
+    }
+    for (source, &offset) in sources.iter().zip(offsets) {
+        let source = source.to_dtype(DType::F32)?.flatten_all()?;
+        let value = if assign {
+            source
+        } else {
+            (flat.narrow(0, offset, source.elem_count())? + source)?
+        };
+        flat.slice_set(&value, 0, offset)?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -685,6 +756,36 @@ mod tests {
                     "rounded weight {index} step {t}"
                 );
             }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn accumulation_equals_candle_adds() -> Result<()> {
+        let device = Device::Cpu;
+        let flat = Tensor::zeros(21, DType::F32, &device)?;
+        let offsets = [0, 13, 6];
+        let mut sums: Vec<Option<Tensor>> = vec![None; 3];
+        for round in 0..3 {
+            let sources = [
+                Tensor::randn(0f32, 1.0, (2, 3), &device)?,
+                Tensor::randn(0f32, 1.0, 8, &device)?.to_dtype(DType::BF16)?,
+                Tensor::randn(0f32, 1.0, 7, &device)?,
+            ];
+            accumulate_into(&flat, &offsets, &sources, round == 0)?;
+            for (sum, source) in sums.iter_mut().zip(&sources) {
+                let source = source.to_dtype(DType::F32)?.flatten_all()?;
+                *sum = Some(match sum.take() {
+                    Some(previous) => (previous + source)?,
+                    None => source,
+                });
+            }
+        }
+        for ((sum, offset), index) in sums.iter().zip(offsets).zip(0..) {
+            let sum = sum.as_ref().expect("three rounds");
+            let got: Vec<f32> = flat.narrow(0, offset, sum.elem_count())?.to_vec1()?;
+            let expected: Vec<f32> = sum.to_vec1()?;
+            assert_eq!(got, expected, "gradient {index}");
         }
         Ok(())
     }

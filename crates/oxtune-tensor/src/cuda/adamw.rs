@@ -441,3 +441,181 @@ impl candle_core::InplaceOp1 for SumSquares<'_> {
         Ok(())
     }
 }
+
+/// Gradients of one accumulation launch (`ACCUMULATE_MAX_TENSORS`).
+const ACCUMULATE_MAX_TENSORS: usize = 120;
+
+/// `AccumulateTensor` of adamw.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct AccumulateTensor {
+    src: u64,
+    len: u64,
+    first: u64,
+    offset: u64,
+}
+
+/// `AccumulateArgs` of adamw.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct AccumulateArgs {
+    tensors: [AccumulateTensor; ACCUMULATE_MAX_TENSORS],
+    dst: u64,
+    total: u64,
+    count: u32,
+    assign: u32,
+}
+
+const _: () = assert!(std::mem::size_of::<AccumulateArgs>() == 120 * 32 + 3 * 8);
+
+// SAFETY: plain integers, #[repr(C)] with the layout of AccumulateArgs in adamw.cu (sizes
+// asserted on both sides); passed by value.
+unsafe impl DeviceRepr for AccumulateArgs {}
+
+/// `flat[offsets[i]..][..len]` = (or +=) f32(`sources[i]`): one launch per 120 sources of a
+/// dtype (f32, bf16, f16; contiguous, on the GPU, not sharing `flat`'s storage). `flat` is
+/// f32, contiguous, and every region fits in it (`optim::accumulate_into` checks).
+pub(crate) fn accumulate(
+    flat: &Tensor,
+    offsets: &[usize],
+    sources: &[Tensor],
+    assign: bool,
+) -> Result<()> {
+    for dtype in [
+        candle_core::DType::F32,
+        candle_core::DType::BF16,
+        candle_core::DType::F16,
+    ] {
+        let of_dtype: Vec<usize> = (0..sources.len())
+            .filter(|&index| sources[index].dtype() == dtype)
+            .collect();
+        for chunk in of_dtype.chunks(ACCUMULATE_MAX_TENSORS) {
+            flat.inplace_op1(&Accumulate {
+                chunk,
+                offsets,
+                sources,
+                assign,
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// One accumulation launch, applied in place to the flat f32 buffer.
+struct Accumulate<'a> {
+    /// Indices of the launch's sources (one dtype).
+    chunk: &'a [usize],
+    offsets: &'a [usize],
+    sources: &'a [Tensor],
+    assign: bool,
+}
+
+/// A source's device pointer (held by the returned guard) and the kernel for its dtype.
+fn source_pointer<'a, T: KernelFloat>(
+    slice: &'a CudaSlice<T>,
+    stream: &'a std::sync::Arc<candle_core::cuda::cudarc::driver::CudaStream>,
+    device: &CudaDevice,
+) -> Result<(
+    u64,
+    candle_core::cuda::cudarc::driver::SyncOnDrop<'a>,
+    candle_core::cuda::cudarc::driver::CudaFunction,
+    usize,
+)> {
+    let (pointer, read) = slice.device_ptr(stream);
+    let func = launch::function::<T>(device, &ADAMW, "accumulate")?;
+    Ok((pointer, read, func, std::mem::size_of::<T>()))
+}
+
+impl candle_core::InplaceOp1 for Accumulate<'_> {
+    fn name(&self) -> &'static str {
+        "oxtune-accumulate-gradients"
+    }
+
+    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout) -> Result<()> {
+        bail!(
+            "oxtune-accumulate-gradients: a CUDA kernel; optim::accumulate_into uses candle ops on the CPU"
+        )
+    }
+
+    fn cuda_fwd(&self, storage: &mut CudaStorage, layout: &Layout) -> Result<()> {
+        let kernel = "accumulate";
+        let flat_len = layout.shape().elem_count();
+        if !layout.is_contiguous() {
+            bail!("{kernel}: the flat buffer is not contiguous");
+        }
+        let device = storage.device.clone();
+        let stream = device.cuda_stream();
+        let flat = storage.as_cuda_slice_mut::<f32>()?;
+        let (flat, _flat_written) = flat.device_ptr_mut(&stream);
+        let flat = flat + to_u64(layout.start_offset() * 4);
+        let storages: Vec<_> = self
+            .chunk
+            .iter()
+            .map(|&index| self.sources[index].storage_and_layout())
+            .collect();
+        let mut reads = Vec::with_capacity(storages.len());
+        let mut func = None;
+        let mut args = AccumulateArgs {
+            tensors: [AccumulateTensor::default(); ACCUMULATE_MAX_TENSORS],
+            dst: flat,
+            total: 0,
+            count: 0,
+            assign: u32::from(self.assign),
+        };
+        for (k, (&index, (storage, source_layout))) in self.chunk.iter().zip(&storages).enumerate()
+        {
+            let Storage::Cuda(storage) = &**storage else {
+                bail!("{kernel}: gradient {index} is not on the GPU");
+            };
+            let len = source_layout.shape().elem_count();
+            let offset = self.offsets[index];
+            if !source_layout.is_contiguous() || offset + len > flat_len {
+                bail!(
+                    "{kernel}: gradient {index} {:?} (stride {:?}) at {offset} in a buffer of {flat_len}",
+                    source_layout.shape(),
+                    source_layout.stride()
+                );
+            }
+            let (pointer, read, kernel_func, size) = match &storage.slice {
+                CudaStorageSlice::F32(slice) => source_pointer(slice, &stream, &device)?,
+                CudaStorageSlice::BF16(slice) => source_pointer(slice, &stream, &device)?,
+                CudaStorageSlice::F16(slice) => source_pointer(slice, &stream, &device)?,
+                _ => bail!(
+                    "{kernel}: gradient {index} is {:?}; f32, bf16 and f16 have a kernel",
+                    storage.dtype()
+                ),
+            };
+            reads.push(read);
+            func.get_or_insert(kernel_func);
+            args.tensors[k] = AccumulateTensor {
+                src: pointer + to_u64(source_layout.start_offset() * size),
+                len: to_u64(len),
+                first: args.total,
+                offset: to_u64(offset),
+            };
+            args.total += to_u64(len);
+            args.count += 1;
+        }
+        let (Some(func), Ok(total)) = (func, usize::try_from(args.total)) else {
+            return Ok(());
+        };
+        if total == 0 {
+            return Ok(());
+        }
+        let blocks = launch::to_u32(total.div_ceil(CHUNK).min(MAX_BLOCKS), "blocks", kernel)?;
+        let mut builder = stream.launch_builder(&func);
+        builder.arg(&args);
+        let config = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: each of the `count` sources points at `len` elements of its dtype (the
+        // launch's one dtype: `accumulate` grouped them) in a storage read-locked in
+        // `storages`; each writes flat[offset, offset + len), within the buffer this op holds
+        // (checked above); arguments match accumulate_<dtype>.
+        unsafe { builder.launch(config) }.w()?;
+        drop(reads);
+        Ok(())
+    }
+}
