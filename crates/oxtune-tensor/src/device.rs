@@ -91,9 +91,9 @@ pub fn dtype_name(dtype: DType) -> &'static str {
 #[cfg(feature = "cuda")]
 mod cuda {
     //! How oxtune opens a GPU, for speed:
-    //! - one stream of its own, used by every thread (candle's default is each calling
-    //!   thread's per-thread stream), so every kernel, copy, cuBLAS and cuRAND call of the
-    //!   device is ordered on that stream;
+    //! - one device per GPU in the process, whoever asks for it, with one stream of its own
+    //!   used by every thread (candle's default is each calling thread's per-thread stream),
+    //!   so every kernel, copy, cuBLAS and cuRAND call of the GPU is ordered on that stream;
     //! - hence without cudarc's event tracking, which records an event on every buffer each
     //!   kernel writes and waits on it before each read (two driver calls per argument per
     //!   launch) so that buffers can cross streams safely; with one stream they never do;
@@ -106,10 +106,27 @@ mod cuda {
         reason = "CUDA driver calls on the memory pool; turning off event tracking"
     )]
 
+    use std::sync::Mutex;
+
     use candle_core::cuda_backend::cudarc::driver::sys;
     use candle_core::{Device, Result};
 
+    /// The process's one device for GPU `ordinal`, opened on first use: every caller gets
+    /// the same stream, so tensors from different callers never race.
     pub(super) fn device(ordinal: usize) -> Result<Device> {
+        static OPENED: Mutex<Vec<(usize, Device)>> = Mutex::new(Vec::new());
+        let mut opened = OPENED
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("a thread panicked opening a GPU".into()))?;
+        if let Some((_, device)) = opened.iter().find(|(o, _)| *o == ordinal) {
+            return Ok(device.clone());
+        }
+        let device = open(ordinal)?;
+        opened.push((ordinal, device.clone()));
+        Ok(device)
+    }
+
+    fn open(ordinal: usize) -> Result<Device> {
         let device = Device::new_cuda_with_stream(ordinal)?;
         // SAFETY: event tracking guards buffers shared between streams; every operation on
         // this device runs on its single stream (candle's kernels, cuBLAS and cuRAND take
