@@ -209,12 +209,15 @@ fn step(
             .reshape((rows, 1))?
             .broadcast_as((rows, kv_width))?
             .contiguous()?,
-        attention: StepAttention::Kernel(PagedContext {
-            slots,
-            rows: context_rows,
-            max_context,
-            sliding_window: model.config().sliding_window,
-        }),
+        attention: StepAttention::Kernel {
+            paged: Some(PagedContext {
+                slots,
+                rows: context_rows,
+                max_context,
+                sliding_window: model.config().sliding_window,
+            }),
+            fresh: Vec::new(),
+        },
         routing: AdapterRouting::new([(rows, None)]),
     };
     model.paged_logits(&ids, &step, cache, None, &step.routing)

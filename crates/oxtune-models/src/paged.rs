@@ -200,10 +200,29 @@ pub(crate) struct PagedStep {
 /// How the layers of a step read the cache.
 #[derive(Debug)]
 pub(crate) enum StepAttention {
-    /// On a GPU: one paged-attention kernel per layer, every new token a query row.
-    Kernel(PagedContext),
+    /// On a GPU: one paged-attention kernel per layer over `paged` (every row that reads
+    /// cached context, in step order), and FlashAttention for each prefill chunk in `fresh`.
+    Kernel {
+        paged: Option<PagedContext>,
+        fresh: Vec<FreshChunk>,
+    },
     /// Elsewhere: per group, the padded context gathered and masked.
     Groups(Vec<AttentionGroup>),
+}
+
+/// The first chunk of a sequence's prompt, with nothing cached before it: its keys are its
+/// own, so it attends like a training row (FlashAttention, no score matrix), not through the
+/// paged kernel, which reads the keys of each query row separately and is meant for decode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct FreshChunk {
+    /// First row of the chunk in the flattened step, and its rows.
+    pub(crate) start: usize,
+    pub(crate) len: usize,
+}
+
+impl FreshChunk {
+    /// Shortest chunk worth a FlashAttention launch of its own.
+    const MIN_ROWS: usize = 32;
 }
 
 /// Sequences whose attention runs as one batched computation.
@@ -261,16 +280,35 @@ impl PagedStep {
             .broadcast_as((t, kv_width))?
             .contiguous()?;
         let attention = if device.is_cuda() {
-            StepAttention::Kernel(PagedContext::from_sequences(
-                sequences.iter().map(|sequence| {
-                    (
-                        sequence.slots.as_slice(),
-                        sequence.num_cached_tokens..sequence.total(),
-                    )
-                }),
-                sliding_window,
-                device,
-            )?)
+            let is_fresh = |s: &PagedSequence| {
+                s.num_cached_tokens == 0 && s.num_new_tokens >= FreshChunk::MIN_ROWS
+            };
+            let mut fresh = Vec::new();
+            let mut start = 0;
+            for sequence in sequences {
+                if is_fresh(sequence) {
+                    fresh.push(FreshChunk {
+                        start,
+                        len: sequence.num_new_tokens,
+                    });
+                }
+                start += sequence.num_new_tokens;
+            }
+            let paged = if sequences.iter().all(is_fresh) {
+                None
+            } else {
+                Some(PagedContext::from_sequences(
+                    sequences.iter().filter(|s| !is_fresh(s)).map(|sequence| {
+                        (
+                            sequence.slots.as_slice(),
+                            sequence.num_cached_tokens..sequence.total(),
+                        )
+                    }),
+                    sliding_window,
+                    device,
+                )?)
+            };
+            StepAttention::Kernel { paged, fresh }
         } else {
             StepAttention::Groups(AttentionGroup::of_step(sequences, sliding_window, device)?)
         };

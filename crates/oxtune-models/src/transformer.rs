@@ -11,13 +11,15 @@
 
 use oxtune_tensor::attention::{AttentionMask, flash_attention};
 use oxtune_tensor::candle::backprop::GradStore;
-use oxtune_tensor::ops;
+use oxtune_tensor::ops::{self, PagedContext};
 use oxtune_tensor::{DType, Module, Tensor, Var};
 
 use crate::Result;
 use crate::checkpoint::WeightSource;
 use crate::config::ModelConfig;
-use crate::paged::{AdapterRouting, PagedKvCache, PagedSequence, PagedStep, StepAttention};
+use crate::paged::{
+    AdapterRouting, FreshChunk, PagedKvCache, PagedSequence, PagedStep, StepAttention,
+};
 use crate::rope::RotaryEmbedding;
 
 /// What a tuner puts into a linear layer (LoRA, DoRA, …): given the input and the frozen base
@@ -245,7 +247,6 @@ struct AttentionContext<'a> {
     /// Training on a GPU: (b, t) u32 sample of each token, for the fused attention kernel,
     /// which masks causally within a sample (and the model's sliding window) by itself.
     segments: Option<Tensor>,
-    sliding_window: Option<usize>,
     /// Keys/values of earlier tokens (inference); `None` in training.
     cache: Option<&'a mut KvCache>,
 }
@@ -361,6 +362,8 @@ struct Attention {
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
+    /// A query sees only the last this many positions (Mistral).
+    sliding_window: Option<usize>,
 }
 
 impl Attention {
@@ -405,6 +408,7 @@ impl Attention {
             num_heads: h,
             num_kv_heads: kv_h,
             head_dim: d,
+            sliding_window: cfg.sliding_window,
         })
     }
 
@@ -439,7 +443,7 @@ impl Attention {
                 let mask = AttentionMask {
                     causal: true,
                     segments: Some(segments),
-                    sliding_window: context.sliding_window,
+                    sliding_window: self.sliding_window,
                 };
                 flash_attention(&q, &k, &v, self.scale(), mask)?
             }
@@ -509,12 +513,10 @@ impl Attention {
         )?;
 
         let out = match &step.attention {
-            StepAttention::Kernel(context) => {
-                // (t, h, d) over the pools, for every row of the step at once
-                #[expect(clippy::cast_precision_loss, reason = "head_dim is small")]
-                let scale = 1.0 / (d as f64).sqrt();
-                let (k_pool, v_pool) = cache.pools(layer);
-                ops::paged_attention(&q.detach(), k_pool, v_pool, context, scale)?
+            StepAttention::Kernel { paged, fresh } => {
+                let v = v.reshape((t, kv_h, d))?;
+                let k = k.reshape((t, kv_h, d))?;
+                self.attend_step(&q.detach(), &k, &v, paged.as_ref(), fresh, cache, layer)?
             }
             StepAttention::Groups(groups) => {
                 let mut outputs = Vec::with_capacity(groups.len());
@@ -537,6 +539,104 @@ impl Attention {
         };
         let out = out.reshape((1, t, h * d))?;
         self.o_proj.forward_routed(&out, routing)
+    }
+
+    /// Attention of a step's rows on a GPU: q (t, h, d), the step's own k and v (t, kv_h,
+    /// d) -> (t, h, d). Each fresh prefill chunk runs FlashAttention over its own keys; the
+    /// other rows, in order, read the pools through the paged kernel.
+    #[expect(clippy::too_many_arguments, reason = "one step's parts, all needed")]
+    fn attend_step(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        paged: Option<&PagedContext>,
+        fresh: &[FreshChunk],
+        cache: &PagedKvCache,
+        layer: usize,
+    ) -> Result<Tensor> {
+        let t = q.dim(0)?;
+        let (k_pool, v_pool) = cache.pools(layer);
+        if fresh.is_empty() {
+            let context = paged.ok_or_else(|| {
+                oxtune_tensor::candle::Error::Msg("a step without rows to attend".into())
+            })?;
+            return Ok(ops::paged_attention(
+                q,
+                k_pool,
+                v_pool,
+                context,
+                self.scale(),
+            )?);
+        }
+        // (len, heads, d) -> (1, heads, len, d)
+        let heads_first = |x: &Tensor, start: usize, len: usize| -> Result<Tensor> {
+            Ok(x.narrow(0, start, len)?
+                .transpose(0, 1)?
+                .unsqueeze(0)?
+                .contiguous()?)
+        };
+        // Rows between fresh chunks, then the chunks, each in its place.
+        let mut pieces: Vec<(usize, usize, Option<Tensor>)> = Vec::new();
+        let mut cursor = 0;
+        for chunk in fresh {
+            if chunk.start > cursor {
+                pieces.push((cursor, chunk.start - cursor, None));
+            }
+            let mask = AttentionMask {
+                causal: true,
+                segments: None,
+                sliding_window: self.sliding_window,
+            };
+            let out = flash_attention(
+                &heads_first(q, chunk.start, chunk.len)?,
+                &heads_first(k, chunk.start, chunk.len)?,
+                &heads_first(v, chunk.start, chunk.len)?,
+                self.scale(),
+                mask,
+            )?;
+            let out = out.squeeze(0)?.transpose(0, 1)?;
+            pieces.push((chunk.start, chunk.len, Some(out)));
+            cursor = chunk.start + chunk.len;
+        }
+        if cursor < t {
+            pieces.push((cursor, t - cursor, None));
+        }
+        let paged_rows: Vec<Tensor> = pieces
+            .iter()
+            .filter(|(_, _, out)| out.is_none())
+            .map(|&(start, len, _)| q.narrow(0, start, len))
+            .collect::<std::result::Result<_, _>>()?;
+        let mut paged_out = match (paged, paged_rows.is_empty()) {
+            (Some(context), false) => {
+                let rows = Tensor::cat(&paged_rows, 0)?.contiguous()?;
+                Some(ops::paged_attention(
+                    &rows,
+                    k_pool,
+                    v_pool,
+                    context,
+                    self.scale(),
+                )?)
+            }
+            _ => None,
+        };
+        let mut taken = 0;
+        let mut outputs = Vec::with_capacity(pieces.len());
+        for (_, len, out) in pieces {
+            match out {
+                Some(out) => outputs.push(out),
+                None => {
+                    let all = paged_out.as_mut().ok_or_else(|| {
+                        oxtune_tensor::candle::Error::Msg(
+                            "rows outside fresh chunks but no paged context".into(),
+                        )
+                    })?;
+                    outputs.push(all.narrow(0, taken, len)?);
+                    taken += len;
+                }
+            }
+        }
+        Ok(Tensor::cat(&outputs, 0)?)
     }
 
     /// q and k projections with the per-head norms (Qwen3): (b, t, c) -> (b, t, heads, d).
@@ -843,7 +943,6 @@ impl CausalLm {
                 sin,
                 mask,
                 segments: None,
-                sliding_window: None,
                 cache: Some(&mut *cache),
             },
         )?;
@@ -986,7 +1085,6 @@ impl CausalLm {
             sin,
             segments: layout.mask.is_none().then(|| layout.segments.clone()),
             mask: layout.mask.clone(),
-            sliding_window: self.config.sliding_window,
             cache: None,
         })
     }
