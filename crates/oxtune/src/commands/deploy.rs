@@ -450,6 +450,9 @@ pub fn external_command(
             if !args.enable_prefix_caching {
                 push(&["--disable-radix-cache"]);
             }
+            if args.enforce_eager {
+                push(&["--disable-cuda-graph"]);
+            }
             if let Some(method) = &args.quant_method {
                 push(&["--quantization", method]);
             }
@@ -663,6 +666,8 @@ mod tests {
             "4096",
             "--enable_prefix_caching",
             "false",
+            "--enforce_eager",
+            "true",
         ])?;
         assert_eq!(args.serving_backend, ServingBackend::Sglang);
         let (program, argv) = external_command(ServingBackend::Sglang, &args, "/m", "m", &[]);
@@ -673,6 +678,7 @@ mod tests {
             "--tp-size 4",
             "--context-length 4096",
             "--disable-radix-cache",
+            "--disable-cuda-graph",
         ] {
             assert!(line.contains(part), "`{part}` missing from `{line}`");
         }
