@@ -1,7 +1,7 @@
 //! Kernel launches: allocation of outputs and the `launch` calls of `kernels/*.cu`.
 //!
 //! Unsafe, like the other launch code of `src/cuda/` (each kernel family's file launches its
-//! own kernels the same way) and the two driver settings of `device.rs` and `graph.rs`; no
+//! own kernels the same way), the driver calls of `device.rs` and the `Send` of `graph.rs`; no
 //! other module of oxtune-tensor is. Each function checks, before it launches, that
 //! every input view holds exactly the elements the kernel indexes and that the sizes fit
 //! the kernel's integer types; the kernels write every element of the outputs they allocate.
