@@ -11,7 +11,7 @@
 //! (one upload and one copy): the token ids, their positions, the slots their keys and values
 //! go to, and each row's slot table for the paged-attention kernel, whose launch is sized
 //! for the longest context the cache can hold, so one recording serves every context length.
-//! A batch smaller than its recording is padded by repeating its first row, which writes the
+//! A batch smaller than its recording is padded by repeating its last row, which writes the
 //! same keys and values to the same slot and whose logits are dropped.
 //!
 //! Only steps where every sequence decodes one token under the base model qualify; prefill
@@ -120,7 +120,7 @@ impl DecodeGraphs {
 }
 
 /// The step's inputs in a recording's layout (without the slot tables' unused tail), padded
-/// to `rows` by repeating the first row.
+/// to `rows` by repeating the last row.
 fn step_inputs(input_ids: &[u32], sequences: &[PagedSequence], rows: usize) -> Result<Vec<u32>> {
     let to_u32 = |value: usize| u32::try_from(value).map_err(oxtune_tensor::candle::Error::wrap);
     let padded = |i: usize| i.min(sequences.len() - 1);
@@ -221,4 +221,48 @@ fn step(
         routing: AdapterRouting::new([(rows, None)]),
     };
     model.paged_logits(&ids, &step, cache, None, &step.routing)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decoding(cached: usize, slots: Vec<u32>) -> PagedSequence {
+        PagedSequence {
+            num_new_tokens: 1,
+            num_cached_tokens: cached,
+            slots,
+            adapter: None,
+        }
+    }
+
+    #[test]
+    fn step_inputs_pad_with_the_last_row_and_pack_the_slot_tables() -> Result<()> {
+        let sequences = [decoding(2, vec![7, 8, 9]), decoding(1, vec![40, 41])];
+        let host = step_inputs(&[5, 6], &sequences, 4)?;
+        #[rustfmt::skip]
+        let expected = vec![
+            5, 6, 6, 6,             // ids, padded with the last row's
+            2, 1, 1, 1,             // positions: the cached counts
+            9, 41, 41, 41,          // slots the new tokens go to
+            0, 3, 3, 2, 3, 2, 3, 2, // per row: table offset, context length
+            7, 8, 9, 40, 41,        // the tables, packed
+        ];
+        assert_eq!(host, expected);
+        Ok(())
+    }
+
+    #[test]
+    fn steps_on_the_cpu_run_eagerly() -> Result<()> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/tiny-llama");
+        let device = oxtune_tensor::Device::Cpu;
+        let model = crate::LoadedModel::load(&dir, &device, DType::F32)?.model;
+        let cache = PagedKvCache::new(model.config(), 4, 4, DType::F32, &device)?;
+        let mut graphs = DecodeGraphs::new(16);
+        let step = graphs.run(&model, &[1], &[decoding(0, vec![0])], &cache)?;
+        assert!(step.is_none(), "a CPU step must run eagerly");
+        assert!(graphs.recorded.is_empty() && !graphs.disabled);
+        Ok(())
+    }
 }
