@@ -6,33 +6,15 @@
 //! where attention is the paged-attention kernel: f32 logits within 1e-4, and with
 //! `OXTUNE_TEST_DTYPE=bfloat16` within 2e-2 of the largest reference logit.
 
-use std::path::{Path, PathBuf};
+mod common;
 
 use anyhow::ensure;
 use oxtune_models::{LoadedModel, PagedKvCache, PagedSequence};
 use oxtune_tensor::{DType, Device, Tensor};
 
+use common::{fixture, target};
+
 const BLOCK: usize = 4;
-
-/// The device and dtype under test (CPU f32 unless the environment says otherwise).
-fn target() -> anyhow::Result<(Device, DType)> {
-    let device = oxtune_tensor::parse_device(
-        &std::env::var("OXTUNE_TEST_DEVICE").unwrap_or_else(|_| "cpu".into()),
-    )?;
-    let dtype = oxtune_tensor::parse_dtype(
-        &std::env::var("OXTUNE_TEST_DTYPE").unwrap_or_else(|_| "float32".into()),
-    )?;
-    Ok((device, dtype))
-}
-
-fn fixture(name: &str) -> PathBuf {
-    std::env::var_os("OXTUNE_FIXTURES")
-        .map_or_else(
-            || Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures"),
-            PathBuf::from,
-        )
-        .join(name)
-}
 
 /// Last-position logits of `tokens` through the contiguous cache, in one call.
 fn reference(model: &LoadedModel, tokens: &[u32]) -> anyhow::Result<Vec<f32>> {

@@ -8,26 +8,17 @@
 //! (max |diff| / max |reference|) and greedy tokens are not compared (bf16 rounding may
 //! legitimately flip a near-tie).
 
-use std::path::{Path, PathBuf};
+mod common;
 
 use anyhow::{Context as _, ensure};
 use oxtune_models::{BatchLayout, ChatMessage, KvCache, LoadedModel};
-use oxtune_tensor::{D, DType, Device, Tensor};
+use oxtune_tensor::{D, DType, Tensor};
 use serde::Deserialize;
+
+use common::{fixture, target};
 
 const LOGITS_TOLERANCE: f32 = 1e-4;
 const BF16_RELATIVE_TOLERANCE: f32 = 2e-2;
-
-/// The device and dtype under test (CPU f32 unless the environment says otherwise).
-fn target() -> anyhow::Result<(Device, DType)> {
-    let device = oxtune_tensor::parse_device(
-        &std::env::var("OXTUNE_TEST_DEVICE").unwrap_or_else(|_| "cpu".into()),
-    )?;
-    let dtype = oxtune_tensor::parse_dtype(
-        &std::env::var("OXTUNE_TEST_DTYPE").unwrap_or_else(|_| "float32".into()),
-    )?;
-    Ok((device, dtype))
-}
 
 /// Absolute tolerance for logits whose largest magnitude is `scale`.
 fn tolerance(dtype: DType, scale: f32) -> f32 {
@@ -36,16 +27,6 @@ fn tolerance(dtype: DType, scale: f32) -> f32 {
     } else {
         BF16_RELATIVE_TOLERANCE * scale
     }
-}
-
-/// `tests/fixtures/NAME`, or under `$OXTUNE_FIXTURES` when the test binary runs elsewhere.
-fn fixture(name: &str) -> PathBuf {
-    std::env::var_os("OXTUNE_FIXTURES")
-        .map_or_else(
-            || Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures"),
-            PathBuf::from,
-        )
-        .join(name)
 }
 
 #[derive(Deserialize)]
