@@ -134,9 +134,12 @@ impl Server {
         let task = tokio::spawn(oxtune_server::serve(listener, state, async move {
             let _ = signal.await;
         }));
+        // A fresh connection per request: after an early error reply (413 before the body is
+        // read) the server closes its connection, and a pooled client could send the next
+        // request on it while it closes ("connection closed before message completed").
         Ok(Self {
             url,
-            client: client_builder().build()?,
+            client: client_builder().pool_max_idle_per_host(0).build()?,
             shutdown: Some(shutdown),
             task,
         })
