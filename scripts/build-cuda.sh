@@ -74,6 +74,9 @@ test_binary() {
 test_binary oxtune-models parity parity
 # Every op on the GPU against the CPU at real checkpoint shapes, and each fused kernel.
 test_binary oxtune-tensor cuda_ops cuda-ops
+# The fused q/k norm + RoPE + paged KV cache write against its composition, and its timing.
+test_binary oxtune-tensor cuda_rope_cache cuda-rope-cache
+test_binary oxtune-tensor cuda_gemv cuda-gemv
 # Training through the fused attention and decode replayed from CUDA graphs, on small models.
 test_binary oxtune-models gpu_model gpu-model
-echo "built .gpu/oxtune, .gpu/parity, .gpu/cuda-ops and .gpu/gpu-model"
+echo "built .gpu/oxtune, .gpu/parity, .gpu/cuda-ops, .gpu/cuda-rope-cache, .gpu/cuda-gemv and .gpu/gpu-model"

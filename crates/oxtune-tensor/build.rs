@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The kernel files, one PTX module each (`src/cuda/mod.rs` names the same list).
-const KERNELS: [&str; 9] = [
+const KERNELS: [&str; 11] = [
     "softmax",
     "rms_norm",
     "swiglu",
@@ -18,6 +18,8 @@ const KERNELS: [&str; 9] = [
     "add_rms_norm",
     "flash_attn",
     "paged_attn",
+    "rope_cache",
+    "gemv",
 ];
 
 fn main() {

@@ -13,6 +13,7 @@
 //! `tests/cuda_ops.rs` checks every kernel and its gradients against the CPU.
 
 use candle_core::{D, DType, Result, Tensor};
+use candle_nn::Module as _;
 
 /// Serving attention over a paged KV cache ([`crate::paged_attention`]).
 pub use crate::paged_attention::{PagedContext, paged_attention, paged_attention_reference};
@@ -360,6 +361,99 @@ pub fn cross_entropy_sum_reference(
     (per_token * mask)?.sum_all()
 }
 
+/// Index of the largest value of each row over the last dimension, the first one on ties, as
+/// candle's `argmax` gives it: (.., v) -> (..) u32.
+///
+/// candle's CUDA argmax gives each row one block, so the 151,936-wide row of a batch-1 decode
+/// step takes about 0.1 ms on an H200. Rows of at least `16 * ARGMAX_CHUNKS` values are cut
+/// into `ARGMAX_CHUNKS` chunks reduced in parallel (each chunk's max and first argmax, padded
+/// with -inf), then the first chunk holding the row's max gives the index.
+pub fn argmax_last_dim(xs: &Tensor) -> Result<Tensor> {
+    const ARGMAX_CHUNKS: usize = 128;
+    let width = xs.dim(D::Minus1)?;
+    if width < 16 * ARGMAX_CHUNKS {
+        return xs.argmax(D::Minus1);
+    }
+    let lead = xs.dims()[..xs.rank() - 1].to_vec();
+    let rows = lead.iter().product::<usize>();
+    let chunk = width.div_ceil(ARGMAX_CHUNKS);
+    let mut flat = xs.reshape((rows, width))?;
+    if chunk * ARGMAX_CHUNKS > width {
+        let pad = Tensor::full(
+            f32::NEG_INFINITY,
+            (rows, chunk * ARGMAX_CHUNKS - width),
+            xs.device(),
+        )?
+        .to_dtype(xs.dtype())?;
+        flat = Tensor::cat(&[&flat, &pad], 1)?;
+    }
+    // (rows, chunks, chunk) -> each chunk's max and first argmax: (rows, chunks)
+    let chunks = flat.reshape((rows, ARGMAX_CHUNKS, chunk))?;
+    let maxima = chunks.max(2)?;
+    let within = chunks.argmax(2)?;
+    // The first chunk holding the row's max (argmax keeps the first of equal values).
+    let best = maxima.argmax_keepdim(1)?;
+    let offset = within.gather(&best, 1)?;
+    let chunk = u32::try_from(chunk)
+        .map_err(|_| candle_core::Error::Msg(format!("argmax: rows of {width} values")))?;
+    let start = best.broadcast_mul(&Tensor::new(&[chunk], xs.device())?)?;
+    (start + offset)?.reshape(lead)
+}
+
+/// `xs` (.., k) times each weight's transpose (weights (n_i, k)), plus its bias (n_i,) where
+/// given, concatenated on the last dimension: (.., n_1 + n_2 + ..). One linear layer, or
+/// several reading the same input (q|k|v).
+///
+/// On CUDA, for at most [`GEMV_MAX_ROWS`](crate::cuda::GEMV_MAX_ROWS) rows (a decode step)
+/// and nothing tracking a gradient, one bandwidth-bound launch for all the weights
+/// (`kernels/gemv.cu`); otherwise candle's matmul per weight, as [`candle_nn::Linear`] runs
+/// it, and a concatenation.
+pub fn linear_rows(xs: &Tensor, weights: &[&Tensor], biases: &[Option<&Tensor>]) -> Result<Tensor> {
+    if weights.is_empty() || weights.len() != biases.len() {
+        candle_core::bail!(
+            "linear_rows: {} weights and {} biases; give one bias entry (or None) per weight",
+            weights.len(),
+            biases.len()
+        );
+    }
+    #[cfg(feature = "cuda")]
+    if crate::cuda::gemv_takes(xs, weights, biases) && gemv_pays(xs, weights, false) {
+        return crate::cuda::linear_rows(xs, weights, biases);
+    }
+    let outputs = weights
+        .iter()
+        .zip(biases)
+        .map(|(&weight, &bias)| candle_nn::Linear::new(weight.clone(), bias.cloned()).forward(xs))
+        .collect::<Result<Vec<_>>>()?;
+    match outputs.as_slice() {
+        [one] => Ok(one.clone()),
+        _ => Tensor::cat(&outputs, D::Minus1),
+    }
+}
+
+/// [`crate::cuda::gemv_pays`] for these inputs (which the kernel takes).
+#[cfg(feature = "cuda")]
+fn gemv_pays(xs: &Tensor, weights: &[&Tensor], swiglu: bool) -> bool {
+    let k = xs.dims().last().copied().unwrap_or(1).max(1);
+    let bytes = weights.iter().map(|w| w.elem_count()).sum::<usize>() * xs.dtype().size_in_bytes();
+    crate::cuda::gemv_pays(xs.elem_count() / k, k, weights.len(), bytes, swiglu)
+}
+
+/// `silu(xs gate^T) * (xs up^T)`: (.., k) -> (.., n) for gate and up (n, k), the gated MLP's
+/// first half. On CUDA, for the rows of a decode step, one launch reading each weight once
+/// (see [`linear_rows`]); otherwise two matmuls and [`swiglu`].
+pub fn swiglu_linear_rows(xs: &Tensor, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if gate.dims() == up.dims()
+        && crate::cuda::gemv_takes(xs, &[gate, up], &[None, None])
+        && gemv_pays(xs, &[gate, up], true)
+    {
+        return crate::cuda::swiglu_linear_rows(xs, gate, up);
+    }
+    let project = |weight: &Tensor| candle_nn::Linear::new(weight.clone(), None).forward(xs);
+    swiglu(&project(gate)?, &project(up)?)
+}
+
 /// Residual add and RMSNorm: `(xs + residual, rms_norm(xs + residual, weight))`, the sum
 /// rounded to the dtype of `xs` as candle's add rounds it, then [`rms_norm`]'s numerics.
 /// Differentiable in xs, residual and weight (the weight's gradient is computed only when it
@@ -398,6 +492,209 @@ pub fn add_rms_norm_reference(
     Ok((sum, normed))
 }
 
+/// Heads of one attention layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionHeads {
+    /// Query heads (h).
+    pub q: usize,
+    /// Key/value heads (kv).
+    pub kv: usize,
+    /// Elements of a head (d), even.
+    pub head_dim: usize,
+}
+
+/// One serving step's attention inputs after the q/k/v projections, made ready for paged
+/// attention: per-head RMSNorm of q and k when `norms` = (q_norm, k_norm), each (d,), are
+/// given (Qwen3; `eps`), RoPE of q and k ("rotate half", [`rope`]'s convention) by each row's
+/// own row of `cos`/`sin` (t, d/2), and k and v written in place to rows `slots` (t,) u32 of
+/// `k_pool`/`v_pool` (num_slots, kv * d). Returns the rotated q, (t, h, d), contiguous.
+///
+/// `q` (t, h * d), `k` and `v` (t, kv * d) may be row views whose last dimension is
+/// contiguous but whose rows are strided, such as `narrow`s of one fused (t, (h + 2 kv) d)
+/// projection output: the kernel reads them where they are.
+///
+/// On CUDA (f32, bf16, f16; every tensor on one device and of one dtype, none tracking a
+/// gradient, d <= 256, pools contiguous) this is one kernel launch (`kernels/rope_cache.cu`)
+/// with the composition's numerics: statistics and rotation in f32, the normalised heads
+/// rounded to the dtype before RoPE. It uploads nothing, never synchronises and allocates only
+/// q, so it can be recorded in a CUDA graph. There a slot outside the pool is skipped (that
+/// row's k and v are not written; the engine never gives one). Elsewhere, and for inputs the
+/// kernel does not take, it is [`qk_norm_rope_cache_write_reference`], where a slot of
+/// u32::MAX is skipped and any other slot outside the pool is an error (candle's
+/// `scatter_set`). Rows sharing a slot leave that pool row holding values of any of them
+/// (on CUDA possibly mixed head by head); the engine gives every row a slot of its own.
+/// Inference only: nothing flows back into q, k or v through the pools.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the tensors of one attention layer's step, as the model holds them"
+)]
+pub fn qk_norm_rope_cache_write(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: AttentionHeads,
+    norms: Option<(&Tensor, &Tensor)>,
+    eps: f64,
+    cos: &Tensor,
+    sin: &Tensor,
+    slots: &Tensor,
+    k_pool: &Tensor,
+    v_pool: &Tensor,
+) -> Result<Tensor> {
+    let inputs = RopeCacheInputs {
+        q,
+        k,
+        v,
+        heads,
+        norms,
+        eps,
+        cos,
+        sin,
+        slots,
+        k_pool,
+        v_pool,
+    };
+    let rows = inputs.rows()?;
+    #[cfg(feature = "cuda")]
+    if crate::cuda::rope_cache_takes(&inputs) {
+        return crate::cuda::rope_cache_fused(&inputs, rows);
+    }
+    rope_cache_composed(&inputs, rows)
+}
+
+/// The composition [`qk_norm_rope_cache_write`] stands for, as the model ran it: q and k
+/// reshaped to (t, heads, d), [`rms_norm`] per head, [`rope`] of (t, heads, 1, d) by the
+/// tables unsqueezed to (t, 1, d/2), then `k_pool.scatter_set` and `v_pool.scatter_set` of the
+/// rows at `slots` broadcast to (t, kv * d).
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the same arguments as qk_norm_rope_cache_write"
+)]
+pub fn qk_norm_rope_cache_write_reference(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: AttentionHeads,
+    norms: Option<(&Tensor, &Tensor)>,
+    eps: f64,
+    cos: &Tensor,
+    sin: &Tensor,
+    slots: &Tensor,
+    k_pool: &Tensor,
+    v_pool: &Tensor,
+) -> Result<Tensor> {
+    let inputs = RopeCacheInputs {
+        q,
+        k,
+        v,
+        heads,
+        norms,
+        eps,
+        cos,
+        sin,
+        slots,
+        k_pool,
+        v_pool,
+    };
+    rope_cache_composed(&inputs, inputs.rows()?)
+}
+
+/// The tensors of one [`qk_norm_rope_cache_write`] call.
+#[derive(Clone, Copy)]
+pub(crate) struct RopeCacheInputs<'a> {
+    pub(crate) q: &'a Tensor,
+    pub(crate) k: &'a Tensor,
+    pub(crate) v: &'a Tensor,
+    pub(crate) heads: AttentionHeads,
+    pub(crate) norms: Option<(&'a Tensor, &'a Tensor)>,
+    pub(crate) eps: f64,
+    pub(crate) cos: &'a Tensor,
+    pub(crate) sin: &'a Tensor,
+    pub(crate) slots: &'a Tensor,
+    pub(crate) k_pool: &'a Tensor,
+    pub(crate) v_pool: &'a Tensor,
+}
+
+impl RopeCacheInputs<'_> {
+    /// Checks every shape against the heads; returns the step's rows t.
+    pub(crate) fn rows(&self) -> Result<usize> {
+        let op = "qk_norm_rope_cache_write";
+        let AttentionHeads {
+            q: h,
+            kv,
+            head_dim: d,
+        } = self.heads;
+        if h == 0 || kv == 0 || d == 0 || d % 2 != 0 {
+            candle_core::bail!(
+                "{op}: {h} query heads, {kv} key/value heads of {d} elements; expected heads and \
+                 an even head_dim"
+            );
+        }
+        let t = self.q.dim(0)?;
+        let expect = |what: &str, tensor: &Tensor, dims: &[usize]| -> Result<()> {
+            if tensor.dims() != dims {
+                candle_core::bail!(
+                    "{op}: {what} {:?}; expected {dims:?} (t {t}, h {h}, kv {kv}, d {d})",
+                    tensor.shape()
+                );
+            }
+            Ok(())
+        };
+        expect("q", self.q, &[t, h * d])?;
+        expect("k", self.k, &[t, kv * d])?;
+        expect("v", self.v, &[t, kv * d])?;
+        expect("cos", self.cos, &[t, d / 2])?;
+        expect("sin", self.sin, &[t, d / 2])?;
+        expect("slots", self.slots, &[t])?;
+        if self.slots.dtype() != DType::U32 {
+            candle_core::bail!("{op}: slots are {:?}; expected u32", self.slots.dtype());
+        }
+        let num_slots = self.k_pool.dim(0)?;
+        expect("k_pool", self.k_pool, &[num_slots, kv * d])?;
+        expect("v_pool", self.v_pool, &[num_slots, kv * d])?;
+        if let Some((q_norm, k_norm)) = self.norms {
+            expect("q_norm", q_norm, &[d])?;
+            expect("k_norm", k_norm, &[d])?;
+        }
+        Ok(t)
+    }
+}
+
+fn rope_cache_composed(inputs: &RopeCacheInputs<'_>, t: usize) -> Result<Tensor> {
+    let AttentionHeads {
+        q: h,
+        kv,
+        head_dim: d,
+    } = inputs.heads;
+    // (t, heads * d) -> (t, heads, d), each head normalised on its own
+    let q = inputs.q.reshape((t, h, d))?;
+    let k = inputs.k.reshape((t, kv, d))?;
+    let (q, k) = match inputs.norms {
+        Some((q_norm, k_norm)) => (
+            rms_norm(&q, q_norm, inputs.eps)?,
+            rms_norm(&k, k_norm, inputs.eps)?,
+        ),
+        None => (q, k),
+    };
+    // (t, heads, d) -> (t, heads, 1, d): each row a batch row of its own, rotated by its own
+    // (1, d/2) table row
+    let (cos, sin) = (inputs.cos.unsqueeze(1)?, inputs.sin.unsqueeze(1)?);
+    let q = rope(&q.unsqueeze(2)?, &cos, &sin)?.squeeze(2)?;
+    let k = rope(&k.unsqueeze(2)?, &cos, &sin)?.squeeze(2)?;
+    let index = inputs
+        .slots
+        .reshape((t, 1))?
+        .broadcast_as((t, kv * d))?
+        .contiguous()?;
+    inputs
+        .k_pool
+        .scatter_set(&index, &k.reshape((t, kv * d))?.contiguous()?, 0)?;
+    inputs
+        .v_pool
+        .scatter_set(&index, &inputs.v.contiguous()?, 0)?;
+    q.contiguous()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -405,6 +702,58 @@ mod tests {
 
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
         (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+    }
+
+    #[test]
+    fn linear_rows_off_the_gpu_equals_one_linear_layer_per_weight() -> Result<()> {
+        let device = Device::Cpu;
+        let xs = Tensor::randn(0f32, 1.0, (1, 3, 16), &device)?;
+        let q = Tensor::randn(0f32, 1.0, (8, 16), &device)?;
+        let k = Tensor::randn(0f32, 1.0, (4, 16), &device)?;
+        let bias = Tensor::randn(0f32, 1.0, 4, &device)?;
+        let both = linear_rows(&xs, &[&q, &k], &[None, Some(&bias)])?;
+        assert_eq!(both.dims(), [1, 3, 12]);
+        let expected_q = xs.broadcast_matmul(&q.t()?)?;
+        let expected_k = xs.broadcast_matmul(&k.t()?)?.broadcast_add(&bias)?;
+        assert!(max_abs_diff(&both.narrow(2, 0, 8)?, &expected_q)? < 1e-5);
+        assert!(max_abs_diff(&both.narrow(2, 8, 4)?, &expected_k)? < 1e-5);
+
+        let up = Tensor::randn(0f32, 1.0, (8, 16), &device)?;
+        let expected = swiglu_reference(&expected_q, &xs.broadcast_matmul(&up.t()?)?)?;
+        assert!(max_abs_diff(&swiglu_linear_rows(&xs, &q, &up)?, &expected)? < 1e-5);
+        assert!(linear_rows(&xs, &[&q], &[]).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn chunked_argmax_equals_candles_on_wide_rows_and_ties() -> Result<()> {
+        let device = Device::Cpu;
+        for width in [100, 2048, 5000, 151_936] {
+            let xs = Tensor::randn(0f32, 1.0, (3, width), &device)?;
+            let expected: Vec<u32> = xs.argmax(D::Minus1)?.to_vec1()?;
+            assert_eq!(
+                argmax_last_dim(&xs)?.to_vec1::<u32>()?,
+                expected,
+                "width {width}"
+            );
+            let bf16 = xs.to_dtype(DType::BF16)?;
+            let expected: Vec<u32> = bf16.argmax(D::Minus1)?.to_vec1()?;
+            assert_eq!(
+                argmax_last_dim(&bf16)?.to_vec1::<u32>()?,
+                expected,
+                "bf16 {width}"
+            );
+        }
+        // Ties within a chunk and across chunks: the first index wins, as with candle.
+        let mut row = vec![0f32; 4099];
+        for index in [7, 40, 3000, 4098] {
+            row[index] = 5.0;
+        }
+        let xs = Tensor::from_vec(row, (1, 1, 4099), &device)?;
+        assert_eq!(argmax_last_dim(&xs)?.to_vec2::<u32>()?, vec![vec![7]]);
+        let flat = Tensor::full(f32::NEG_INFINITY, (2, 4096), &device)?;
+        assert_eq!(argmax_last_dim(&flat)?.to_vec1::<u32>()?, vec![0, 0]);
+        Ok(())
     }
 
     #[test]
@@ -794,5 +1143,177 @@ mod tests {
             &[xs, residual, weight],
             8,
         )
+    }
+
+    /// f64 loops of [`qk_norm_rope_cache_write`] for one row and head of width `d`: the
+    /// head normalised by `weight` (when given), then rotated by the row's (cos, sin).
+    fn naive_norm_rope(x: &[f64], weight: Option<&[f64]>, cos: &[f64], sin: &[f64]) -> Vec<f64> {
+        let d = x.len();
+        let half = d / 2;
+        let normed: Vec<f64> = match weight {
+            Some(w) => {
+                let rms = (x.iter().map(|v| v * v).sum::<f64>() / d as f64 + 1e-6).sqrt();
+                x.iter().zip(w).map(|(v, w)| v / rms * w).collect()
+            }
+            None => x.to_vec(),
+        };
+        let mut y = vec![0.0; d];
+        for i in 0..half {
+            let (a, b) = (normed[i], normed[i + half]);
+            y[i] = a * cos[i] - b * sin[i];
+            y[i + half] = b * cos[i] + a * sin[i];
+        }
+        y
+    }
+
+    #[test]
+    fn qk_norm_rope_cache_write_is_norm_rope_then_scatter() -> Result<()> {
+        let device = Device::Cpu;
+        let (t, h, kv, d, num_slots) = (5, 4, 2, 8, 12);
+        let heads = AttentionHeads {
+            q: h,
+            kv,
+            head_dim: d,
+        };
+        // q, k and v as narrows of one fused projection output (strided rows)
+        let qkv = Tensor::randn(0f64, 1.0, (t, (h + 2 * kv) * d), &device)?;
+        let q = qkv.narrow(1, 0, h * d)?;
+        let k = qkv.narrow(1, h * d, kv * d)?;
+        let v = qkv.narrow(1, (h + kv) * d, kv * d)?;
+        let q_norm = Tensor::randn(1f64, 0.2, d, &device)?;
+        let k_norm = Tensor::randn(1f64, 0.2, d, &device)?;
+        let angles = Tensor::randn(0f64, 2.0, (t, d / 2), &device)?;
+        let (cos, sin) = (angles.cos()?, angles.sin()?);
+        let slots_host = [7u32, 2, 11, 0, 5];
+        let slots = Tensor::new(&slots_host, &device)?;
+        let initial = Tensor::randn(0f64, 1.0, (2, num_slots, kv * d), &device)?;
+        let rows: Vec<Vec<f64>> = qkv.to_vec2()?;
+        let (cos_host, sin_host): (Vec<Vec<f64>>, Vec<Vec<f64>>) = (cos.to_vec2()?, sin.to_vec2()?);
+        let (q_weight, k_weight): (Vec<f64>, Vec<f64>) = (q_norm.to_vec1()?, k_norm.to_vec1()?);
+        for with_norms in [true, false] {
+            // fresh pools holding other values, to see which rows change
+            let k_pool = initial.get(0)?.copy()?;
+            let v_pool = initial.get(1)?.copy()?;
+            let norms = with_norms.then_some((&q_norm, &k_norm));
+            let out = qk_norm_rope_cache_write(
+                &q, &k, &v, heads, norms, 1e-6, &cos, &sin, &slots, &k_pool, &v_pool,
+            )?;
+            assert_eq!(out.dims(), [t, h, d]);
+            let out: Vec<Vec<Vec<f64>>> = out.to_vec3()?;
+            let (k_rows, v_rows): (Vec<Vec<f64>>, Vec<Vec<f64>>) =
+                (k_pool.to_vec2()?, v_pool.to_vec2()?);
+            let before: Vec<Vec<Vec<f64>>> = initial.to_vec3()?;
+            let close = |got: &[f64], expected: &[f64], what: &str| {
+                for (i, (g, e)) in got.iter().zip(expected).enumerate() {
+                    assert!(
+                        (g - e).abs() < 1e-12,
+                        "norms {with_norms}, {what}[{i}]: {g} vs {e}"
+                    );
+                }
+            };
+            for row in 0..t {
+                let slot = slots_host[row] as usize;
+                let (c, s) = (&cos_host[row], &sin_host[row]);
+                for j in 0..h {
+                    let x = &rows[row][j * d..(j + 1) * d];
+                    let weight = with_norms.then_some(q_weight.as_slice());
+                    let expected = naive_norm_rope(x, weight, c, s);
+                    close(&out[row][j], &expected, &format!("q row {row} head {j}"));
+                }
+                for j in 0..kv {
+                    let x = &rows[row][(h + j) * d..(h + j + 1) * d];
+                    let weight = with_norms.then_some(k_weight.as_slice());
+                    let expected = naive_norm_rope(x, weight, c, s);
+                    let got = &k_rows[slot][j * d..(j + 1) * d];
+                    close(got, &expected, &format!("k row {row} head {j}"));
+                    let x = &rows[row][(h + kv + j) * d..(h + kv + j + 1) * d];
+                    assert_eq!(&v_rows[slot][j * d..(j + 1) * d], x, "v row {row} head {j}");
+                }
+            }
+            for slot in (0..num_slots).filter(|s| !slots_host.contains(&(*s as u32))) {
+                assert_eq!(
+                    k_rows[slot], before[0][slot],
+                    "k_pool row {slot} was written"
+                );
+                assert_eq!(
+                    v_rows[slot], before[1][slot],
+                    "v_pool row {slot} was written"
+                );
+            }
+        }
+        // contiguous inputs give the same q as the strided views
+        let strided = qk_norm_rope_cache_write_reference(
+            &q,
+            &k,
+            &v,
+            heads,
+            None,
+            1e-6,
+            &cos,
+            &sin,
+            &slots,
+            &initial.get(0)?.copy()?,
+            &initial.get(1)?.copy()?,
+        )?;
+        let contiguous = qk_norm_rope_cache_write(
+            &q.contiguous()?,
+            &k.contiguous()?,
+            &v.contiguous()?,
+            heads,
+            None,
+            1e-6,
+            &cos,
+            &sin,
+            &slots,
+            &initial.get(0)?.copy()?,
+            &initial.get(1)?.copy()?,
+        )?;
+        assert!(
+            max_abs_diff(
+                &strided.to_dtype(DType::F32)?,
+                &contiguous.to_dtype(DType::F32)?
+            )? == 0.0
+        );
+        // u32::MAX slots are skipped; a wrong shape is an error naming the tensor
+        let k_pool = initial.get(0)?.copy()?;
+        let skipped = Tensor::new(&[u32::MAX, 2, u32::MAX, 0, 5], &device)?;
+        qk_norm_rope_cache_write(
+            &q,
+            &k,
+            &v,
+            heads,
+            None,
+            1e-6,
+            &cos,
+            &sin,
+            &skipped,
+            &k_pool,
+            &initial.get(1)?.copy()?,
+        )?;
+        let k_rows: Vec<Vec<f64>> = k_pool.to_vec2()?;
+        let before: Vec<Vec<f64>> = initial.get(0)?.to_vec2()?;
+        assert_eq!(k_rows[7], before[7]);
+        assert_eq!(k_rows[11], before[11]);
+        assert_ne!(k_rows[2], before[2]);
+        let error = qk_norm_rope_cache_write(
+            &q,
+            &k,
+            &v,
+            AttentionHeads {
+                q: h,
+                kv: 1,
+                head_dim: d,
+            },
+            None,
+            1e-6,
+            &cos,
+            &sin,
+            &slots,
+            &k_pool,
+            &initial.get(1)?.copy()?,
+        )
+        .expect_err("k has 2 heads, not 1");
+        assert!(error.to_string().contains("k [5, 16]"), "{error}");
+        Ok(())
     }
 }

@@ -207,6 +207,12 @@ fn same_shape(a: &Layout, b: &Layout, op: &str, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// The address of a tensor's storage: equal for tensors sharing one, stable while it lives.
+fn storage_address(tensor: &Tensor) -> usize {
+    let (storage, _) = tensor.storage_and_layout();
+    std::ptr::from_ref::<candle_core::Storage>(&storage).addr()
+}
+
 fn no_cpu<T>(op: &str) -> Result<T> {
     bail!("{op}: a CUDA kernel; on the CPU call the ops.rs function, which composes candle ops")
 }
@@ -650,10 +656,16 @@ impl CustomOp3 for Rope {
 mod add_rms_norm;
 mod cross_entropy;
 mod flash;
+mod gemv;
 mod paged;
+mod rope_cache;
 
 pub use add_rms_norm::add_rms_norm;
 pub use cross_entropy::{cross_entropy_backward, cross_entropy_sum, cross_entropy_sum_with_lse};
 pub(crate) use flash::HEAD_DIMS as FLASH_HEAD_DIMS;
 pub use flash::{flash_attention, flash_attention_backward, flash_attention_with_lse};
+pub use gemv::{GEMV_MAX_ROWS, GEMV_MAX_WEIGHTS, linear_rows, swiglu_linear_rows};
+pub(crate) use gemv::{gemv_pays, gemv_takes};
 pub use paged::{PAGED_ATTENTION_MAX_HEAD_DIM, paged_attention};
+pub use rope_cache::{ROPE_CACHE_MAX_HEAD_DIM, qk_norm_rope_cache_write};
+pub(crate) use rope_cache::{rope_cache_fused, rope_cache_takes};
