@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use oxtune_models::decode_graph::DecodeGraphs;
 use oxtune_models::{ChatTemplate, LoadedModel, PagedKvCache, Tokenizer};
-use oxtune_tensor::{D, DType, Tensor};
+use oxtune_tensor::ops::argmax_last_dim;
+use oxtune_tensor::{DType, Tensor};
 
 use crate::block_manager::BlockManager;
 use crate::grammar::{GrammarCompiler, TokenConstraint};
@@ -765,7 +766,7 @@ impl Engine {
             .all(|id| self.requests.get(id).is_some_and(Active::is_plain_greedy));
         let host: Vec<Vec<f32>> = if plain { Vec::new() } else { logits.to_vec2()? };
         let argmax: Vec<u32> = if plain {
-            logits.argmax(D::Minus1)?.to_vec1()?
+            argmax_last_dim(&logits)?.to_vec1()?
         } else {
             Vec::new()
         };

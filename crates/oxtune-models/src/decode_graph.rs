@@ -201,14 +201,10 @@ fn step(
     let context_rows = part(3, 2)?.reshape((rows, 2))?;
     let slots = inputs.narrow(0, 5 * rows, rows * max_context)?;
     let (cos, sin) = model.rope_tables();
-    let kv_width = model.config().num_key_value_heads * model.config().head_dim;
     let step = PagedStep {
         cos: cos.index_select(&positions, 0)?,
         sin: sin.index_select(&positions, 0)?,
-        write_index: new_slots
-            .reshape((rows, 1))?
-            .broadcast_as((rows, kv_width))?
-            .contiguous()?,
+        slots: new_slots,
         attention: StepAttention::Kernel {
             paged: Some(PagedContext {
                 slots,

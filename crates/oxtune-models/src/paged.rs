@@ -84,12 +84,15 @@ impl PagedKvCache {
         self.num_blocks
     }
 
-    /// Writes this step's keys and values (t, kv_h * d) of `layer` into their slots; `index`
-    /// is [`PagedStep::write_index`], the slots broadcast over a row: (t, kv_h * d).
-    pub(crate) fn write(&self, layer: usize, index: &Tensor, k: &Tensor, v: &Tensor) -> Result<()> {
+    /// Writes this step's keys and values (t, kv_h * d) of `layer` into their `slots` (t,).
+    pub(crate) fn write(&self, layer: usize, slots: &Tensor, k: &Tensor, v: &Tensor) -> Result<()> {
         let (pool_k, pool_v) = &self.layers[layer];
-        pool_k.scatter_set(index, &k.contiguous()?, 0)?;
-        pool_v.scatter_set(index, &v.contiguous()?, 0)?;
+        let index = slots
+            .reshape((slots.elem_count(), 1))?
+            .broadcast_as((slots.elem_count(), self.width))?
+            .contiguous()?;
+        pool_k.scatter_set(&index, &k.contiguous()?, 0)?;
+        pool_v.scatter_set(&index, &v.contiguous()?, 0)?;
         Ok(())
     }
 
@@ -97,11 +100,6 @@ impl PagedKvCache {
     pub(crate) fn pools(&self, layer: usize) -> (&Tensor, &Tensor) {
         let (pool_k, pool_v) = &self.layers[layer];
         (pool_k, pool_v)
-    }
-
-    /// kv_h * d: the width of a slot.
-    pub(crate) fn width(&self) -> usize {
-        self.width
     }
 
     /// Keys and values at `slots` (n of them): (n, kv_h * d) each.
@@ -190,9 +188,8 @@ pub(crate) struct PagedStep {
     /// RoPE tables at each new token's position: (t_total, d/2).
     pub(crate) cos: Tensor,
     pub(crate) sin: Tensor,
-    /// Slots the new tokens are written to, broadcast over a slot's width for `scatter_set`:
-    /// (t_total, kv_h * d) u32.
-    pub(crate) write_index: Tensor,
+    /// Slots the new tokens' keys and values are written to: (t_total,) u32.
+    pub(crate) slots: Tensor,
     pub(crate) attention: StepAttention,
     pub(crate) routing: AdapterRouting,
 }
@@ -241,13 +238,11 @@ pub(crate) struct AttentionGroup {
 }
 
 impl PagedStep {
-    /// `kv_width`: kv_h * d, the width of a cache slot.
     pub(crate) fn new(
         sequences: &[PagedSequence],
         cos_table: &Tensor,
         sin_table: &Tensor,
         sliding_window: Option<usize>,
-        kv_width: usize,
         device: &Device,
     ) -> Result<Self> {
         let max_positions = cos_table.dim(0)?;
@@ -274,11 +269,7 @@ impl PagedStep {
             new_slots.extend_from_slice(&sequence.slots[sequence.num_cached_tokens..]);
         }
         let positions = Tensor::new(positions.as_slice(), device)?;
-        let t = new_slots.len();
-        let write_index = Tensor::new(new_slots.as_slice(), device)?
-            .reshape((t, 1))?
-            .broadcast_as((t, kv_width))?
-            .contiguous()?;
+        let slots = Tensor::new(new_slots.as_slice(), device)?;
         let attention = if device.is_cuda() {
             let is_fresh = |s: &PagedSequence| {
                 s.num_cached_tokens == 0 && s.num_new_tokens >= FreshChunk::MIN_ROWS
@@ -315,7 +306,7 @@ impl PagedStep {
         Ok(Self {
             cos: cos_table.index_select(&positions, 0)?,
             sin: sin_table.index_select(&positions, 0)?,
-            write_index,
+            slots,
             attention,
             routing: AdapterRouting::of_tokens(sequences),
         })

@@ -18,7 +18,8 @@ use crate::Result;
 use crate::checkpoint::WeightSource;
 use crate::config::ModelConfig;
 use crate::paged::{
-    AdapterRouting, FreshChunk, PagedKvCache, PagedSequence, PagedStep, StepAttention,
+    AdapterRouting, AttentionGroup, FreshChunk, PagedKvCache, PagedSequence, PagedStep,
+    StepAttention,
 };
 use crate::rope::RotaryEmbedding;
 
@@ -124,6 +125,26 @@ impl Linear {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Tensor::cat(&pieces, 1)?)
+    }
+
+    /// Whether every row of a step goes through these layers' base weights alone: no row is
+    /// routed to an adapter and none is attached.
+    fn all_base(linears: &[&Linear], routing: &AdapterRouting) -> bool {
+        routing.is_base_only() && linears.iter().all(|linear| linear.adapter.is_none())
+    }
+
+    /// [`Linear::forward_routed`] for a serving step, through [`ops::linear_rows`] (one
+    /// bandwidth-bound launch for the few rows of a decode step) when no adapter is involved.
+    fn forward_serving(&self, xs: &Tensor, routing: &AdapterRouting) -> Result<Tensor> {
+        if Self::all_base(&[self], routing) {
+            Ok(ops::linear_rows(
+                xs,
+                &[&self.weight],
+                &[self.bias.as_ref()],
+            )?)
+        } else {
+            self.forward_routed(xs, Some(routing))
+        }
     }
 
     /// The adapted output when an adapter is attached, else the base output.
@@ -484,8 +505,13 @@ impl Attention {
 
     /// One serving step over the paged cache: xs (1, t, c) holds every scheduled sequence's
     /// new tokens; their keys/values are written to the cache, then attention reads each
-    /// token's context from it: on a GPU one paged-attention kernel for the whole step,
-    /// elsewhere each attention group gathers its sequences' padded context. -> (1, t, c)
+    /// token's context from it: on a GPU one paged-attention kernel for the whole step (and
+    /// FlashAttention for fresh prompts), elsewhere each attention group gathers its
+    /// sequences' padded context. -> (1, t, c)
+    ///
+    /// Without adapters, q, k and v come from one launch ([`ops::linear_rows`]); unless a fresh
+    /// prompt needs its own keys, the norms, RoPE and the cache write are one more
+    /// ([`ops::qk_norm_rope_cache_write`]).
     fn forward_paged(
         &self,
         xs: &Tensor,
@@ -495,50 +521,129 @@ impl Attention {
     ) -> Result<Tensor> {
         let t = xs.dim(1)?;
         let (h, kv_h, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let routing = Some(&step.routing);
-        let (q, k) = self.project_qk(xs, routing)?;
-        let v = self.v_proj.forward_routed(xs, routing)?;
-
-        // (1, t, heads, d) -> (t, heads, 1, d): each token a batch row of its own, rotated by
-        // its own position's (1, d/2) table row; no transposes
-        let (cos, sin) = (step.cos.unsqueeze(1)?, step.sin.unsqueeze(1)?);
-        let q = ops::rope(&q.reshape((t, h, 1, d))?, &cos, &sin)?.reshape((t, h, d))?;
-        let k = ops::rope(&k.reshape((t, kv_h, 1, d))?, &cos, &sin)?;
-        let k_rows = k.reshape((t, kv_h * d))?;
-        cache.write(
-            layer,
-            &step.write_index,
-            &k_rows,
-            &v.reshape((t, kv_h * d))?,
-        )?;
+        let routing = &step.routing;
+        // (1, t, c) -> (t, h * d), (t, kv_h * d), (t, kv_h * d)
+        let projections = [&self.q_proj, &self.k_proj, &self.v_proj];
+        let (q, k, v) = if Linear::all_base(&projections, routing) {
+            let weights = projections.map(|linear| &linear.weight);
+            let biases = projections.map(|linear| linear.bias.as_ref());
+            let qkv = ops::linear_rows(xs, &weights, &biases)?.squeeze(0)?;
+            (
+                qkv.narrow(1, 0, h * d)?,
+                qkv.narrow(1, h * d, kv_h * d)?,
+                qkv.narrow(1, (h + kv_h) * d, kv_h * d)?,
+            )
+        } else {
+            let project = |linear: &Linear| -> Result<Tensor> {
+                Ok(linear.forward_routed(xs, Some(routing))?.squeeze(0)?)
+            };
+            (
+                project(&self.q_proj)?,
+                project(&self.k_proj)?,
+                project(&self.v_proj)?,
+            )
+        };
 
         let out = match &step.attention {
-            StepAttention::Kernel { paged, fresh } => {
+            StepAttention::Kernel { paged, fresh } if !fresh.is_empty() => {
+                // Fresh prompts attend over their own rotated keys, so those are kept.
+                let (q, k) = self.norm_and_rotate(&q, &k, step)?;
+                cache.write(layer, &step.slots, &k.reshape((t, kv_h * d))?, &v)?;
                 let v = v.reshape((t, kv_h, d))?;
-                let k = k.reshape((t, kv_h, d))?;
-                self.attend_step(&q.detach(), &k, &v, paged.as_ref(), fresh, cache, layer)?
+                self.attend_step(&q, &k, &v, paged.as_ref(), fresh, cache, layer)?
             }
-            StepAttention::Groups(groups) => {
-                let mut outputs = Vec::with_capacity(groups.len());
-                for group in groups {
-                    let (b, l) = (group.sequences, group.context);
-                    let queries = group.rows / b;
-                    let q = q
-                        .narrow(0, group.start, group.rows)?
-                        .reshape((b, queries, h, d))?
-                        .transpose(1, 2)?
-                        .contiguous()?;
-                    let (keys, values) = cache.gather(layer, &group.slots)?;
-                    let keys = keys.reshape((b, l, kv_h, d))?.transpose(1, 2)?;
-                    let values = values.reshape((b, l, kv_h, d))?.transpose(1, 2)?;
-                    let out = self.attend(&q, &keys, &values, Some(&group.mask))?;
-                    outputs.push(out.transpose(1, 2)?.reshape((group.rows, h * d))?);
+            attention => {
+                let (k_pool, v_pool) = cache.pools(layer);
+                let norms = self
+                    .q_norm
+                    .as_ref()
+                    .zip(self.k_norm.as_ref())
+                    .map(|(q_norm, k_norm)| (&q_norm.weight, &k_norm.weight));
+                let eps = self.q_norm.as_ref().map_or(0.0, |norm| norm.eps);
+                let heads = ops::AttentionHeads {
+                    q: h,
+                    kv: kv_h,
+                    head_dim: d,
+                };
+                let q = ops::qk_norm_rope_cache_write(
+                    &q,
+                    &k,
+                    &v,
+                    heads,
+                    norms,
+                    eps,
+                    &step.cos,
+                    &step.sin,
+                    &step.slots,
+                    k_pool,
+                    v_pool,
+                )?;
+                match attention {
+                    StepAttention::Kernel { paged, .. } => {
+                        self.attend_step(&q, &k, &v, paged.as_ref(), &[], cache, layer)?
+                    }
+                    StepAttention::Groups(groups) => {
+                        self.attend_groups(&q, groups, cache, layer)?
+                    }
                 }
-                Tensor::cat(&outputs, 0)?
             }
         };
         let out = out.reshape((1, t, h * d))?;
-        self.o_proj.forward_routed(&out, routing)
+        self.o_proj.forward_serving(&out, routing)
+    }
+
+    /// The per-head norms (Qwen3) and RoPE of a step's rows: q (t, h * d), k (t, kv_h * d)
+    /// -> (t, h, d), (t, kv_h, d), each row rotated by its own position's table row.
+    fn norm_and_rotate(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        step: &PagedStep,
+    ) -> Result<(Tensor, Tensor)> {
+        let t = q.dim(0)?;
+        let (h, kv_h, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let norm = |x: Tensor, norm: Option<&RmsNorm>| -> Result<Tensor> {
+            match norm {
+                Some(norm) => norm.forward(&x),
+                None => Ok(x),
+            }
+        };
+        let q = norm(q.reshape((t, h, d))?, self.q_norm.as_ref())?;
+        let k = norm(k.reshape((t, kv_h, d))?, self.k_norm.as_ref())?;
+        // (t, heads, d) -> (t, heads, 1, d): each token a batch row of its own, rotated by
+        // its own position's (1, d/2) table row; no transposes
+        let (cos, sin) = (step.cos.unsqueeze(1)?, step.sin.unsqueeze(1)?);
+        let q = ops::rope(&q.unsqueeze(2)?, &cos, &sin)?.squeeze(2)?;
+        let k = ops::rope(&k.unsqueeze(2)?, &cos, &sin)?.squeeze(2)?;
+        Ok((q, k))
+    }
+
+    /// Attention off a GPU: per group, the padded context gathered from the cache and masked.
+    /// q (t, h, d) -> (t, h, d).
+    fn attend_groups(
+        &self,
+        q: &Tensor,
+        groups: &[AttentionGroup],
+        cache: &PagedKvCache,
+        layer: usize,
+    ) -> Result<Tensor> {
+        let (h, kv_h, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let mut outputs = Vec::with_capacity(groups.len());
+        for group in groups {
+            let (b, l) = (group.sequences, group.context);
+            let queries = group.rows / b;
+            let q = q
+                .narrow(0, group.start, group.rows)?
+                .reshape((b, queries, h, d))?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let (keys, values) = cache.gather(layer, &group.slots)?;
+            let keys = keys.reshape((b, l, kv_h, d))?.transpose(1, 2)?;
+            let values = values.reshape((b, l, kv_h, d))?.transpose(1, 2)?;
+            let out = self.attend(&q, &keys, &values, Some(&group.mask))?;
+            outputs.push(out.transpose(1, 2)?.reshape((group.rows, h, d))?);
+        }
+        Ok(Tensor::cat(&outputs, 0)?)
     }
 
     /// Attention of a step's rows on a GPU: q (t, h, d), the step's own k and v (t, kv_h,
@@ -692,6 +797,17 @@ impl Mlp {
         )?;
         self.down_proj.forward_routed(&hidden, routing)
     }
+
+    /// [`Mlp::forward`] for a serving step: without adapters or biases, gate, up and the
+    /// SwiGLU run as one launch for the few rows of a decode step ([`ops::swiglu_linear_rows`]).
+    fn forward_serving(&self, xs: &Tensor, routing: &AdapterRouting) -> Result<Tensor> {
+        let (gate, up) = (&self.gate_proj, &self.up_proj);
+        if !Linear::all_base(&[gate, up], routing) || gate.bias.is_some() || up.bias.is_some() {
+            return self.forward(xs, Some(routing));
+        }
+        let hidden = ops::swiglu_linear_rows(xs, &gate.weight, &up.weight)?;
+        self.down_proj.forward_serving(&hidden, routing)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -777,21 +893,27 @@ impl DecoderLayer {
         Ok((xs + mlp)?)
     }
 
+    /// One serving step of the block. The residual stream arrives as `xs` plus the previous
+    /// block's MLP output `pending` (not yet added, so that the add and this block's input
+    /// norm are one kernel) and leaves the same way: (stream, this block's MLP output).
     fn forward_paged(
         &self,
         xs: &Tensor,
+        pending: Option<&Tensor>,
         step: &PagedStep,
         cache: &PagedKvCache,
         layer: usize,
-    ) -> Result<Tensor> {
-        let attention =
-            self.self_attn
-                .forward_paged(&self.input_layernorm.forward(xs)?, step, cache, layer)?;
+    ) -> Result<(Tensor, Tensor)> {
+        let (xs, normed) = match pending {
+            Some(mlp) => self.input_layernorm.forward_residual(xs, mlp)?,
+            None => (xs.clone(), self.input_layernorm.forward(xs)?),
+        };
+        let attention = self.self_attn.forward_paged(&normed, step, cache, layer)?;
         let (xs, normed) = self
             .post_attention_layernorm
-            .forward_residual(xs, &attention)?;
-        let mlp = self.mlp.forward(&normed, Some(&step.routing))?;
-        Ok((xs + mlp)?)
+            .forward_residual(&xs, &attention)?;
+        let mlp = self.mlp.forward_serving(&normed, &step.routing)?;
+        Ok((xs, mlp))
     }
 }
 
@@ -1127,7 +1249,6 @@ impl CausalLm {
             &self.rope.cos,
             &self.rope.sin,
             self.config.sliding_window,
-            cache.width(),
             device,
         )?;
         let ids = Tensor::new(input_ids, device)?;
@@ -1161,22 +1282,29 @@ impl CausalLm {
         head_routing: &AdapterRouting,
     ) -> Result<Tensor> {
         let mut xs = self.embed_tokens.index_select(ids, 0)?.unsqueeze(0)?;
+        let mut pending = None;
         for (index, layer) in self.layers.iter().enumerate() {
-            xs = layer.forward_paged(&xs, step, cache, index)?;
+            let (stream, mlp) = layer.forward_paged(&xs, pending.as_ref(), step, cache, index)?;
+            (xs, pending) = (stream, Some(mlp));
         }
-        let xs = xs.squeeze(0)?;
-        let last = match last {
-            Some(rows) => xs.index_select(rows, 0)?,
-            None => xs,
+        // (1, t, c) -> (rows, c), the last block's MLP output added with the final norm
+        let rows = |x: Tensor| -> Result<Tensor> {
+            let x = x.squeeze(0)?;
+            Ok(match last {
+                Some(rows) => x.index_select(rows, 0)?,
+                None => x,
+            })
         };
-        let hidden = self.norm.forward(&last)?;
+        let xs = rows(xs)?;
+        let hidden = match pending {
+            Some(mlp) => self.norm.forward_residual(&xs, &rows(mlp)?)?.1,
+            None => self.norm.forward(&xs)?,
+        };
         let logits = match &self.lm_head {
-            Some(head) => head
-                .forward_routed(&hidden.unsqueeze(0)?, Some(head_routing))?
-                .squeeze(0)?,
-            None => self.lm_head(&hidden)?,
+            Some(head) => head.forward_serving(&hidden.unsqueeze(0)?, head_routing)?,
+            None => ops::linear_rows(&hidden.unsqueeze(0)?, &[&self.embed_tokens], &[None])?,
         };
-        Ok(logits.to_dtype(DType::F32)?)
+        Ok(logits.squeeze(0)?.to_dtype(DType::F32)?)
     }
 
     /// The RoPE tables (cos, sin) over every position the model handles: (positions, d/2).
