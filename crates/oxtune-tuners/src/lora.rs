@@ -171,11 +171,15 @@ impl Adapter for LoraAdapter {
         };
         // (.., in) -> (.., r) -> (.., out)
         let a = self.a.as_tensor().to_dtype(x.dtype())?;
+        let Some(magnitude) = &self.magnitude else {
+            // s B A: the scale goes on B (out, r), not on the (.., out) product, which saves
+            // a pass over the layer's output in the forward and in the backward.
+            let b = (self.b.as_tensor() * self.scaling)?.to_dtype(x.dtype())?;
+            let lora = x.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)?;
+            return Ok((result + lora)?);
+        };
         let b = self.b.as_tensor().to_dtype(x.dtype())?;
         let lora = x.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)?;
-        let Some(magnitude) = &self.magnitude else {
-            return Ok((result + (lora * self.scaling)?)?);
-        };
         let base_result = if dropping {
             x.broadcast_matmul(&base.weight().t()?)?
         } else {
