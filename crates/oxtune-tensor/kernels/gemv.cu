@@ -10,8 +10,9 @@
 // .. + n_3: the outputs of up to four weights concatenated (q|k|v in one launch). Output
 // column j belongs to the weight whose range [end_{i-1}, end_i) holds it.
 //
-// Launch: grid (ceil(n / GEMV_WARPS)), GEMV_WARPS warps per block; warp w of block b
-// computes output column j = b * GEMV_WARPS + w for every row: its 32 lanes stride over the
+// Launch: GEMV_WARPS warps per block, one warp per two output columns (linear_rows: grid
+// ceil(n / (2 GEMV_WARPS))) or one (swiglu_linear_rows, which streams gate and up rows
+// together: grid ceil(n / GEMV_WARPS)). A warp computes its columns for every row: its 32 lanes stride over the
 // weight row's 16-byte chunks, GEMV_BATCH chunks in flight per lane, dot each with the same
 // chunk of every x row (x is tiny and stays in L1/L2), and reduce by shuffles. f32
 // accumulation, one rounding to T.
@@ -104,35 +105,70 @@ __device__ __forceinline__ void dot_rows(const T* const (&w)[NW], const T* __res
     }
 }
 
+// Where output column j lives: its weight's row pointer, bias pointer, row index, weight
+// index and the weight's end column.
+template <typename T>
+struct Column {
+    const T* w;
+    const T* b;
+    int row;
+    int weight;
+    int end;
+};
+
+template <typename T>
+__device__ __forceinline__ Column<T> locate(int j, const T* w0, const T* w1, const T* w2,
+                                            const T* w3, const T* b0, const T* b1, const T* b2,
+                                            const T* b3, int end0, int end1, int end2, int n) {
+    if (j >= end2) return {w3, b3, j - end2, 3, n};
+    if (j >= end1) return {w2, b2, j - end1, 2, end2};
+    if (j >= end0) return {w1, b1, j - end0, 1, end1};
+    return {w0, b0, j, 0, end0};
+}
+
+// Writes column j of every row from its f32 dot products plus its bias.
+template <typename T>
+__device__ __forceinline__ void write_column(const Column<T>& c, const float (&acc)[GEMV_MAX_ROWS],
+                                             int has_bias, int j, int n, int rows,
+                                             T* __restrict__ out) {
+    const float bias = (has_bias >> c.weight) & 1 ? to_float(c.b[c.row]) : 0.f;
+#pragma unroll
+    for (int m = 0; m < GEMV_MAX_ROWS; ++m) {
+        if (m < rows) out[static_cast<size_t>(m) * n + j] = from_float<T>(acc[m] + bias);
+    }
+}
+
 // has_bias: bit i set when weight i has a bias (b_i is then its (n_i,) vector).
+// A warp takes two adjacent output columns: when they are rows of one weight (the usual
+// case) both rows stream together, which keeps twice the loads in flight (a single row per
+// warp streamed large weights at half cuBLAS's rate); otherwise one after the other.
 template <typename T>
 __device__ void linear_rows(const T* __restrict__ x, const T* w0, const T* w1, const T* w2,
                             const T* w3, const T* b0, const T* b1, const T* b2, const T* b3,
                             int end0, int end1, int end2, int n, int has_bias, int rows, int k,
                             T* __restrict__ out) {
-    const int j = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5);
+    const int j = 2 * (blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5));
     if (j >= n) return;
-    // The weight holding output column j, its row there and its bias.
-    const T* w = w0;
-    const T* b = b0;
-    int row = j;
-    int weight = 0;
-    if (j >= end2) {
-        w = w3; b = b3; row = j - end2; weight = 3;
-    } else if (j >= end1) {
-        w = w2; b = b2; row = j - end1; weight = 2;
-    } else if (j >= end0) {
-        w = w1; b = b1; row = j - end0; weight = 1;
-    }
-    const T* const rows_w[1] = {w + static_cast<size_t>(row) * k};
-    float acc[1][GEMV_MAX_ROWS] = {};
-    dot_rows<T, 1>(rows_w, x, rows, k, acc);
-    if ((threadIdx.x & 31) == 0) {
-        const float bias = (has_bias >> weight) & 1 ? to_float(b[row]) : 0.f;
-#pragma unroll
-        for (int m = 0; m < GEMV_MAX_ROWS; ++m) {
-            if (m < rows) out[static_cast<size_t>(m) * n + j] = from_float<T>(acc[0][m] + bias);
+    const bool lead = (threadIdx.x & 31) == 0;
+    const Column<T> first = locate(j, w0, w1, w2, w3, b0, b1, b2, b3, end0, end1, end2, n);
+    if (j + 1 < first.end) {
+        const T* const rows_w[2] = {first.w + static_cast<size_t>(first.row) * k,
+                                    first.w + static_cast<size_t>(first.row + 1) * k};
+        float acc[2][GEMV_MAX_ROWS] = {};
+        dot_rows<T, 2>(rows_w, x, rows, k, acc);
+        if (lead) {
+            write_column(first, acc[0], has_bias, j, n, rows, out);
+            const Column<T> second = {first.w, first.b, first.row + 1, first.weight, first.end};
+            write_column(second, acc[1], has_bias, j + 1, n, rows, out);
         }
+        return;
+    }
+    for (int col = j; col < j + 2 && col < n; ++col) {
+        const Column<T> c = locate(col, w0, w1, w2, w3, b0, b1, b2, b3, end0, end1, end2, n);
+        const T* const rows_w[1] = {c.w + static_cast<size_t>(c.row) * k};
+        float acc[1][GEMV_MAX_ROWS] = {};
+        dot_rows<T, 1>(rows_w, x, rows, k, acc);
+        if (lead) write_column(c, acc[0], has_bias, col, n, rows, out);
     }
 }
 

@@ -30,24 +30,28 @@ const GEMV: Module = Module {
 pub const GEMV_MAX_ROWS: usize = 8;
 /// Weights one `linear_rows` launch takes.
 pub const GEMV_MAX_WEIGHTS: usize = 4;
-/// Output columns per block (`GEMV_WARPS`), one warp each.
+/// Warps per block (`GEMV_WARPS`).
 const WARPS: usize = 8;
 
-/// Weights up to this many bytes (all of a Qwen3-0.6B layer's) run faster through the
-/// kernel than through cuBLAS at every row count it takes (H200, `tests/cuda_gemv.rs`).
+/// Weights up to this many bytes: all of a Qwen3-0.6B layer's.
 const SMALL_WEIGHTS_BYTES: usize = 16 << 20;
 
 /// Whether the kernel beats candle's matmul (cuBLAS) for `rows` rows of x (.., k) times
-/// `weights` weights of `n` outputs in all and `bytes` bytes, from the H200 timings of
-/// `tests/cuda_gemv.rs`: small weights always (a Qwen3-0.6B layer's: 1.2x to 4x cuBLAS's
-/// speed, which pads one row to a GEMM tile). Larger ones stream at 1.3 to 1.7 TB/s through
-/// the kernel against cuBLAS's 1.8 to 4.1, so only where one launch replaces several
-/// (Qwen3-8B's q|k|v: 35 µs against 54, rows of at most 4096) or a SwiGLU pair at one or two
-/// rows (54 µs against 60 plus the SwiGLU kernel); never one large weight alone (8B o_proj,
-/// down_proj, the LM head).
+/// `weights` weights (a SwiGLU pair when `swiglu`) of `bytes` bytes, from the H200 timings of
+/// `tests/cuda_gemv.rs` (kernels/README.md): one launch for several weights (q|k|v, or gate
+/// and up with the SwiGLU) wins at every row count for small weights, up to 4 rows for 8B's
+/// q|k|v (k <= 4096) and up to 2 for 8B's gate/up pair; a single weight only at 1 or 2 rows
+/// and when small (a single large weight streams as fast through cuBLAS, and from 4 rows on
+/// the kernel's 2 x 8 accumulators per lane cost more than the padding cuBLAS pays).
 pub(crate) fn gemv_pays(rows: usize, k: usize, weights: usize, bytes: usize, swiglu: bool) -> bool {
-    let fuses = if swiglu { rows <= 2 } else { weights >= 2 };
-    bytes <= SMALL_WEIGHTS_BYTES || (k <= 4096 && fuses)
+    let small = bytes <= SMALL_WEIGHTS_BYTES;
+    if swiglu {
+        small || rows <= 2
+    } else if weights >= 2 {
+        small || (rows <= 4 && k <= 4096)
+    } else {
+        small && rows <= 2
+    }
 }
 
 /// Whether the kernels take x (.., k) times `weights` (n_i, k) (+ `biases`): one CUDA device
@@ -256,12 +260,16 @@ impl Gemv {
             builder.arg(&n_arg);
         }
         builder.arg(&rows_arg).arg(&k_arg).arg(&mut out);
+        // linear_rows: a warp per two output columns; swiglu_linear_rows: a warp per column
+        // (gate and up rows together).
+        let columns_per_block = if self.swiglu { WARPS } else { 2 * WARPS };
         let config = LaunchConfig {
-            grid_dim: (to_u32(n.div_ceil(WARPS), "blocks", kernel)?, 1, 1),
+            grid_dim: (to_u32(n.div_ceil(columns_per_block), "blocks", kernel)?, 1, 1),
             block_dim: (to_u32(WARPS * 32, "threads", kernel)?, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: one warp per output column over ceil(n / 8) blocks of 8 warps; x holds rows
+        // SAFETY: every output column is covered (two per warp for linear_rows, one for
+        // swiglu_linear_rows, over the blocks above of 8 warps); x holds rows
         // * k elements, each weight view (n_i, k) and each bias view n_i (gemv_takes checked
         // the shapes, 16-byte aligned rows and k % 8 == 0 for the vector loads); out holds rows
         // * n; arguments match `linear_rows_<dtype>` / `swiglu_linear_rows_<dtype>` in gemv.cu.
