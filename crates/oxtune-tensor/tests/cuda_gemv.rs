@@ -10,6 +10,9 @@
     reason = "the tests print errors and timings for kernels/README.md"
 )]
 
+mod common;
+
+use common::seconds_per_call;
 use oxtune_tensor::cuda::{GEMV_MAX_ROWS, linear_rows, swiglu_linear_rows};
 use oxtune_tensor::{DType, Device, Result, Tensor, ops};
 
@@ -156,20 +159,6 @@ fn more_rows_or_gradients_take_candles_matmul() -> Result<()> {
     let one = x.narrow(0, 0, 1)?;
     assert!(linear_rows(&one, &[var.as_tensor()], &[None]).is_err());
     Ok(())
-}
-
-fn seconds_per_call(device: &Device, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    for _ in 0..5 {
-        f()?;
-    }
-    device.synchronize()?;
-    let calls = 50;
-    let start = std::time::Instant::now();
-    for _ in 0..calls {
-        f()?;
-    }
-    device.synchronize()?;
-    Ok(start.elapsed().as_secs_f64() / f64::from(calls))
 }
 
 #[test]

@@ -12,6 +12,9 @@
     reason = "the tests print errors and bandwidths for docs/benchmarks.md"
 )]
 
+mod common;
+
+use common::seconds_per_call;
 use oxtune_tensor::ops::ScoreMask;
 use oxtune_tensor::{D, DType, Device, Result, Tensor, Var, ops};
 
@@ -481,21 +484,6 @@ fn rope_kernel_matches_the_reference() -> Result<()> {
 
 /// Device copy bandwidth of the H200 (read + write), the roofline the numbers are set against.
 const COPY_GB_PER_S: f64 = 4200.0;
-
-/// Mean seconds of one call of `f`, after a warm-up, with the device synchronised.
-fn seconds_per_call(device: &Device, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    for _ in 0..3 {
-        f()?;
-    }
-    device.synchronize()?;
-    let calls = 20;
-    let start = std::time::Instant::now();
-    for _ in 0..calls {
-        f()?;
-    }
-    device.synchronize()?;
-    Ok(start.elapsed().as_secs_f64() / f64::from(calls))
-}
 
 struct Bench<'a> {
     device: &'a Device,

@@ -13,6 +13,9 @@
     reason = "the tests print errors and timings for kernels/README.md"
 )]
 
+mod common;
+
+use common::seconds_per_call;
 use oxtune_tensor::ops::{self, AttentionHeads};
 use oxtune_tensor::{DType, Device, Result, Tensor};
 
@@ -529,21 +532,6 @@ fn rope_cache_kernel_replays_from_a_cuda_graph() -> Result<()> {
         println!("graph replay {round}: q and both pools equal the eager call");
     }
     Ok(())
-}
-
-/// Mean seconds of one call of `f`, after a warm-up, with the device synchronised.
-fn seconds_per_call(device: &Device, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    for _ in 0..10 {
-        f()?;
-    }
-    device.synchronize()?;
-    let calls = 200;
-    let start = std::time::Instant::now();
-    for _ in 0..calls {
-        f()?;
-    }
-    device.synchronize()?;
-    Ok(start.elapsed().as_secs_f64() / f64::from(calls))
 }
 
 #[test]

@@ -264,7 +264,11 @@ impl Gemv {
         // (gate and up rows together).
         let columns_per_block = if self.swiglu { WARPS } else { 2 * WARPS };
         let config = LaunchConfig {
-            grid_dim: (to_u32(n.div_ceil(columns_per_block), "blocks", kernel)?, 1, 1),
+            grid_dim: (
+                to_u32(n.div_ceil(columns_per_block), "blocks", kernel)?,
+                1,
+                1,
+            ),
             block_dim: (to_u32(WARPS * 32, "threads", kernel)?, 1, 1),
             shared_mem_bytes: 0,
         };
