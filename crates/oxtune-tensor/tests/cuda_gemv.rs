@@ -148,13 +148,26 @@ fn swiglu_linear_rows_matches_the_f64_reference() -> Result<()> {
 }
 
 #[test]
-fn more_rows_or_gradients_take_candles_matmul() -> Result<()> {
+fn more_rows_unaligned_rows_or_gradients_take_candles_matmul() -> Result<()> {
     let gpu = gpu()?;
     let x = Tensor::randn(0f32, 1.0, (GEMV_MAX_ROWS + 1, 64), &gpu)?.to_dtype(DType::BF16)?;
     let w = Tensor::randn(0f32, 0.1, (32, 64), &gpu)?.to_dtype(DType::BF16)?;
     assert!(linear_rows(&x, &[&w], &[None]).is_err());
     let out = ops::linear_rows(&x, &[&w], &[None])?;
     assert_eq!(out.dims(), [GEMV_MAX_ROWS + 1, 32]);
+    // A one-row x starting 3 elements into its storage is contiguous but not 16-byte
+    // aligned: the kernel refuses it and the ops function takes the matmul.
+    let wide = Tensor::randn(0f32, 1.0, (1, 67), &gpu)?.to_dtype(DType::BF16)?;
+    let unaligned = wide.narrow(1, 3, 64)?;
+    assert!(linear_rows(&unaligned, &[&w], &[None]).is_err());
+    let out = ops::linear_rows(&unaligned, &[&w], &[None])?;
+    let expected = unaligned.matmul(&w.t()?)?;
+    let diff: f32 = (out.to_dtype(DType::F32)? - expected.to_dtype(DType::F32)?)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar()?;
+    assert!(diff < 1e-2, "unaligned x: {diff}");
     let var = oxtune_tensor::Var::from_tensor(&w)?;
     let one = x.narrow(0, 0, 1)?;
     assert!(linear_rows(&one, &[var.as_tensor()], &[None]).is_err());

@@ -56,7 +56,7 @@ pub(crate) fn gemv_pays(rows: usize, k: usize, weights: usize, bytes: usize, swi
 
 /// Whether the kernels take x (.., k) times `weights` (n_i, k) (+ `biases`): one CUDA device
 /// and dtype (f32, bf16, f16), nothing tracking a gradient, at most [`GEMV_MAX_ROWS`] rows,
-/// k a multiple of 8, weights with contiguous rows starting 16-byte aligned, contiguous
+/// k a multiple of 8, x and weights with contiguous rows starting 16-byte aligned, contiguous
 /// biases, and every storage distinct.
 pub(crate) fn gemv_takes(xs: &Tensor, weights: &[&Tensor], biases: &[Option<&Tensor>]) -> bool {
     let Some(&k) = xs.dims().last() else {
@@ -81,6 +81,9 @@ pub(crate) fn gemv_takes(xs: &Tensor, weights: &[&Tensor], biases: &[Option<&Ten
         && biases.len() == weights.len()
         && (1..=GEMV_MAX_ROWS).contains(&rows)
         && k.is_multiple_of(8)
+        // x is loaded in 16-byte vectors: a contiguous view (which `contiguous()` keeps as
+        // it is) must start aligned
+        && (!xs.is_contiguous() || (xs.layout().start_offset() * element).is_multiple_of(16))
         && !all.iter().any(|t| t.track_op())
         && weights.iter().all(aligned_rows)
         && biases
