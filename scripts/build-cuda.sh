@@ -79,4 +79,5 @@ test_binary oxtune-tensor cuda_rope_cache cuda-rope-cache
 test_binary oxtune-tensor cuda_gemv cuda-gemv
 # Training through the fused attention and decode replayed from CUDA graphs, on small models.
 test_binary oxtune-models gpu_model gpu-model
-echo "built .gpu/oxtune, .gpu/parity, .gpu/cuda-ops, .gpu/cuda-rope-cache, .gpu/cuda-gemv and .gpu/gpu-model"
+test_binary oxtune-train gpu_optimizer gpu-optimizer
+echo "built .gpu/oxtune, .gpu/parity, .gpu/cuda-ops, .gpu/cuda-rope-cache, .gpu/cuda-gemv, .gpu/gpu-model and .gpu/gpu-optimizer"

@@ -37,6 +37,11 @@
 //!   launch's arguments (no table upload, no host sync). 392 LoRA tensors of one dtype are 7
 //!   launches instead of ~5000 candle ops, and the weights are written once, not copied.
 //!
+//! [`MultiTensorAdamW::exp_avg`], [`MultiTensorAdamW::exp_avg_sq`] and
+//! [`MultiTensorAdamW::master`] (checkpoints) copy one parameter's elements each, on the
+//! state's device; a checkpoint that moves each to the host before taking the next adds at
+//! most one parameter's size to the device's peak.
+//!
 //! Gradients are f32 (others are converted first) and are only read. [`sum_of_squares`] is
 //! the global-norm reduction for clipping, read back with one host sync, and
 //! [`accumulate_into`] sums micro-batch gradients into one flat f32 buffer (on CUDA one
@@ -252,31 +257,47 @@ impl MultiTensorAdamW {
         })
     }
 
-    /// A copy of `len` state elements from `start`, shaped as parameter `index`.
+    /// A copy of `len` state elements from `start`, shaped as parameter `index`, in a
+    /// storage of exactly those elements.
+    ///
+    /// Not `Tensor::copy`: candle's `copy` clones the tensor's whole storage (`try_clone`
+    /// ignores the layout) and keeps the view's offset, so a copy of one parameter's moment
+    /// was a copy of the entire flat state. A checkpoint takes two or three of them per
+    /// parameter and holds them all at once: for a Qwen3-0.6B LoRA r64 (392 parameters,
+    /// 323 MB of state) that is 784 x 323 MB = 253 GB, the CUDA out-of-memory after the
+    /// optimizer step. `force_contiguous` allocates the view's elements and copies only those.
     fn state_copy(&self, index: usize, start: usize) -> Result<Tensor> {
         let slot = self.slot(index)?;
         self.state
             .narrow(0, start, slot.len)?
             .reshape(slot.var.shape())?
-            .copy()
+            .force_contiguous()
     }
 
-    /// A copy of parameter `index`'s first moment (f32, its shape).
+    /// A copy of parameter `index`'s first moment (f32, its shape, on the state's device; a
+    /// storage of its own elements only).
     pub fn exp_avg(&self, index: usize) -> Result<Tensor> {
         self.state_copy(index, self.slot(index)?.offset)
     }
 
-    /// A copy of parameter `index`'s second moment (f32, its shape).
+    /// A copy of parameter `index`'s second moment (as [`MultiTensorAdamW::exp_avg`]).
     pub fn exp_avg_sq(&self, index: usize) -> Result<Tensor> {
         self.state_copy(index, self.moments + self.slot(index)?.offset)
     }
 
-    /// A copy of parameter `index`'s fp32 master weight; `None` for an f32 parameter.
+    /// A copy of parameter `index`'s fp32 master weight (as [`MultiTensorAdamW::exp_avg`]);
+    /// `None` for an f32 parameter.
     pub fn master(&self, index: usize) -> Result<Option<Tensor>> {
         match self.slot(index)?.master {
             Some(offset) => Ok(Some(self.state_copy(index, 2 * self.moments + offset)?)),
             None => Ok(None),
         }
+    }
+
+    /// Whether parameter `index` has an fp32 master weight (its weight is bf16/f16), without
+    /// copying it.
+    pub fn has_master(&self, index: usize) -> Result<bool> {
+        Ok(self.slot(index)?.master.is_some())
     }
 
     /// Replaces the whole state: per parameter its two moments and, exactly for the bf16/f16
@@ -546,6 +567,7 @@ impl WeightUpdate<'_> {
             bail!("oxtune-adamw-weight: state slices differ from the gradient's {len} elements");
         }
         let c = &self.constants;
+        let mut updated = Vec::with_capacity(len);
         for j in 0..len {
             let g = self.grad[j] * self.scale;
             #[expect(
@@ -568,8 +590,15 @@ impl WeightUpdate<'_> {
             if let Some(master) = master.as_deref_mut() {
                 master[j] = p;
             }
-            weights[j] = T::from_f64(f64::from(p));
+            updated.push(p);
         }
+        // Rounded by candle's f32 cast, as the composition's `to_dtype` and the kernel's
+        // `from_float` round (to nearest, ties to even). Not `T::from_f64`: half's f64 -> bf16
+        // conversion rounds values just above a halfway point down (1 + 2^-8 + 2^-23 -> 1).
+        let rounded = Tensor::from_vec(updated, len, &Device::Cpu)?
+            .to_dtype(T::DTYPE)?
+            .to_vec1::<T>()?;
+        weights.copy_from_slice(&rounded);
         Ok(())
     }
 }
@@ -757,6 +786,103 @@ mod tests {
                 );
             }
         }
+        Ok(())
+    }
+
+    /// Elements in a CPU tensor's storage (not its view).
+    fn storage_elements(tensor: &Tensor) -> usize {
+        let (storage, _) = tensor.storage_and_layout();
+        match &*storage {
+            candle_core::Storage::Cpu(CpuStorage::F32(values)) => values.len(),
+            _ => usize::MAX,
+        }
+    }
+
+    /// The state copies hold their parameter's elements only (candle's `Tensor::copy` of a
+    /// view cloned the whole flat state for each), at offset 0, and later steps leave them as
+    /// they were.
+    #[test]
+    fn state_copies_hold_only_their_parameter() -> Result<()> {
+        let device = Device::Cpu;
+        let vars = [
+            Tensor::randn(0f32, 1.0, (3, 5), &device)?,
+            Tensor::randn(0f32, 1.0, 7, &device)?.to_dtype(DType::BF16)?,
+            Tensor::randn(0f32, 1.0, (2, 2), &device)?.to_dtype(DType::F16)?,
+        ]
+        .iter()
+        .map(Var::from_tensor)
+        .collect::<Result<Vec<_>>>()?;
+        let mut adam = MultiTensorAdamW::new(vars.iter().map(|v| (v.clone(), true)).collect())?;
+        let step = AdamWStep {
+            learning_rate: 1e-2,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            step: 1,
+        };
+        let grads = |device: &Device| -> Result<Vec<Tensor>> {
+            vars.iter()
+                .map(|v| Tensor::randn(0f32, 1.0, v.shape(), device))
+                .collect()
+        };
+        adam.step(&grads(&device)?, &step, GradScale::One)?;
+        let mut copies = Vec::new();
+        for (index, var) in vars.iter().enumerate() {
+            let mut tensors = vec![adam.exp_avg(index)?, adam.exp_avg_sq(index)?];
+            tensors.extend(adam.master(index)?);
+            assert_eq!(adam.has_master(index)?, var.dtype() != DType::F32);
+            for tensor in tensors {
+                assert_eq!(tensor.shape(), var.shape(), "parameter {index}");
+                assert_eq!(tensor.layout().start_offset(), 0, "parameter {index}");
+                assert_eq!(
+                    storage_elements(&tensor),
+                    var.elem_count(),
+                    "parameter {index}: the copy holds more than its parameter"
+                );
+                let values: Vec<f32> = tensor.flatten_all()?.to_vec1()?;
+                copies.push((tensor, values));
+            }
+        }
+        adam.step(
+            &grads(&device)?,
+            &AdamWStep { step: 2, ..step },
+            GradScale::One,
+        )?;
+        for (tensor, values) in &copies {
+            assert_eq!(&tensor.flatten_all()?.to_vec1::<f32>()?, values);
+        }
+        Ok(())
+    }
+
+    /// A master just above a bf16 rounding tie (1 + 2^-8 + 2^-23) rounds up, as candle's cast
+    /// and the kernel round it (`bf16::from_f64` of the same value rounds down).
+    #[test]
+    fn bf16_weights_round_as_candle_casts() -> Result<()> {
+        let device = Device::Cpu;
+        let var = Var::from_tensor(&Tensor::new(&[1f32], &device)?.to_dtype(DType::BF16)?)?;
+        let mut adam = MultiTensorAdamW::new(vec![(var.clone(), false)])?;
+        let master = Tensor::new(&[f32::from_bits(0x3f80_8001)], &device)?;
+        let zeros = Tensor::zeros(1, DType::F32, &device)?;
+        let zero_moments = std::slice::from_ref(&zeros);
+        adam.load(zero_moments, zero_moments, &[Some(master.clone())])?;
+        let step = AdamWStep {
+            learning_rate: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            step: 1,
+        };
+        // A zero gradient leaves the master as it is: the weight is the master rounded.
+        adam.step(&[zeros], &step, GradScale::One)?;
+        let weight: Vec<f32> = var.as_tensor().to_dtype(DType::F32)?.to_vec1()?;
+        let expected: Vec<f32> = master
+            .to_dtype(DType::BF16)?
+            .to_dtype(DType::F32)?
+            .to_vec1()?;
+        assert_eq!(weight, expected);
+        assert_eq!(weight, [1.0078125]);
         Ok(())
     }
 
