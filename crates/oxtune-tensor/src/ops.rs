@@ -418,7 +418,7 @@ pub fn linear_rows(xs: &Tensor, weights: &[&Tensor], biases: &[Option<&Tensor>])
     }
     #[cfg(feature = "cuda")]
     if crate::cuda::gemv_takes(xs, weights, biases) && gemv_pays(xs, weights, false) {
-        return crate::cuda::linear_rows(xs, weights, biases);
+        return crate::cuda::gemv_launch(xs, weights, biases, false);
     }
     let outputs = weights
         .iter()
@@ -448,7 +448,7 @@ pub fn swiglu_linear_rows(xs: &Tensor, gate: &Tensor, up: &Tensor) -> Result<Ten
         && crate::cuda::gemv_takes(xs, &[gate, up], &[None, None])
         && gemv_pays(xs, &[gate, up], true)
     {
-        return crate::cuda::swiglu_linear_rows(xs, gate, up);
+        return crate::cuda::gemv_launch(xs, &[gate, up], &[None, None], true);
     }
     let project = |weight: &Tensor| candle_nn::Linear::new(weight.clone(), None).forward(xs);
     swiglu(&project(gate)?, &project(up)?)

@@ -103,17 +103,7 @@ pub fn linear_rows(xs: &Tensor, weights: &[&Tensor], biases: &[Option<&Tensor>])
              16-byte aligned weight rows and storages distinct from each other"
         );
     }
-    let op = Gemv {
-        weights: weights.iter().map(|&w| w.clone()).collect(),
-        biases: biases.iter().map(|b| b.cloned()).collect(),
-        swiglu: false,
-    };
-    let xs = xs.contiguous()?;
-    let n: usize = weights.iter().map(|w| w.dims()[0]).sum();
-    let out = xs.apply_op1_no_bwd(&op)?;
-    let mut dims = xs.dims().to_vec();
-    *dims.last_mut().expect("checked rank") = n;
-    out.reshape(dims)
+    gemv_launch(xs, weights, biases, false)
 }
 
 /// silu(x gate^T) * (x up^T): (.., n) from gate and up (n, k). Errors where [`gemv_takes`]
@@ -126,15 +116,31 @@ pub fn swiglu_linear_rows(xs: &Tensor, gate: &Tensor, up: &Tensor) -> Result<Ten
              8, 16-byte aligned rows and distinct storages"
         );
     }
+    gemv_launch(xs, &[gate, up], &[None, None], true)
+}
+
+/// The kernel on inputs [`gemv_takes`] accepted (gate and up of one shape when `swiglu`):
+/// (.., n_0 + n_1 + ..), or (.., n) for the SwiGLU pair.
+pub(crate) fn gemv_launch(
+    xs: &Tensor,
+    weights: &[&Tensor],
+    biases: &[Option<&Tensor>],
+    swiglu: bool,
+) -> Result<Tensor> {
     let op = Gemv {
-        weights: vec![gate.clone(), up.clone()],
-        biases: vec![None, None],
-        swiglu: true,
+        weights: weights.iter().map(|&w| w.clone()).collect(),
+        biases: biases.iter().map(|b| b.cloned()).collect(),
+        swiglu,
+    };
+    let n: usize = if swiglu {
+        weights[0].dims()[0]
+    } else {
+        weights.iter().map(|w| w.dims()[0]).sum()
     };
     let xs = xs.contiguous()?;
     let out = xs.apply_op1_no_bwd(&op)?;
     let mut dims = xs.dims().to_vec();
-    *dims.last_mut().expect("checked rank") = gate.dims()[0];
+    *dims.last_mut().expect("checked rank") = n;
     out.reshape(dims)
 }
 

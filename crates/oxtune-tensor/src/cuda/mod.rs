@@ -665,7 +665,7 @@ pub use cross_entropy::{cross_entropy_backward, cross_entropy_sum, cross_entropy
 pub(crate) use flash::HEAD_DIMS as FLASH_HEAD_DIMS;
 pub use flash::{flash_attention, flash_attention_backward, flash_attention_with_lse};
 pub use gemv::{GEMV_MAX_ROWS, GEMV_MAX_WEIGHTS, linear_rows, swiglu_linear_rows};
-pub(crate) use gemv::{gemv_pays, gemv_takes};
+pub(crate) use gemv::{gemv_launch, gemv_pays, gemv_takes};
 pub use paged::{PAGED_ATTENTION_MAX_HEAD_DIM, paged_attention};
 pub use rope_cache::{ROPE_CACHE_MAX_HEAD_DIM, qk_norm_rope_cache_write};
 pub(crate) use rope_cache::{rope_cache_fused, rope_cache_takes};
