@@ -13,8 +13,9 @@
 #
 # Steps: (1) nvcc from PyPI pinned to CUDA 13.0 (the driver can only JIT PTX from a toolkit no
 # newer than itself), (2) a copy of candle-core 0.11.1 switched from cudarc's link-time
-# `dynamic-linking` to run-time `dynamic-loading`, applied with `[patch.crates-io]` on the
-# command line (never committed), (3) `cargo build --release --features cuda`.
+# `dynamic-linking` to run-time `dynamic-loading` and given scripts/candle-backprop.patch,
+# applied with `[patch.crates-io]` on the command line (candle's source is never committed),
+# (3) `cargo build --release --features cuda`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -34,14 +35,20 @@ export CUDA_ROOT CUDA_HOME=$CUDA_ROOT PATH=$CUDA_ROOT/bin:$PATH
 export CUDA_COMPUTE_CAP=90
 export RUSTFLAGS="-L native=$CUDA_ROOT/lib"
 
-# candle-core with cudarc's dynamic-loading instead of dynamic-linking.
+# candle-core with cudarc's dynamic-loading instead of dynamic-linking, and with
+# scripts/candle-backprop.patch: the backward pass stores a gradient's first contribution
+# instead of adding it to zeros. The copy is made again whenever the patch changes.
 patched=$root/target/patched/candle-core
-if [ ! -f "$patched/Cargo.toml" ]; then
+stamp=$(sha256sum < scripts/candle-backprop.patch | cut -d' ' -f1)
+if [ "$(cat "$patched/.oxtune-stamp" 2>/dev/null)" != "$stamp" ]; then
     cargo fetch --quiet
     registry_src=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/candle-core-0.11.1 | head -n 1)
+    rm -rf "$patched"
     mkdir -p "$(dirname "$patched")"
     cp -r "$registry_src" "$patched"
     sed -i 's/"dynamic-linking",/"dynamic-loading",/' "$patched/Cargo.toml"
+    patch --quiet -p1 -d "$patched" < scripts/candle-backprop.patch
+    echo "$stamp" > "$patched/.oxtune-stamp"
 fi
 
 # Build from a copy of the sources so the patch never touches the checkout's Cargo.lock.
