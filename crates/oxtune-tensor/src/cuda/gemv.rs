@@ -43,7 +43,7 @@ const SMALL_WEIGHTS_BYTES: usize = 16 << 20;
 /// q|k|v (k <= 4096) and up to 2 for 8B's gate/up pair; a single weight only at 1 or 2 rows
 /// and when small (a single large weight streams as fast through cuBLAS, and from 4 rows on
 /// the kernel's 2 x 8 accumulators per lane cost more than the padding cuBLAS pays).
-pub(crate) fn gemv_pays(rows: usize, k: usize, weights: usize, bytes: usize, swiglu: bool) -> bool {
+pub fn gemv_pays(rows: usize, k: usize, weights: usize, bytes: usize, swiglu: bool) -> bool {
     let small = bytes <= SMALL_WEIGHTS_BYTES;
     if swiglu {
         small || rows <= 2
