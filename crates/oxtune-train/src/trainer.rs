@@ -19,7 +19,7 @@ use oxtune_tuners::LoraTuner;
 
 use crate::checkpoint::{self, OPTIMIZER_STATE, TrainerState};
 use crate::loss::{causal_targets, cross_entropy_sum, target_count};
-use crate::optimizer::{AdamW, AdamWConfig, accumulate_gradients, clip_factor};
+use crate::optimizer::{AdamW, AdamWConfig, GradientAccumulator, clip_factor};
 use crate::schedule::Schedule;
 use crate::{Error, Result};
 
@@ -178,6 +178,7 @@ pub fn train(
 ) -> Result<TrainSummary> {
     let parameters = trainable.parameters();
     let mut optimizer = AdamW::new(parameters.clone(), settings.adamw)?;
+    let mut accumulator = GradientAccumulator::new(&parameters, model.device())?;
     let total_steps = settings.schedule.total_steps;
     let mut state = TrainerState::new(total_steps, settings.seed);
     let device = model.device().clone();
@@ -188,9 +189,11 @@ pub fn train(
     if let Some(dir) = resume_from {
         state = TrainerState::load(dir)?;
         trainable.load(dir, &device)?;
+        // Read onto the host: each tensor then travels to the GPU straight into the
+        // optimizer's state buffer, instead of the whole state arriving there first.
         optimizer.load_state(&oxtune_tensor::candle::safetensors::load(
             dir.join(OPTIMIZER_STATE),
-            &device,
+            &Device::Cpu,
         )?)?;
         data.seek(&state.data_cursor)?;
         truncate_log(&log_path, state.global_step)?;
@@ -230,7 +233,6 @@ pub fn train(
             .max(1);
         let tokens: usize = micro_batches.iter().map(|b| b.tokens).sum();
 
-        let mut grads = HashMap::new();
         let mut loss_sum = 0.0;
         for (micro, batch) in micro_batches.iter().enumerate() {
             trainable.set_training(true, dropout_seed(settings.seed, step, micro));
@@ -247,9 +249,10 @@ pub fn train(
             let (loss, store) =
                 model.forward_backward(&batch.input_ids, &batch.layout, pass, loss_of)?;
             loss_sum += f64::from(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?);
-            accumulate_gradients(&parameters, &store, &mut grads)?;
+            accumulator.add(&store, micro == 0)?;
         }
         trainable.set_training(false, 0);
+        let grads = accumulator.gradients()?;
 
         let (grad_norm, factor) = clip_factor(&grads, settings.max_grad_norm)?;
         let skipped = !loss_sum.is_finite() || !grad_norm.is_finite();
@@ -270,12 +273,8 @@ pub fn train(
             }
         } else {
             consecutive_skipped = 0;
-            if factor < 1.0 {
-                for grad in grads.values_mut() {
-                    *grad = (&*grad * factor)?;
-                }
-            }
-            optimizer.step(&grads, learning_rate)?;
+            // The clip factor multiplies the gradients inside the (fused) update.
+            optimizer.step_scaled(&grads, learning_rate, factor)?;
         }
         state.global_step += 1;
         state.epoch = data.epoch();
