@@ -446,12 +446,11 @@ impl Attention {
         let (q, k) = self.project_qk(xs, None)?;
         let v = self.v_proj.forward(xs)?.reshape((b, t, kv_h, d))?;
 
-        // 3. (b, t, heads, d) -> (b, heads, t, d), RoPE at each token's position
-        let q = q.transpose(1, 2)?.contiguous()?;
-        let k = k.transpose(1, 2)?.contiguous()?;
+        // 3. (b, t, heads, d) -> (b, heads, t, d), RoPE at each token's position (on a GPU the
+        // rotation reads the transposed views in place: no copy for q and k)
+        let q = ops::rope(&q.transpose(1, 2)?, &context.cos, &context.sin)?;
+        let k = ops::rope(&k.transpose(1, 2)?, &context.cos, &context.sin)?;
         let v = v.transpose(1, 2)?.contiguous()?;
-        let q = ops::rope(&q, &context.cos, &context.sin)?;
-        let k = ops::rope(&k, &context.cos, &context.sin)?;
 
         // 4. Append to the cache: (b, kv_h, p + t, d)
         let (k, v) = match context.cache.as_deref_mut() {
@@ -565,19 +564,19 @@ impl Attention {
                     kv: kv_h,
                     head_dim: d,
                 };
-                let q = ops::qk_norm_rope_cache_write(
-                    &q,
-                    &k,
-                    &v,
+                let q = ops::qk_norm_rope_cache_write(&ops::RopeCacheInputs {
+                    q: &q,
+                    k: &k,
+                    v: &v,
                     heads,
                     norms,
                     eps,
-                    &step.cos,
-                    &step.sin,
-                    &step.slots,
+                    cos: &step.cos,
+                    sin: &step.sin,
+                    slots: &step.slots,
                     k_pool,
                     v_pool,
-                )?;
+                })?;
                 match attention {
                     StepAttention::Kernel { paged, .. } => {
                         self.attend_step(&q, &k, &v, paged.as_ref(), &[], cache, layer)?

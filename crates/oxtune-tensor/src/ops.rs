@@ -58,8 +58,10 @@ pub fn rms_norm_reference(xs: &Tensor, weight: &Tensor, eps: f64) -> Result<Tens
 /// Rotary position embedding in the "rotate half" layout used by Hugging Face Llama, Qwen
 /// and Mistral checkpoints.
 ///
-/// `xs`: (b, h, t, d); `cos`, `sin`: (t, d/2) shared by the batch, or (b, t, d/2) per row
-/// (packed samples restart their positions).
+/// `xs`: (b, h, t, d), any layout (on CUDA a view with contiguous rows, such as a (b, t, h, d)
+/// projection through `transpose(1, 2)`, is read in place); `cos`, `sin`: (t, d/2) shared by
+/// the batch, or (b, t, d/2) per row (packed samples restart their positions). The result is
+/// contiguous.
 pub fn rope(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if crate::cuda::applies(&[xs, cos, sin]) && !cos.track_op() && !sin.track_op() {
@@ -524,95 +526,45 @@ pub struct AttentionHeads {
 /// `scatter_set`). Rows sharing a slot leave that pool row holding values of any of them
 /// (on CUDA possibly mixed head by head); the engine gives every row a slot of its own.
 /// Inference only: nothing flows back into q, k or v through the pools.
-#[expect(
-    clippy::too_many_arguments,
-    reason = "the tensors of one attention layer's step, as the model holds them"
-)]
-pub fn qk_norm_rope_cache_write(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    heads: AttentionHeads,
-    norms: Option<(&Tensor, &Tensor)>,
-    eps: f64,
-    cos: &Tensor,
-    sin: &Tensor,
-    slots: &Tensor,
-    k_pool: &Tensor,
-    v_pool: &Tensor,
-) -> Result<Tensor> {
-    let inputs = RopeCacheInputs {
-        q,
-        k,
-        v,
-        heads,
-        norms,
-        eps,
-        cos,
-        sin,
-        slots,
-        k_pool,
-        v_pool,
-    };
+pub fn qk_norm_rope_cache_write(inputs: &RopeCacheInputs<'_>) -> Result<Tensor> {
     let rows = inputs.rows()?;
     #[cfg(feature = "cuda")]
-    if crate::cuda::rope_cache_takes(&inputs) {
-        return crate::cuda::rope_cache_fused(&inputs, rows);
+    if crate::cuda::rope_cache_takes(inputs) {
+        return crate::cuda::rope_cache_fused(inputs, rows);
     }
-    rope_cache_composed(&inputs, rows)
+    rope_cache_composed(inputs, rows)
 }
 
 /// The composition [`qk_norm_rope_cache_write`] stands for, as the model ran it: q and k
 /// reshaped to (t, heads, d), [`rms_norm`] per head, [`rope`] of (t, heads, 1, d) by the
 /// tables unsqueezed to (t, 1, d/2), then `k_pool.scatter_set` and `v_pool.scatter_set` of the
 /// rows at `slots` broadcast to (t, kv * d).
-#[expect(
-    clippy::too_many_arguments,
-    reason = "the same arguments as qk_norm_rope_cache_write"
-)]
-pub fn qk_norm_rope_cache_write_reference(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    heads: AttentionHeads,
-    norms: Option<(&Tensor, &Tensor)>,
-    eps: f64,
-    cos: &Tensor,
-    sin: &Tensor,
-    slots: &Tensor,
-    k_pool: &Tensor,
-    v_pool: &Tensor,
-) -> Result<Tensor> {
-    let inputs = RopeCacheInputs {
-        q,
-        k,
-        v,
-        heads,
-        norms,
-        eps,
-        cos,
-        sin,
-        slots,
-        k_pool,
-        v_pool,
-    };
-    rope_cache_composed(&inputs, inputs.rows()?)
+pub fn qk_norm_rope_cache_write_reference(inputs: &RopeCacheInputs<'_>) -> Result<Tensor> {
+    rope_cache_composed(inputs, inputs.rows()?)
 }
 
-/// The tensors of one [`qk_norm_rope_cache_write`] call.
+/// The tensors of one [`qk_norm_rope_cache_write`] call: one attention layer's step, as the
+/// model holds them.
 #[derive(Clone, Copy)]
-pub(crate) struct RopeCacheInputs<'a> {
-    pub(crate) q: &'a Tensor,
-    pub(crate) k: &'a Tensor,
-    pub(crate) v: &'a Tensor,
-    pub(crate) heads: AttentionHeads,
-    pub(crate) norms: Option<(&'a Tensor, &'a Tensor)>,
-    pub(crate) eps: f64,
-    pub(crate) cos: &'a Tensor,
-    pub(crate) sin: &'a Tensor,
-    pub(crate) slots: &'a Tensor,
-    pub(crate) k_pool: &'a Tensor,
-    pub(crate) v_pool: &'a Tensor,
+pub struct RopeCacheInputs<'a> {
+    /// (t, h * d) rows with a contiguous last dimension (a view of the fused projection).
+    pub q: &'a Tensor,
+    /// (t, kv * d), like `q`.
+    pub k: &'a Tensor,
+    /// (t, kv * d), like `q`.
+    pub v: &'a Tensor,
+    pub heads: AttentionHeads,
+    /// The per-head q and k RMSNorm weights (d,) of Qwen3, or None.
+    pub norms: Option<(&'a Tensor, &'a Tensor)>,
+    pub eps: f64,
+    /// (t, d / 2) RoPE tables at each row's position.
+    pub cos: &'a Tensor,
+    pub sin: &'a Tensor,
+    /// (t,) u32 cache slots, one per row.
+    pub slots: &'a Tensor,
+    /// The layer's key and value pools, written in place.
+    pub k_pool: &'a Tensor,
+    pub v_pool: &'a Tensor,
 }
 
 impl RopeCacheInputs<'_> {
@@ -1195,9 +1147,19 @@ mod tests {
             let k_pool = initial.get(0)?.copy()?;
             let v_pool = initial.get(1)?.copy()?;
             let norms = with_norms.then_some((&q_norm, &k_norm));
-            let out = qk_norm_rope_cache_write(
-                &q, &k, &v, heads, norms, 1e-6, &cos, &sin, &slots, &k_pool, &v_pool,
-            )?;
+            let out = qk_norm_rope_cache_write(&RopeCacheInputs {
+                q: &q,
+                k: &k,
+                v: &v,
+                heads,
+                norms,
+                eps: 1e-6,
+                cos: &cos,
+                sin: &sin,
+                slots: &slots,
+                k_pool: &k_pool,
+                v_pool: &v_pool,
+            })?;
             assert_eq!(out.dims(), [t, h, d]);
             let out: Vec<Vec<Vec<f64>>> = out.to_vec3()?;
             let (k_rows, v_rows): (Vec<Vec<f64>>, Vec<Vec<f64>>) =
@@ -1242,32 +1204,32 @@ mod tests {
             }
         }
         // contiguous inputs give the same q as the strided views
-        let strided = qk_norm_rope_cache_write_reference(
-            &q,
-            &k,
-            &v,
+        let strided = qk_norm_rope_cache_write_reference(&RopeCacheInputs {
+            q: &q,
+            k: &k,
+            v: &v,
             heads,
-            None,
-            1e-6,
-            &cos,
-            &sin,
-            &slots,
-            &initial.get(0)?.copy()?,
-            &initial.get(1)?.copy()?,
-        )?;
-        let contiguous = qk_norm_rope_cache_write(
-            &q.contiguous()?,
-            &k.contiguous()?,
-            &v.contiguous()?,
+            norms: None,
+            eps: 1e-6,
+            cos: &cos,
+            sin: &sin,
+            slots: &slots,
+            k_pool: &initial.get(0)?.copy()?,
+            v_pool: &initial.get(1)?.copy()?,
+        })?;
+        let contiguous = qk_norm_rope_cache_write(&RopeCacheInputs {
+            q: &q.contiguous()?,
+            k: &k.contiguous()?,
+            v: &v.contiguous()?,
             heads,
-            None,
-            1e-6,
-            &cos,
-            &sin,
-            &slots,
-            &initial.get(0)?.copy()?,
-            &initial.get(1)?.copy()?,
-        )?;
+            norms: None,
+            eps: 1e-6,
+            cos: &cos,
+            sin: &sin,
+            slots: &slots,
+            k_pool: &initial.get(0)?.copy()?,
+            v_pool: &initial.get(1)?.copy()?,
+        })?;
         assert!(
             max_abs_diff(
                 &strided.to_dtype(DType::F32)?,
@@ -1277,41 +1239,41 @@ mod tests {
         // u32::MAX slots are skipped; a wrong shape is an error naming the tensor
         let k_pool = initial.get(0)?.copy()?;
         let skipped = Tensor::new(&[u32::MAX, 2, u32::MAX, 0, 5], &device)?;
-        qk_norm_rope_cache_write(
-            &q,
-            &k,
-            &v,
+        qk_norm_rope_cache_write(&RopeCacheInputs {
+            q: &q,
+            k: &k,
+            v: &v,
             heads,
-            None,
-            1e-6,
-            &cos,
-            &sin,
-            &skipped,
-            &k_pool,
-            &initial.get(1)?.copy()?,
-        )?;
+            norms: None,
+            eps: 1e-6,
+            cos: &cos,
+            sin: &sin,
+            slots: &skipped,
+            k_pool: &k_pool,
+            v_pool: &initial.get(1)?.copy()?,
+        })?;
         let k_rows: Vec<Vec<f64>> = k_pool.to_vec2()?;
         let before: Vec<Vec<f64>> = initial.get(0)?.to_vec2()?;
         assert_eq!(k_rows[7], before[7]);
         assert_eq!(k_rows[11], before[11]);
         assert_ne!(k_rows[2], before[2]);
-        let error = qk_norm_rope_cache_write(
-            &q,
-            &k,
-            &v,
-            AttentionHeads {
+        let error = qk_norm_rope_cache_write(&RopeCacheInputs {
+            q: &q,
+            k: &k,
+            v: &v,
+            heads: AttentionHeads {
                 q: h,
                 kv: 1,
                 head_dim: d,
             },
-            None,
-            1e-6,
-            &cos,
-            &sin,
-            &slots,
-            &k_pool,
-            &initial.get(1)?.copy()?,
-        )
+            norms: None,
+            eps: 1e-6,
+            cos: &cos,
+            sin: &sin,
+            slots: &slots,
+            k_pool: &k_pool,
+            v_pool: &initial.get(1)?.copy()?,
+        })
         .expect_err("k has 2 heads, not 1");
         assert!(error.to_string().contains("k [5, 16]"), "{error}");
         Ok(())

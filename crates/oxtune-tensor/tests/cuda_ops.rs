@@ -478,6 +478,60 @@ fn rope_kernel_matches_the_reference() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn rope_reads_strided_views_as_their_copies() -> Result<()> {
+    // The attention's q and k reach RoPE as (b, t, h, d) projections seen through
+    // transpose(1, 2); the kernel reads them in place. Output and gradient must equal those of
+    // the contiguous copy bit for bit, for a plain transpose and for a transposed narrow of a
+    // wider tensor (strides of a fused projection), on the vector and the scalar path.
+    let gpu = oxtune_tensor::parse_device("cuda")?;
+    // (b, t, h, extra heads around the view, d)
+    for (b, t, h, extra, d) in [(2, 33, 4, 0, 128), (1, 5, 3, 2, 64), (2, 7, 2, 1, 10)] {
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let full = Var::from_tensor(
+                &randn(&[b, t, h + extra, d], 1.0)?
+                    .to_dtype(dtype)?
+                    .to_device(&gpu)?,
+            )?;
+            let angles = randn(&[t, d / 2], 3.0)?;
+            let cos = angles.cos()?.to_dtype(dtype)?.to_device(&gpu)?;
+            let sin = angles.sin()?.to_dtype(dtype)?.to_device(&gpu)?;
+            let weights = randn(&[b, h, t, d], 1.0)?
+                .to_dtype(dtype)?
+                .to_device(&gpu)?;
+            let run = |copy: bool| -> Result<(Vec<f32>, Vec<f32>)> {
+                let view = full.as_tensor().narrow(2, 0, h)?.transpose(1, 2)?;
+                let input = if copy { view.contiguous()? } else { view };
+                let out = ops::rope(&input, &cos, &sin)?;
+                let grads = (&out * &weights)?.sum_all()?.backward()?;
+                let grad = grads.get(full.as_tensor()).expect("x has a gradient");
+                let flat = |t: &Tensor| -> Result<Vec<f32>> {
+                    t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()
+                };
+                Ok((flat(&out)?, flat(grad)?))
+            };
+            let label =
+                format!("rope of a strided view, b {b} t {t} h {h}+{extra} d {d} {dtype:?}");
+            let (out, grad) = run(false)?;
+            let (out_copy, grad_copy) = run(true)?;
+            assert!(
+                out.iter()
+                    .zip(&out_copy)
+                    .all(|(a, c)| a.to_bits() == c.to_bits()),
+                "{label}: output differs from the contiguous copy's"
+            );
+            assert!(
+                grad.iter()
+                    .zip(&grad_copy)
+                    .all(|(a, c)| a.to_bits() == c.to_bits()),
+                "{label}: gradient differs from the contiguous copy's"
+            );
+            println!("{label}: output and gradient equal to the copy's");
+        }
+    }
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------
 // Bandwidth: each kernel against candle's fused and composed equivalents (printed, not
 // asserted), for docs/benchmarks.md.

@@ -222,19 +222,19 @@ fn check_case(gpu: &Device, case: &Case) -> Result<f64> {
     )?;
     let k_pool_ref = inputs.pools.get(0)?.copy()?;
     let v_pool_ref = inputs.pools.get(1)?.copy()?;
-    let q_ref = ops::qk_norm_rope_cache_write_reference(
-        &q,
-        &k,
-        &v,
+    let q_ref = ops::qk_norm_rope_cache_write_reference(&ops::RopeCacheInputs {
+        q: &q,
+        k: &k,
+        v: &v,
         heads,
-        norms.then_some((&inputs.q_norm, &inputs.k_norm)),
-        EPS,
-        &inputs.cos,
-        &inputs.sin,
-        &Tensor::new(slots_host.as_slice(), &cpu)?,
-        &k_pool_ref,
-        &v_pool_ref,
-    )?;
+        norms: norms.then_some((&inputs.q_norm, &inputs.k_norm)),
+        eps: EPS,
+        cos: &inputs.cos,
+        sin: &inputs.sin,
+        slots: &Tensor::new(slots_host.as_slice(), &cpu)?,
+        k_pool: &k_pool_ref,
+        v_pool: &v_pool_ref,
+    })?;
 
     // the kernel, and the six-op composition, on the GPU in `dtype`
     let on_gpu = |x: &Tensor| x.to_dtype(dtype)?.to_device(gpu);
@@ -247,13 +247,33 @@ fn check_case(gpu: &Device, case: &Case) -> Result<f64> {
         let v_pool = on_gpu(&inputs.pools.get(1)?)?;
         let norms = norms.then_some((&q_norm, &k_norm));
         let out = if fused_kernel {
-            oxtune_tensor::cuda::qk_norm_rope_cache_write(
-                &q, &k, &v, heads, norms, EPS, &cos, &sin, &slots, &k_pool, &v_pool,
-            )?
+            oxtune_tensor::cuda::qk_norm_rope_cache_write(&ops::RopeCacheInputs {
+                q: &q,
+                k: &k,
+                v: &v,
+                heads,
+                norms,
+                eps: EPS,
+                cos: &cos,
+                sin: &sin,
+                slots: &slots,
+                k_pool: &k_pool,
+                v_pool: &v_pool,
+            })?
         } else {
-            ops::qk_norm_rope_cache_write_reference(
-                &q, &k, &v, heads, norms, EPS, &cos, &sin, &slots, &k_pool, &v_pool,
-            )?
+            ops::qk_norm_rope_cache_write_reference(&ops::RopeCacheInputs {
+                q: &q,
+                k: &k,
+                v: &v,
+                heads,
+                norms,
+                eps: EPS,
+                cos: &cos,
+                sin: &sin,
+                slots: &slots,
+                k_pool: &k_pool,
+                v_pool: &v_pool,
+            })?
         };
         Ok((out, k_pool, v_pool))
     };
@@ -364,13 +384,33 @@ fn ops_function_takes_the_kernel_on_the_gpu() -> Result<()> {
         let v_pool = on_gpu(&inputs.pools.get(1)?)?;
         let norms = Some((&q_norm, &k_norm));
         let q = if kernel {
-            oxtune_tensor::cuda::qk_norm_rope_cache_write(
-                &q, &k, &v, heads, norms, EPS, &cos, &sin, &slots, &k_pool, &v_pool,
-            )?
+            oxtune_tensor::cuda::qk_norm_rope_cache_write(&ops::RopeCacheInputs {
+                q: &q,
+                k: &k,
+                v: &v,
+                heads,
+                norms,
+                eps: EPS,
+                cos: &cos,
+                sin: &sin,
+                slots: &slots,
+                k_pool: &k_pool,
+                v_pool: &v_pool,
+            })?
         } else {
-            ops::qk_norm_rope_cache_write(
-                &q, &k, &v, heads, norms, EPS, &cos, &sin, &slots, &k_pool, &v_pool,
-            )?
+            ops::qk_norm_rope_cache_write(&ops::RopeCacheInputs {
+                q: &q,
+                k: &k,
+                v: &v,
+                heads,
+                norms,
+                eps: EPS,
+                cos: &cos,
+                sin: &sin,
+                slots: &slots,
+                k_pool: &k_pool,
+                v_pool: &v_pool,
+            })?
         };
         results.push((host(&q)?, host(&k_pool)?, host(&v_pool)?));
     }
@@ -407,19 +447,19 @@ fn rope_cache_kernel_skips_slots_outside_the_pool() -> Result<()> {
         let (q, k, v) = inputs.qkv_on(&case, &gpu)?;
         let k_pool = on_gpu(&inputs.pools.get(0)?)?;
         let v_pool = on_gpu(&inputs.pools.get(1)?)?;
-        let q_out = oxtune_tensor::cuda::qk_norm_rope_cache_write(
-            &q,
-            &k,
-            &v,
+        let q_out = oxtune_tensor::cuda::qk_norm_rope_cache_write(&ops::RopeCacheInputs {
+            q: &q,
+            k: &k,
+            v: &v,
             heads,
-            Some((&on_gpu(&inputs.q_norm)?, &on_gpu(&inputs.k_norm)?)),
-            EPS,
-            &on_gpu(&inputs.cos)?,
-            &on_gpu(&inputs.sin)?,
-            &Tensor::new(&slots_host, &gpu)?,
-            &k_pool,
-            &v_pool,
-        )?;
+            norms: Some((&on_gpu(&inputs.q_norm)?, &on_gpu(&inputs.k_norm)?)),
+            eps: EPS,
+            cos: &on_gpu(&inputs.cos)?,
+            sin: &on_gpu(&inputs.sin)?,
+            slots: &Tensor::new(&slots_host, &gpu)?,
+            k_pool: &k_pool,
+            v_pool: &v_pool,
+        })?;
         // the reference skips u32::MAX (candle's scatter) and errs on other bad slots
         let skipped: Vec<u32> = slots_host
             .iter()
@@ -441,19 +481,19 @@ fn rope_cache_kernel_skips_slots_outside_the_pool() -> Result<()> {
         )?;
         let k_pool_ref = inputs.pools.get(0)?.copy()?;
         let v_pool_ref = inputs.pools.get(1)?.copy()?;
-        let q_ref = ops::qk_norm_rope_cache_write_reference(
-            &q_cpu,
-            &k_cpu,
-            &v_cpu,
+        let q_ref = ops::qk_norm_rope_cache_write_reference(&ops::RopeCacheInputs {
+            q: &q_cpu,
+            k: &k_cpu,
+            v: &v_cpu,
             heads,
-            Some((&inputs.q_norm, &inputs.k_norm)),
-            EPS,
-            &inputs.cos,
-            &inputs.sin,
-            &Tensor::new(skipped.as_slice(), &cpu)?,
-            &k_pool_ref,
-            &v_pool_ref,
-        )?;
+            norms: Some((&inputs.q_norm, &inputs.k_norm)),
+            eps: EPS,
+            cos: &inputs.cos,
+            sin: &inputs.sin,
+            slots: &Tensor::new(skipped.as_slice(), &cpu)?,
+            k_pool: &k_pool_ref,
+            v_pool: &v_pool_ref,
+        })?;
         let label = format!("bad slots {slots_host:?}, {dtype:?}");
         compare_heads(&label, "q", dtype, &host(&q_ref)?, &host(&q_out)?, d);
         let k_got = host(&k_pool)?;
@@ -495,19 +535,19 @@ fn rope_cache_kernel_replays_from_a_cuda_graph() -> Result<()> {
     let v_pool = Tensor::zeros((num_slots, kv * d), dtype, &gpu)?;
     let q_out = Tensor::zeros((t, h, d), dtype, &gpu)?;
     let step = |k_pool: &Tensor, v_pool: &Tensor| -> Result<Tensor> {
-        oxtune_tensor::cuda::qk_norm_rope_cache_write(
-            &qkv.narrow(1, 0, h * d)?,
-            &qkv.narrow(1, h * d, kv * d)?,
-            &qkv.narrow(1, (h + kv) * d, kv * d)?,
+        oxtune_tensor::cuda::qk_norm_rope_cache_write(&ops::RopeCacheInputs {
+            q: &qkv.narrow(1, 0, h * d)?,
+            k: &qkv.narrow(1, h * d, kv * d)?,
+            v: &qkv.narrow(1, (h + kv) * d, kv * d)?,
             heads,
-            Some((&q_norm, &k_norm)),
-            EPS,
-            &cos,
-            &sin,
-            &slots,
+            norms: Some((&q_norm, &k_norm)),
+            eps: EPS,
+            cos: &cos,
+            sin: &sin,
+            slots: &slots,
             k_pool,
             v_pool,
-        )
+        })
     };
     let mut graph = oxtune_tensor::graph::Graph::capture(&gpu, || {
         q_out.slice_set(&step(&k_pool, &v_pool)?, 0, 0)
@@ -564,15 +604,35 @@ fn rope_cache_speed_against_the_composition() -> Result<()> {
         let k_pool = Tensor::zeros((num_slots, kv * d), dtype, &gpu)?;
         let v_pool = Tensor::zeros((num_slots, kv * d), dtype, &gpu)?;
         let fused = seconds_per_call(&gpu, || {
-            ops::qk_norm_rope_cache_write(
-                &q, &k, &v, heads, norms, EPS, &cos, &sin, &slots, &k_pool, &v_pool,
-            )
+            ops::qk_norm_rope_cache_write(&ops::RopeCacheInputs {
+                q: &q,
+                k: &k,
+                v: &v,
+                heads,
+                norms,
+                eps: EPS,
+                cos: &cos,
+                sin: &sin,
+                slots: &slots,
+                k_pool: &k_pool,
+                v_pool: &v_pool,
+            })
             .map(drop)
         })?;
         let composed = seconds_per_call(&gpu, || {
-            ops::qk_norm_rope_cache_write_reference(
-                &q, &k, &v, heads, norms, EPS, &cos, &sin, &slots, &k_pool, &v_pool,
-            )
+            ops::qk_norm_rope_cache_write_reference(&ops::RopeCacheInputs {
+                q: &q,
+                k: &k,
+                v: &v,
+                heads,
+                norms,
+                eps: EPS,
+                cos: &cos,
+                sin: &sin,
+                slots: &slots,
+                k_pool: &k_pool,
+                v_pool: &v_pool,
+            })
             .map(drop)
         })?;
         println!(

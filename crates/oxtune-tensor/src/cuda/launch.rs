@@ -358,8 +358,10 @@ pub(crate) fn swiglu_bwd<T: KernelFloat>(
     Ok(out)
 }
 
-/// The shape of a RoPE launch: x (batch, heads, positions, head_dim); tables
-/// (positions, head_dim / 2), or (batch, positions, head_dim / 2) when `per_batch`.
+/// The shape of a RoPE launch: x (batch, heads, positions, head_dim) with `x_strides` over its
+/// first three dimensions (its rows contiguous); tables (positions, head_dim / 2), or (batch,
+/// positions, head_dim / 2) when `per_batch`. The output is contiguous (batch, heads,
+/// positions, head_dim), or (batch, positions, heads, head_dim) when `transposed_out`.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct RopeShape {
     pub batch: usize,
@@ -367,9 +369,12 @@ pub(crate) struct RopeShape {
     pub positions: usize,
     pub head_dim: usize,
     pub per_batch: bool,
+    pub x_strides: [usize; 3],
+    pub transposed_out: bool,
 }
 
-/// Rotates x by (cos, sign * sin): sign 1 is the forward, -1 the backward.
+/// Rotates x by (cos, sign * sin): sign 1 is the forward, -1 the backward. `xs` starts at x's
+/// first element and spans its strided extent.
 pub(crate) fn rope<T: KernelFloat>(
     device: &CudaDevice,
     xs: &CudaView<'_, T>,
@@ -385,6 +390,8 @@ pub(crate) fn rope<T: KernelFloat>(
         positions,
         head_dim,
         per_batch,
+        x_strides,
+        transposed_out,
     } = shape;
     if head_dim % 2 != 0 {
         bail!("{kernel}: head_dim {head_dim} is odd");
@@ -393,9 +400,34 @@ pub(crate) fn rope<T: KernelFloat>(
     let count = rows * head_dim;
     let half = head_dim / 2;
     let table = if per_batch { batch } else { 1 } * positions * half;
-    expect_len(xs, count, "x", kernel)?;
+    let extent = if count == 0 {
+        0
+    } else {
+        [batch, heads, positions]
+            .iter()
+            .zip(x_strides)
+            .map(|(&n, stride)| (n - 1) * stride)
+            .sum::<usize>()
+            + head_dim
+    };
+    expect_len(xs, extent, "x", kernel)?;
     expect_len(cos, table, "cos", kernel)?;
     expect_len(sin, table, "sin", kernel)?;
+    let y_strides = if transposed_out {
+        [positions * heads * head_dim, head_dim, heads * head_dim]
+    } else {
+        [heads * positions * head_dim, positions * head_dim, head_dim]
+    };
+    let strides = |values: [usize; 3], what: &str| -> Result<[i64; 3]> {
+        let mut out = [0i64; 3];
+        for (slot, value) in out.iter_mut().zip(values) {
+            *slot = i64::try_from(value)
+                .map_err(|_| candle_core::Error::Msg(format!("{kernel}: {what} stride {value}")))?;
+        }
+        Ok(out)
+    };
+    let [xb, xh, xt] = strides(x_strides, "x")?;
+    let [yb, yh, yt] = strides(y_strides, "y")?;
     let h = to_i32(heads, "heads", kernel)?;
     let t = to_i32(positions, "positions", kernel)?;
     let d = to_i32(head_dim, "head_dim", kernel)?;
@@ -414,6 +446,13 @@ pub(crate) fn rope<T: KernelFloat>(
         .arg(&per_batch)
         .arg(&sign)
         .arg(&rows_u64);
+    builder
+        .arg(&xb)
+        .arg(&xh)
+        .arg(&xt)
+        .arg(&yb)
+        .arg(&yh)
+        .arg(&yt);
     let vector = 16 / std::mem::size_of::<T>();
     let items = rows
         * if half % vector == 0 {
@@ -421,8 +460,9 @@ pub(crate) fn rope<T: KernelFloat>(
         } else {
             half
         };
-    // SAFETY: grid-stride over rows * head_dim / 2 pairs; x, y and the tables hold what the
-    // kernel indexes (checked above); arguments match rope_<dtype> in rope.cu.
+    // SAFETY: grid-stride over rows * head_dim / 2 pairs; every row of x lies in its extent
+    // and y holds rows * head_dim elements in either order, the tables what the kernel
+    // indexes (checked above); arguments match rope_<dtype> in rope.cu.
     unsafe { builder.launch(flat_config(items, kernel)?) }.w()?;
     Ok(out)
 }

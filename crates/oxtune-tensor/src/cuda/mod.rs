@@ -71,10 +71,25 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     gate.contiguous()?.apply_op2(&up.contiguous()?, Swiglu)
 }
 
-/// RoPE; differentiable in `xs` only (the tables are constants).
+/// RoPE; differentiable in `xs` only (the tables are constants). `xs` (b, h, t, d) may be any
+/// view with contiguous rows, such as a (b, t, h, d) projection through `transpose(1, 2)`: the
+/// kernel reads it in place and writes a contiguous (b, h, t, d) output, so the layout change
+/// costs no copy, and the backward returns the gradient in the input's memory order.
 pub fn rope(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    xs.contiguous()?
-        .apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rope { sign: 1.0 })
+    let rope = Rope {
+        sign: 1.0,
+        transposed_out: false,
+    };
+    rows_contiguous(xs)?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, rope)
+}
+
+/// `xs` itself when it is 4-D with contiguous rows (what the RoPE kernel reads), else a copy.
+fn rows_contiguous(xs: &Tensor) -> Result<Tensor> {
+    if xs.rank() == 4 && xs.stride()[3] == 1 {
+        Ok(xs.clone())
+    } else {
+        xs.contiguous()
+    }
 }
 
 /// The gradient of [`softmax`] from its output `ys` and the output's gradient `grad`.
@@ -137,11 +152,31 @@ pub fn swiglu_backward(gate: &Tensor, up: &Tensor, grad: &Tensor) -> Result<(Ten
 
 /// The gradient of [`rope`] with respect to x: the rotation by -sin applied to `grad`.
 pub fn rope_backward(grad: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    grad.contiguous()?.apply_op3_no_bwd(
+    rotate_no_grad(grad, cos, sin, -1.0, false)
+}
+
+/// The rotation by (cos, sign * sin) of `xs`, tracking no gradient: a contiguous (b, h, t, d)
+/// result, or with `transposed_out` a (b, h, t, d) view of a contiguous (b, t, h, d) tensor.
+fn rotate_no_grad(
+    xs: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    sign: f32,
+    transposed_out: bool,
+) -> Result<Tensor> {
+    let out = rows_contiguous(xs)?.apply_op3_no_bwd(
         &cos.contiguous()?,
         &sin.contiguous()?,
-        &Rope { sign: -1.0 },
-    )
+        &Rope {
+            sign,
+            transposed_out,
+        },
+    )?;
+    if transposed_out {
+        out.transpose(1, 2)
+    } else {
+        Ok(out)
+    }
 }
 
 /// Dispatches on the dtype of a storage: `$slice` is its typed `CudaSlice`, `$call` a
@@ -573,10 +608,12 @@ impl CustomOp3 for SwigluBackward {
     }
 }
 
-/// RoPE rotation by (cos, sign * sin); its backward is the same op with the sign flipped
-/// applied to dy. Saves nothing (the tables are inputs).
+/// RoPE rotation by (cos, sign * sin) of a (b, h, t, d) input with contiguous rows; its
+/// backward is the same op with the sign flipped applied to dy. Saves nothing (the tables
+/// are inputs). The output is (b, h, t, d), or (b, t, h, d) when `transposed_out`.
 struct Rope {
     sign: f32,
+    transposed_out: bool,
 }
 
 impl CustomOp3 for Rope {
@@ -618,35 +655,57 @@ impl CustomOp3 for Rope {
                 xs_layout.shape()
             ),
         };
+        let &[stride_b, stride_h, stride_t, 1] = xs_layout.stride() else {
+            bail!(
+                "{op}: x's rows are not contiguous (strides {:?})",
+                xs_layout.stride()
+            );
+        };
         let shape = RopeShape {
             batch,
             heads,
             positions,
             head_dim,
             per_batch,
+            x_strides: [stride_b, stride_h, stride_t],
+            transposed_out: self.transposed_out,
         };
+        let extent = if xs_layout.shape().elem_count() == 0 {
+            0
+        } else {
+            (batch - 1) * stride_b + (heads - 1) * stride_h + (positions - 1) * stride_t + head_dim
+        };
+        let start = xs_layout.start_offset();
         let device = &xs.device;
         let out = float_dispatch!(op, xs, |x| launch::rope(
             device,
-            &view(x, xs_layout, op, "x")?,
+            &x.try_slice(start..start + extent)
+                .ok_or_else(|| candle_core::Error::Msg(format!("{op}: x out of its storage")))?,
             &view_as(cos, cos_layout, op, "cos")?,
             &view_as(sin, sin_layout, op, "sin")?,
             shape,
             self.sign
         ));
-        Ok((out, xs_layout.shape().clone()))
+        let dims = if self.transposed_out {
+            (batch, positions, heads, head_dim)
+        } else {
+            (batch, heads, positions, head_dim)
+        };
+        Ok((out, Shape::from(dims)))
     }
 
     fn bwd(
         &self,
-        _: &Tensor,
+        xs: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
         _: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let backward = Rope { sign: -self.sign };
-        let dx = grad.contiguous()?.apply_op3_no_bwd(cos, sin, &backward)?;
+        // The gradient in x's memory order: for a transpose(1, 2) view of a contiguous
+        // (b, t, h, d) projection, candle's transpose backward then needs no copy.
+        let transposed = !xs.is_contiguous() && xs.transpose(1, 2)?.is_contiguous();
+        let dx = rotate_no_grad(grad, cos, sin, -self.sign, transposed)?;
         Ok((Some(dx), None, None))
     }
 }

@@ -92,45 +92,16 @@ pub(crate) fn rope_cache_takes(inputs: &RopeCacheInputs<'_>) -> bool {
 
 /// See [`crate::ops::qk_norm_rope_cache_write`]; the kernel, or an error where it does not
 /// take the inputs (the ops function then runs the composition instead).
-#[expect(
-    clippy::too_many_arguments,
-    reason = "the same arguments as ops::qk_norm_rope_cache_write"
-)]
-pub fn qk_norm_rope_cache_write(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    heads: AttentionHeads,
-    norms: Option<(&Tensor, &Tensor)>,
-    eps: f64,
-    cos: &Tensor,
-    sin: &Tensor,
-    slots: &Tensor,
-    k_pool: &Tensor,
-    v_pool: &Tensor,
-) -> Result<Tensor> {
-    let inputs = RopeCacheInputs {
-        q,
-        k,
-        v,
-        heads,
-        norms,
-        eps,
-        cos,
-        sin,
-        slots,
-        k_pool,
-        v_pool,
-    };
+pub fn qk_norm_rope_cache_write(inputs: &RopeCacheInputs<'_>) -> Result<Tensor> {
     let rows = inputs.rows()?;
-    if !rope_cache_takes(&inputs) {
+    if !rope_cache_takes(inputs) {
         bail!(
             "qk_norm_rope_cache_write: the kernel takes f32/bf16/f16 tensors of one CUDA device \
              (u32 slots) that track no gradient, head_dim <= {ROPE_CACHE_MAX_HEAD_DIM}, rows with a \
              contiguous last dimension and contiguous pools"
         );
     }
-    rope_cache_fused(&inputs, rows)
+    rope_cache_fused(inputs, rows)
 }
 
 /// Roles of the read-only inputs, indices into `Call::inputs`.
