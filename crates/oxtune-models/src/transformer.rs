@@ -446,10 +446,10 @@ impl Attention {
         let (q, k) = self.project_qk(xs, None)?;
         let v = self.v_proj.forward(xs)?.reshape((b, t, kv_h, d))?;
 
-        // 3. (b, t, heads, d) -> (b, heads, t, d), RoPE at each token's position (on a GPU the
-        // rotation reads the transposed views in place: no copy for q and k)
-        let q = ops::rope(&q.transpose(1, 2)?, &context.cos, &context.sin)?;
-        let k = ops::rope(&k.transpose(1, 2)?, &context.cos, &context.sin)?;
+        // 3. (b, t, heads, d) -> (b, heads, t, d), RoPE at each token's position (on a GPU one
+        // kernel each for q and k, with no copy for the transpose)
+        let q = ops::rope_to_heads(&q, &context.cos, &context.sin)?;
+        let k = ops::rope_to_heads(&k, &context.cos, &context.sin)?;
         let v = v.transpose(1, 2)?.contiguous()?;
 
         // 4. Append to the cache: (b, kv_h, p + t, d)

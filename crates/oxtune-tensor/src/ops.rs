@@ -58,10 +58,9 @@ pub fn rms_norm_reference(xs: &Tensor, weight: &Tensor, eps: f64) -> Result<Tens
 /// Rotary position embedding in the "rotate half" layout used by Hugging Face Llama, Qwen
 /// and Mistral checkpoints.
 ///
-/// `xs`: (b, h, t, d), any layout (on CUDA a view with contiguous rows, such as a (b, t, h, d)
-/// projection through `transpose(1, 2)`, is read in place); `cos`, `sin`: (t, d/2) shared by
-/// the batch, or (b, t, d/2) per row (packed samples restart their positions). The result is
-/// contiguous.
+/// `xs`: (b, h, t, d), any layout (on CUDA a view with contiguous rows is read in place);
+/// `cos`, `sin`: (t, d/2) shared by the batch, or (b, t, d/2) per row (packed samples restart
+/// their positions). The result is contiguous.
 pub fn rope(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if crate::cuda::applies(&[xs, cos, sin]) && !cos.track_op() && !sin.track_op() {
@@ -71,6 +70,18 @@ pub fn rope(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         return rope_reference(xs, cos, sin);
     }
     candle_nn::rotary_emb::rope(&xs.contiguous()?, cos, sin)
+}
+
+/// [`rope`] of a (b, t, h, d) projection, returning (b, h, t, d): what attention needs from
+/// its q and k. On CUDA one kernel reads the projection in place and writes the rotated heads
+/// in their order, and its backward writes the gradient back in (b, t, h, d) order, so the
+/// transpose costs no copy either way; elsewhere [`rope`] of the transposed view.
+pub fn rope_to_heads(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if crate::cuda::applies(&[xs, cos, sin]) && !cos.track_op() && !sin.track_op() {
+        return crate::cuda::rope_to_heads(xs, cos, sin);
+    }
+    rope(&xs.transpose(1, 2)?, cos, sin)
 }
 
 /// The differentiable reference for [`rope`]: `x * cos + rotate_half(x) * sin`.

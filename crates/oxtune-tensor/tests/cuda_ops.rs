@@ -480,12 +480,12 @@ fn rope_kernel_matches_the_reference() -> Result<()> {
 
 #[test]
 fn rope_reads_strided_views_as_their_copies() -> Result<()> {
-    // The attention's q and k reach RoPE as (b, t, h, d) projections seen through
-    // transpose(1, 2); the kernel reads them in place. Output and gradient must equal those of
-    // the contiguous copy bit for bit, for a plain transpose and for a transposed narrow of a
-    // wider tensor (strides of a fused projection), on the vector and the scalar path.
+    // Attention's q and k are (b, t, h, d) projections (or row views of a wider one): the
+    // kernel reads them in place, through rope_to_heads or a transposed view given to rope.
+    // Outputs and gradients must equal those of rope on the contiguous (b, h, t, d) copy bit
+    // for bit, on the vector and the scalar path.
     let gpu = oxtune_tensor::parse_device("cuda")?;
-    // (b, t, h, extra heads around the view, d)
+    // (b, t, h, extra heads beside the view, d)
     for (b, t, h, extra, d) in [(2, 33, 4, 0, 128), (1, 5, 3, 2, 64), (2, 7, 2, 1, 10)] {
         for dtype in [DType::F32, DType::BF16, DType::F16] {
             let full = Var::from_tensor(
@@ -499,34 +499,34 @@ fn rope_reads_strided_views_as_their_copies() -> Result<()> {
             let weights = randn(&[b, h, t, d], 1.0)?
                 .to_dtype(dtype)?
                 .to_device(&gpu)?;
-            let run = |copy: bool| -> Result<(Vec<f32>, Vec<f32>)> {
-                let view = full.as_tensor().narrow(2, 0, h)?.transpose(1, 2)?;
-                let input = if copy { view.contiguous()? } else { view };
-                let out = ops::rope(&input, &cos, &sin)?;
+            let flat = |t: &Tensor| -> Result<Vec<u32>> {
+                Ok(t.to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?
+                    .into_iter()
+                    .map(f32::to_bits)
+                    .collect())
+            };
+            // 0: rope of the contiguous copy, 1: rope of the transposed view, 2: rope_to_heads
+            let run = |path: usize| -> Result<(Vec<u32>, Vec<u32>)> {
+                let rows = full.as_tensor().narrow(2, 0, h)?;
+                let out = match path {
+                    0 => ops::rope(&rows.transpose(1, 2)?.contiguous()?, &cos, &sin)?,
+                    1 => ops::rope(&rows.transpose(1, 2)?, &cos, &sin)?,
+                    _ => ops::rope_to_heads(&rows, &cos, &sin)?,
+                };
                 let grads = (&out * &weights)?.sum_all()?.backward()?;
                 let grad = grads.get(full.as_tensor()).expect("x has a gradient");
-                let flat = |t: &Tensor| -> Result<Vec<f32>> {
-                    t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()
-                };
                 Ok((flat(&out)?, flat(grad)?))
             };
-            let label =
-                format!("rope of a strided view, b {b} t {t} h {h}+{extra} d {d} {dtype:?}");
-            let (out, grad) = run(false)?;
-            let (out_copy, grad_copy) = run(true)?;
-            assert!(
-                out.iter()
-                    .zip(&out_copy)
-                    .all(|(a, c)| a.to_bits() == c.to_bits()),
-                "{label}: output differs from the contiguous copy's"
-            );
-            assert!(
-                grad.iter()
-                    .zip(&grad_copy)
-                    .all(|(a, c)| a.to_bits() == c.to_bits()),
-                "{label}: gradient differs from the contiguous copy's"
-            );
-            println!("{label}: output and gradient equal to the copy's");
+            let label = format!("rope of strided rows, b {b} t {t} h {h}+{extra} d {d} {dtype:?}");
+            let (out, grad) = run(0)?;
+            for (path, name) in [(1, "rope of the transposed view"), (2, "rope_to_heads")] {
+                let (other_out, other_grad) = run(path)?;
+                assert!(other_out == out, "{label}: {name}'s output differs");
+                assert!(other_grad == grad, "{label}: {name}'s gradient differs");
+            }
+            println!("{label}: outputs and gradients equal to the copy's");
         }
     }
     Ok(())

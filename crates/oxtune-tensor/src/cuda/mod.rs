@@ -72,13 +72,23 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 }
 
 /// RoPE; differentiable in `xs` only (the tables are constants). `xs` (b, h, t, d) may be any
-/// view with contiguous rows, such as a (b, t, h, d) projection through `transpose(1, 2)`: the
-/// kernel reads it in place and writes a contiguous (b, h, t, d) output, so the layout change
-/// costs no copy, and the backward returns the gradient in the input's memory order.
+/// view with contiguous rows (the kernel reads it in place); the output is contiguous.
 pub fn rope(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    rotate(xs, cos, sin, RopeOrder::HeadsFirst)
+}
+
+/// [`rope`] of a (b, t, h, d) projection (any view with contiguous rows) into a contiguous
+/// (b, h, t, d) tensor: the layout change costs no copy, and the backward writes the gradient
+/// straight in (b, t, h, d) order.
+pub fn rope_to_heads(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    rotate(xs, cos, sin, RopeOrder::PositionsFirst)
+}
+
+fn rotate(xs: &Tensor, cos: &Tensor, sin: &Tensor, input: RopeOrder) -> Result<Tensor> {
     let rope = Rope {
         sign: 1.0,
-        transposed_out: false,
+        input,
+        output: RopeOrder::HeadsFirst,
     };
     rows_contiguous(xs)?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, rope)
 }
@@ -152,31 +162,12 @@ pub fn swiglu_backward(gate: &Tensor, up: &Tensor, grad: &Tensor) -> Result<(Ten
 
 /// The gradient of [`rope`] with respect to x: the rotation by -sin applied to `grad`.
 pub fn rope_backward(grad: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    rotate_no_grad(grad, cos, sin, -1.0, false)
-}
-
-/// The rotation by (cos, sign * sin) of `xs`, tracking no gradient: a contiguous (b, h, t, d)
-/// result, or with `transposed_out` a (b, h, t, d) view of a contiguous (b, t, h, d) tensor.
-fn rotate_no_grad(
-    xs: &Tensor,
-    cos: &Tensor,
-    sin: &Tensor,
-    sign: f32,
-    transposed_out: bool,
-) -> Result<Tensor> {
-    let out = rows_contiguous(xs)?.apply_op3_no_bwd(
-        &cos.contiguous()?,
-        &sin.contiguous()?,
-        &Rope {
-            sign,
-            transposed_out,
-        },
-    )?;
-    if transposed_out {
-        out.transpose(1, 2)
-    } else {
-        Ok(out)
-    }
+    let backward = Rope {
+        sign: -1.0,
+        input: RopeOrder::HeadsFirst,
+        output: RopeOrder::HeadsFirst,
+    };
+    rows_contiguous(grad)?.apply_op3_no_bwd(&cos.contiguous()?, &sin.contiguous()?, &backward)
 }
 
 /// Dispatches on the dtype of a storage: `$slice` is its typed `CudaSlice`, `$call` a
@@ -608,12 +599,20 @@ impl CustomOp3 for SwigluBackward {
     }
 }
 
-/// RoPE rotation by (cos, sign * sin) of a (b, h, t, d) input with contiguous rows; its
-/// backward is the same op with the sign flipped applied to dy. Saves nothing (the tables
-/// are inputs). The output is (b, h, t, d), or (b, t, h, d) when `transposed_out`.
+/// Which middle dimension of a RoPE tensor comes first: (b, h, t, d) or (b, t, h, d).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RopeOrder {
+    HeadsFirst,
+    PositionsFirst,
+}
+
+/// RoPE rotation by (cos, sign * sin) of an `input`-ordered tensor with contiguous rows into a
+/// contiguous `output`-ordered one; its backward is the same op with the sign flipped and the
+/// orders swapped, applied to dy. Saves nothing (the tables are inputs).
 struct Rope {
     sign: f32,
-    transposed_out: bool,
+    input: RopeOrder,
+    output: RopeOrder,
 }
 
 impl CustomOp3 for Rope {
@@ -643,7 +642,18 @@ impl CustomOp3 for Rope {
         sin_layout: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let op = self.name();
-        let (batch, heads, positions, head_dim) = xs_layout.shape().dims4()?;
+        let (batch, middle, inner, head_dim) = xs_layout.shape().dims4()?;
+        let &[stride_b, stride_1, stride_2, 1] = xs_layout.stride() else {
+            bail!(
+                "{op}: x's rows are not contiguous (strides {:?})",
+                xs_layout.stride()
+            );
+        };
+        // (heads, positions) and x's strides over (batch, heads, positions)
+        let (heads, positions, x_strides) = match self.input {
+            RopeOrder::HeadsFirst => (middle, inner, [stride_b, stride_1, stride_2]),
+            RopeOrder::PositionsFirst => (inner, middle, [stride_b, stride_2, stride_1]),
+        };
         let half = head_dim / 2;
         same_shape(cos_layout, sin_layout, op, "sin")?;
         let per_batch = match cos_layout.shape().dims() {
@@ -655,25 +665,19 @@ impl CustomOp3 for Rope {
                 xs_layout.shape()
             ),
         };
-        let &[stride_b, stride_h, stride_t, 1] = xs_layout.stride() else {
-            bail!(
-                "{op}: x's rows are not contiguous (strides {:?})",
-                xs_layout.stride()
-            );
-        };
         let shape = RopeShape {
             batch,
             heads,
             positions,
             head_dim,
             per_batch,
-            x_strides: [stride_b, stride_h, stride_t],
-            transposed_out: self.transposed_out,
+            x_strides,
+            transposed_out: self.output == RopeOrder::PositionsFirst,
         };
         let extent = if xs_layout.shape().elem_count() == 0 {
             0
         } else {
-            (batch - 1) * stride_b + (heads - 1) * stride_h + (positions - 1) * stride_t + head_dim
+            (batch - 1) * stride_b + (middle - 1) * stride_1 + (inner - 1) * stride_2 + head_dim
         };
         let start = xs_layout.start_offset();
         let device = &xs.device;
@@ -686,26 +690,27 @@ impl CustomOp3 for Rope {
             shape,
             self.sign
         ));
-        let dims = if self.transposed_out {
-            (batch, positions, heads, head_dim)
-        } else {
-            (batch, heads, positions, head_dim)
+        let dims = match self.output {
+            RopeOrder::HeadsFirst => (batch, heads, positions, head_dim),
+            RopeOrder::PositionsFirst => (batch, positions, heads, head_dim),
         };
         Ok((out, Shape::from(dims)))
     }
 
     fn bwd(
         &self,
-        xs: &Tensor,
+        _: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
         _: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // The gradient in x's memory order: for a transpose(1, 2) view of a contiguous
-        // (b, t, h, d) projection, candle's transpose backward then needs no copy.
-        let transposed = !xs.is_contiguous() && xs.transpose(1, 2)?.is_contiguous();
-        let dx = rotate_no_grad(grad, cos, sin, -self.sign, transposed)?;
+        let backward = Rope {
+            sign: -self.sign,
+            input: self.output,
+            output: self.input,
+        };
+        let dx = rows_contiguous(grad)?.apply_op3_no_bwd(cos, sin, &backward)?;
         Ok((Some(dx), None, None))
     }
 }
