@@ -48,27 +48,18 @@ const MAX_GRID_Y: usize = 65_535;
 /// The head dims the kernels are compiled for.
 pub(crate) const HEAD_DIMS: [usize; 2] = [64, 128];
 
-/// Dynamic shared memory of the forward kernel: `FwdSmem<T, D>::BYTES` in flash_attn.cu.
+/// Dynamic shared memory of the forward kernel: `FwdSmem<T, D>::BYTES` in flash_attn.cu
+/// (the Q, K and V tiles, rows padded by 8 elements).
 fn forward_shared_bytes(head_dim: usize) -> usize {
     let tile = (head_dim + 8) * 2;
-    BLOCK_QUERIES * tile
-        + 2 * BLOCK_KEYS * tile
-        + BLOCK_QUERIES * (BLOCK_KEYS + 4) * 4
-        + BLOCK_QUERIES * (BLOCK_KEYS + 8) * 2
-        + BLOCK_QUERIES * 4
-        + BLOCK_KEYS * 4
-        + 256 * 4
+    BLOCK_QUERIES * tile + 2 * BLOCK_KEYS * tile
 }
 
-/// Dynamic shared memory of the backward kernel: `BwdSmem<T, D>::BYTES` in flash_attn.cu.
+/// Dynamic shared memory of the backward kernel: `BwdSmem<T, D>::BYTES` in flash_attn.cu
+/// (the K and V tiles, two buffers each of Q and dO, and dS^T, keys x queries).
 fn backward_shared_bytes(head_dim: usize) -> usize {
     let tile = (head_dim + 8) * 2;
-    2 * BLOCK_KEYS * tile
-        + 2 * BLOCK_QUERIES * tile
-        + 2 * BLOCK_KEYS * (BLOCK_QUERIES + 8) * 2
-        + 3 * BLOCK_QUERIES * 4
-        + BLOCK_KEYS * 4
-        + 256 * 4
+    2 * BLOCK_KEYS * tile + 4 * BLOCK_QUERIES * tile + BLOCK_KEYS * (BLOCK_QUERIES + 8) * 2
 }
 
 /// Sizes of one attention call: q (batch, heads, positions, head_dim), k and v
