@@ -1215,7 +1215,7 @@ mod tests {
             }
         }
         // contiguous inputs give the same q as the strided views
-        let strided = qk_norm_rope_cache_write_reference(&RopeCacheInputs {
+        let views = RopeCacheInputs {
             q: &q,
             k: &k,
             v: &v,
@@ -1227,19 +1227,15 @@ mod tests {
             slots: &slots,
             k_pool: &initial.get(0)?.copy()?,
             v_pool: &initial.get(1)?.copy()?,
-        })?;
+        };
+        let strided = qk_norm_rope_cache_write_reference(&views)?;
         let contiguous = qk_norm_rope_cache_write(&RopeCacheInputs {
             q: &q.contiguous()?,
             k: &k.contiguous()?,
             v: &v.contiguous()?,
-            heads,
-            norms: None,
-            eps: 1e-6,
-            cos: &cos,
-            sin: &sin,
-            slots: &slots,
             k_pool: &initial.get(0)?.copy()?,
             v_pool: &initial.get(1)?.copy()?,
+            ..views
         })?;
         assert!(
             max_abs_diff(

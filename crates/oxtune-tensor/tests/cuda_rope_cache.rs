@@ -246,34 +246,23 @@ fn check_case(gpu: &Device, case: &Case) -> Result<f64> {
         let k_pool = on_gpu(&inputs.pools.get(0)?)?;
         let v_pool = on_gpu(&inputs.pools.get(1)?)?;
         let norms = norms.then_some((&q_norm, &k_norm));
+        let call = ops::RopeCacheInputs {
+            q: &q,
+            k: &k,
+            v: &v,
+            heads,
+            norms,
+            eps: EPS,
+            cos: &cos,
+            sin: &sin,
+            slots: &slots,
+            k_pool: &k_pool,
+            v_pool: &v_pool,
+        };
         let out = if fused_kernel {
-            oxtune_tensor::cuda::qk_norm_rope_cache_write(&ops::RopeCacheInputs {
-                q: &q,
-                k: &k,
-                v: &v,
-                heads,
-                norms,
-                eps: EPS,
-                cos: &cos,
-                sin: &sin,
-                slots: &slots,
-                k_pool: &k_pool,
-                v_pool: &v_pool,
-            })?
+            oxtune_tensor::cuda::qk_norm_rope_cache_write(&call)?
         } else {
-            ops::qk_norm_rope_cache_write_reference(&ops::RopeCacheInputs {
-                q: &q,
-                k: &k,
-                v: &v,
-                heads,
-                norms,
-                eps: EPS,
-                cos: &cos,
-                sin: &sin,
-                slots: &slots,
-                k_pool: &k_pool,
-                v_pool: &v_pool,
-            })?
+            ops::qk_norm_rope_cache_write_reference(&call)?
         };
         Ok((out, k_pool, v_pool))
     };
@@ -383,34 +372,23 @@ fn ops_function_takes_the_kernel_on_the_gpu() -> Result<()> {
         let k_pool = on_gpu(&inputs.pools.get(0)?)?;
         let v_pool = on_gpu(&inputs.pools.get(1)?)?;
         let norms = Some((&q_norm, &k_norm));
+        let call = ops::RopeCacheInputs {
+            q: &q,
+            k: &k,
+            v: &v,
+            heads,
+            norms,
+            eps: EPS,
+            cos: &cos,
+            sin: &sin,
+            slots: &slots,
+            k_pool: &k_pool,
+            v_pool: &v_pool,
+        };
         let q = if kernel {
-            oxtune_tensor::cuda::qk_norm_rope_cache_write(&ops::RopeCacheInputs {
-                q: &q,
-                k: &k,
-                v: &v,
-                heads,
-                norms,
-                eps: EPS,
-                cos: &cos,
-                sin: &sin,
-                slots: &slots,
-                k_pool: &k_pool,
-                v_pool: &v_pool,
-            })?
+            oxtune_tensor::cuda::qk_norm_rope_cache_write(&call)?
         } else {
-            ops::qk_norm_rope_cache_write(&ops::RopeCacheInputs {
-                q: &q,
-                k: &k,
-                v: &v,
-                heads,
-                norms,
-                eps: EPS,
-                cos: &cos,
-                sin: &sin,
-                slots: &slots,
-                k_pool: &k_pool,
-                v_pool: &v_pool,
-            })?
+            ops::qk_norm_rope_cache_write(&call)?
         };
         results.push((host(&q)?, host(&k_pool)?, host(&v_pool)?));
     }
@@ -603,37 +581,22 @@ fn rope_cache_speed_against_the_composition() -> Result<()> {
         let slots = Tensor::new(scrambled_slots(t, num_slots).as_slice(), &gpu)?;
         let k_pool = Tensor::zeros((num_slots, kv * d), dtype, &gpu)?;
         let v_pool = Tensor::zeros((num_slots, kv * d), dtype, &gpu)?;
-        let fused = seconds_per_call(&gpu, || {
-            ops::qk_norm_rope_cache_write(&ops::RopeCacheInputs {
-                q: &q,
-                k: &k,
-                v: &v,
-                heads,
-                norms,
-                eps: EPS,
-                cos: &cos,
-                sin: &sin,
-                slots: &slots,
-                k_pool: &k_pool,
-                v_pool: &v_pool,
-            })
-            .map(drop)
-        })?;
+        let call = ops::RopeCacheInputs {
+            q: &q,
+            k: &k,
+            v: &v,
+            heads,
+            norms,
+            eps: EPS,
+            cos: &cos,
+            sin: &sin,
+            slots: &slots,
+            k_pool: &k_pool,
+            v_pool: &v_pool,
+        };
+        let fused = seconds_per_call(&gpu, || ops::qk_norm_rope_cache_write(&call).map(drop))?;
         let composed = seconds_per_call(&gpu, || {
-            ops::qk_norm_rope_cache_write_reference(&ops::RopeCacheInputs {
-                q: &q,
-                k: &k,
-                v: &v,
-                heads,
-                norms,
-                eps: EPS,
-                cos: &cos,
-                sin: &sin,
-                slots: &slots,
-                k_pool: &k_pool,
-                v_pool: &v_pool,
-            })
-            .map(drop)
+            ops::qk_norm_rope_cache_write_reference(&call).map(drop)
         })?;
         println!(
             "| t {t}, h {h}, kv {kv}, d {d}, bf16, norms {} | {:.1} µs | {:.1} µs |",
