@@ -1247,17 +1247,10 @@ mod tests {
         let k_pool = initial.get(0)?.copy()?;
         let skipped = Tensor::new(&[u32::MAX, 2, u32::MAX, 0, 5], &device)?;
         qk_norm_rope_cache_write(&RopeCacheInputs {
-            q: &q,
-            k: &k,
-            v: &v,
-            heads,
-            norms: None,
-            eps: 1e-6,
-            cos: &cos,
-            sin: &sin,
             slots: &skipped,
             k_pool: &k_pool,
             v_pool: &initial.get(1)?.copy()?,
+            ..views
         })?;
         let k_rows: Vec<Vec<f64>> = k_pool.to_vec2()?;
         let before: Vec<Vec<f64>> = initial.get(0)?.to_vec2()?;
@@ -1265,21 +1258,14 @@ mod tests {
         assert_eq!(k_rows[11], before[11]);
         assert_ne!(k_rows[2], before[2]);
         let error = qk_norm_rope_cache_write(&RopeCacheInputs {
-            q: &q,
-            k: &k,
-            v: &v,
             heads: AttentionHeads {
                 q: h,
                 kv: 1,
                 head_dim: d,
             },
-            norms: None,
-            eps: 1e-6,
-            cos: &cos,
-            sin: &sin,
-            slots: &slots,
             k_pool: &k_pool,
             v_pool: &initial.get(1)?.copy()?,
+            ..views
         })
         .expect_err("k has 2 heads, not 1");
         assert!(error.to_string().contains("k [5, 16]"), "{error}");

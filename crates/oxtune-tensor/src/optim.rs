@@ -857,6 +857,18 @@ mod tests {
 
     /// A master just above a bf16 rounding tie (1 + 2^-8 + 2^-23) rounds up, as candle's cast
     /// and the kernel round it (`bf16::from_f64` of the same value rounds down).
+    /// A first AdamW step without weight decay.
+    fn first_step() -> AdamWStep {
+        AdamWStep {
+            learning_rate: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            step: 1,
+        }
+    }
+
     #[test]
     fn bf16_weights_round_as_candle_casts() -> Result<()> {
         let device = Device::Cpu;
@@ -866,14 +878,7 @@ mod tests {
         let zeros = Tensor::zeros(1, DType::F32, &device)?;
         let zero_moments = std::slice::from_ref(&zeros);
         adam.load(zero_moments, zero_moments, &[Some(master.clone())])?;
-        let step = AdamWStep {
-            learning_rate: 1e-3,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.0,
-            step: 1,
-        };
+        let step = first_step();
         // A zero gradient leaves the master as it is: the weight is the master rounded.
         adam.step(&[zeros], &step, GradScale::One)?;
         let weight: Vec<f32> = var.as_tensor().to_dtype(DType::F32)?.to_vec1()?;
@@ -920,14 +925,7 @@ mod tests {
     fn refuses_mismatched_gradients() -> Result<()> {
         let var = Var::new(&[1f32, 2.0], &Device::Cpu)?;
         let mut adam = MultiTensorAdamW::new(vec![(var.clone(), true)])?;
-        let step = AdamWStep {
-            learning_rate: 1e-3,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.0,
-            step: 1,
-        };
+        let step = first_step();
         let error = adam
             .step(
                 &[Tensor::new(&[1f32], &Device::Cpu)?],
