@@ -84,7 +84,9 @@ test_binary oxtune-tensor cuda_ops cuda-ops
 # The fused q/k norm + RoPE + paged KV cache write against its composition, and its timing.
 test_binary oxtune-tensor cuda_rope_cache cuda-rope-cache
 test_binary oxtune-tensor cuda_gemv cuda-gemv
+# The fused LoRA linear op against its composition, and its timing.
+test_binary oxtune-tensor cuda_lora cuda-lora
 # Training through the fused attention and decode replayed from CUDA graphs, on small models.
 test_binary oxtune-models gpu_model gpu-model
 test_binary oxtune-train gpu_optimizer gpu-optimizer
-echo "built .gpu/oxtune, .gpu/parity, .gpu/cuda-ops, .gpu/cuda-rope-cache, .gpu/cuda-gemv, .gpu/gpu-model and .gpu/gpu-optimizer"
+echo "built .gpu/oxtune, .gpu/parity, .gpu/cuda-ops, .gpu/cuda-rope-cache, .gpu/cuda-gemv, .gpu/cuda-lora, .gpu/gpu-model and .gpu/gpu-optimizer"

@@ -2,10 +2,18 @@
 // f16, head_dim 64 or 128, on tensor cores through inline-PTX mma.sync m16n8k16 (f32
 // accumulators) with ldmatrix fragment loads and cp.async tile copies.
 //
-// Shapes: q, o, dO (b, h, t, D); k, v, dK, dV (b, kv_h, t, D), all contiguous; query head hh
-// reads kv head hh / (h / kv_h) (grouped-query attention, nothing repeated in memory);
-// lse, delta (b, h, t) f32; segments (b, t) u32 or null. Query i sees key j when j < t,
+// Shapes: q, o, dO, dQ (b, h, t, D); k, v, dK, dV (b, kv_h, t, D); query head hh reads kv
+// head hh / (h / kv_h) (grouped-query attention, nothing repeated in memory); lse, delta
+// (b, h, t) f32, contiguous; segments (b, t) u32 or null. Query i sees key j when j < t,
 // j <= i if causal, i - j < window if window > 0, and segments[i] == segments[j] if given.
+// Layouts: every tensor of (b, heads, t, D) is addressed through its own element strides
+// (batch, head, token) (`Strides`, all of them in one `Layouts` argument) with D contiguous,
+// so one kernel reads and writes (b, h, t, D) (heads first: token stride D) and (b, t, h, D)
+// (positions first: token stride h * D, or more for a head-narrow of a packed q|k|v
+// projection) alike. The host (src/cuda/flash.rs) passes strides and start offsets that are
+// multiples of 8 elements, so every row is 16-byte aligned for cp.async and ldmatrix; the
+// kernels check it again and fall back to element loads and stores otherwise. Offsets are
+// 64-bit (b * t * h * D passes 2^31 at large shapes).
 //
 // Fragments of mma.m16n8k16 (PTX ISA), lane = 4 * g + c (g = lane / 4, c = lane % 4), each
 // 32-bit register holding two consecutive-column elements (the lower column in the low half):
@@ -62,6 +70,33 @@ constexpr int BC = 64;        // keys per tile
 constexpr int THREADS = 128;  // 4 warps of 16 rows
 constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LN2 = 0.6931471805599453f;
+
+// Element strides of one (b, heads, t, D) tensor; D has stride 1. The token stride is an
+// int (the host checks it fits), so a row's offset is one 32 x 32 -> 64-bit multiply.
+struct Strides {
+    long long batch, head;
+    int token, unused;
+    // the offset of row 0 of (batch b, head hh)
+    __device__ __forceinline__ long long at(int b, int hh) const {
+        return b * batch + hh * head;
+    }
+    // the offset of row `row` from row 0 of its (batch, head)
+    __device__ __forceinline__ long long row(int row) const {
+        return static_cast<long long>(row) * token;
+    }
+    // whether every row of a tensor starting at p is 16-byte aligned (8 elements of 2 bytes)
+    __device__ __forceinline__ bool rows_aligned(const void* p) const {
+        return aligned16(p) && ((batch | head | token) & 7) == 0;
+    }
+};
+
+// The strides of every tensor of the module, one argument for the three kernels (each reads
+// its own): src/cuda/flash.rs `Layouts`, the same 192 bytes. dq is the f32 accumulator of the
+// backward (strides in f32 elements).
+struct Layouts {
+    Strides q, k, v, o, dout, dq, dk, dv;
+};
+static_assert(sizeof(Layouts) == 192, "the host's Layouts");
 
 struct Mask {
     int t, causal, window;
@@ -165,11 +200,13 @@ template <> __device__ __forceinline__ uint32_t pack<__half>(float lo, float hi)
     return *reinterpret_cast<uint32_t*>(&v);
 }
 
-// rows [row0, row0 + ROWS) of a (t, D) matrix into a tile with rows of D + 8 elements; rows at
-// or past t are zeros. cp.async when `vector` (the source is 16-byte aligned: every row is,
-// D being a multiple of 8), plain loads and stores otherwise. The caller commits the group.
+// rows [row0, row0 + ROWS) of a (t, D) matrix with rows `stride` elements apart into a tile
+// with rows of D + 8 elements; rows at or past t are zeros. cp.async when `vector` (every row
+// of the source is 16-byte aligned), plain loads and stores otherwise. The caller commits the
+// group.
 template <typename T, int D, int ROWS>
-__device__ __forceinline__ void load_tile(T* dst, const T* src, int row0, int t, bool vector) {
+__device__ __forceinline__ void load_tile(T* dst, const T* src, int row0, int t,
+                                          int stride, bool vector) {
     constexpr int LD = D + 8;
     constexpr int V = 8;  // elements of a 16-byte vector
     constexpr int PER_ROW = D / V;
@@ -180,7 +217,7 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, int row0, int t,
         const int r = c / PER_ROW, col = (c % PER_ROW) * V;
         const int row = row0 + r;
         const bool in = row < t;
-        const T* from = src + static_cast<size_t>(in ? row : 0) * D + col;
+        const T* from = src + static_cast<long long>(in ? row : 0) * stride + col;
         if (vector) {
             cp_async16(dst + r * LD + col, from, in);
         } else {
@@ -217,8 +254,8 @@ __device__ __forceinline__ void warp_min_max(const uint32_t* seg, int count, uin
 template <typename T, int D>
 __device__ void forward(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                         T* __restrict__ o, float* __restrict__ lse,
-                        const uint32_t* __restrict__ segments, int h, int kv_h, int t,
-                        float scale, int causal, int window) {
+                        const uint32_t* __restrict__ segments, const Layouts& layouts, int h,
+                        int kv_h, int t, float scale, int causal, int window) {
     using L = FwdSmem<T, D>;
     constexpr int LD = L::LDT;
     extern __shared__ __align__(128) unsigned char smem[];
@@ -233,16 +270,16 @@ __device__ void forward(const T* __restrict__ q, const T* __restrict__ k, const 
     const int q0 = (gridDim.x - 1 - blockIdx.x) * BR;
     const int bh = blockIdx.y, b = bh / h, hh = bh % h;
     const int kvh = hh / (h / kv_h);
-    const size_t q_base = static_cast<size_t>(bh) * t * D;
-    const size_t kv_base = static_cast<size_t>(b * kv_h + kvh) * t * D;
     const Mask mask{t, causal, window, segments ? segments + static_cast<size_t>(b) * t : nullptr};
     const float scale2 = scale * LOG2E;
-    const T* qg = q + q_base;
-    const T* kg = k + kv_base;
-    const T* vg = v + kv_base;
-    const bool vector = aligned16(q) && aligned16(k) && aligned16(v);
+    const T* qg = q + layouts.q.at(b, hh);
+    const T* kg = k + layouts.k.at(b, kvh);
+    const T* vg = v + layouts.v.at(b, kvh);
+    const int q_ld = layouts.q.token, k_ld = layouts.k.token, v_ld = layouts.v.token;
+    const bool vector = layouts.q.rows_aligned(q) && layouts.k.rows_aligned(k) &&
+                        layouts.v.rows_aligned(v);
 
-    load_tile<T, D, BR>(qs, qg, q0, t, vector);
+    load_tile<T, D, BR>(qs, qg, q0, t, q_ld, vector);
     cp_async_commit();
 
     // the query tile's segment range (every warp computes it)
@@ -261,7 +298,7 @@ __device__ void forward(const T* __restrict__ q, const T* __restrict__ k, const 
     if (causal) kt_end = min(kt_end, last_query / BC + 1);
     int kt = window > 0 ? max(0, q0 - window + 1) / BC : 0;
     while (kt < kt_end && segments_apart(kt)) ++kt;
-    if (kt < kt_end) load_tile<T, D, BC>(ks, kg, kt * BC, t, vector);
+    if (kt < kt_end) load_tile<T, D, BC>(ks, kg, kt * BC, t, k_ld, vector);
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
@@ -291,7 +328,7 @@ __device__ void forward(const T* __restrict__ q, const T* __restrict__ k, const 
 
     while (kt < kt_end) {
         const int k0 = kt * BC;
-        load_tile<T, D, BC>(vs, vg, k0, t, vector);
+        load_tile<T, D, BC>(vs, vg, k0, t, v_ld, vector);
         cp_async_commit();
 
         // S = Q K^T, 16 x BC: n-tile j holds keys k0 + 8j ..
@@ -315,7 +352,7 @@ __device__ void forward(const T* __restrict__ q, const T* __restrict__ k, const 
 
         int next = kt + 1;
         while (next < kt_end && segments_apart(next)) ++next;
-        if (next < kt_end) load_tile<T, D, BC>(ks, kg, next * BC, t, vector);
+        if (next < kt_end) load_tile<T, D, BC>(ks, kg, next * BC, t, k_ld, vector);
         cp_async_commit();
 
         // scores in the log2 domain; the mask only where it can hide something
@@ -421,7 +458,8 @@ __device__ void forward(const T* __restrict__ q, const T* __restrict__ k, const 
     }
     __syncwarp();
     constexpr int PER_ROW = D / 8;
-    const bool o_vector = aligned16(o);
+    T* og = o + layouts.o.at(b, hh);
+    const bool o_vector = layouts.o.rows_aligned(o);
 #pragma unroll
     for (int u = 0; u < 16 * PER_ROW / 32; ++u) {
         const int i = lane + u * 32;
@@ -429,7 +467,7 @@ __device__ void forward(const T* __restrict__ q, const T* __restrict__ k, const 
         const int row = q0 + warp * 16 + r;
         if (row >= t) continue;
         const uint4 value = *reinterpret_cast<const uint4*>(stage + r * LD + col);
-        T* to = o + q_base + static_cast<size_t>(row) * D + col;
+        T* to = og + layouts.o.row(row) + col;
         if (o_vector) {
             *reinterpret_cast<uint4*>(to) = value;
         } else {
@@ -445,8 +483,8 @@ __device__ void backward(const T* __restrict__ q, const T* __restrict__ k,
                          const T* __restrict__ v, const T* __restrict__ dout,
                          const float* __restrict__ lse, const float* __restrict__ delta,
                          const uint32_t* __restrict__ segments, float* __restrict__ dq,
-                         T* __restrict__ dk, T* __restrict__ dv, int h, int kv_h, int t,
-                         float scale, int causal, int window) {
+                         T* __restrict__ dk, T* __restrict__ dv, const Layouts& layouts, int h,
+                         int kv_h, int t, float scale, int causal, int window) {
     using L = BwdSmem<T, D>;
     constexpr int LD = L::LDT;
     constexpr int LDP = L::LDP;
@@ -460,13 +498,13 @@ __device__ void backward(const T* __restrict__ q, const T* __restrict__ k,
     const int k0 = blockIdx.x * BC;
     const int bkv = blockIdx.y, b = bkv / kv_h, kvh = bkv % kv_h;
     const int group = h / kv_h;
-    const size_t kv_base = static_cast<size_t>(bkv) * t * D;
     const Mask mask{t, causal, window, segments ? segments + static_cast<size_t>(b) * t : nullptr};
     const float scale2 = scale * LOG2E;
-    const bool vector = aligned16(q) && aligned16(k) && aligned16(v) && aligned16(dout);
+    const bool vector = layouts.q.rows_aligned(q) && layouts.k.rows_aligned(k) &&
+                        layouts.v.rows_aligned(v) && layouts.dout.rows_aligned(dout);
 
-    load_tile<T, D, BC>(ks, k + kv_base, k0, t, vector);
-    load_tile<T, D, BC>(vs, v + kv_base, k0, t, vector);
+    load_tile<T, D, BC>(ks, k + layouts.k.at(b, kvh), k0, t, layouts.k.token, vector);
+    load_tile<T, D, BC>(vs, v + layouts.v.at(b, kvh), k0, t, layouts.v.token, vector);
     cp_async_commit();
 
     const int key_count = min(BC, t - k0);
@@ -500,17 +538,13 @@ __device__ void backward(const T* __restrict__ q, const T* __restrict__ k,
         warp_min_max(mask.segments + q0, min(BR, t - q0), q_lo, q_hi);
         return !(k_hi < q_lo || k_lo > q_hi);
     };
-    auto q_offset = [&](int i) {
-        const int bh = b * h + kvh * group + i / tiles;
-        return static_cast<size_t>(bh) * t * D;
-    };
     auto issue = [&](int i, int buf) {
         const int q0 = (qt_begin + i % tiles) * BR;
-        const size_t base = q_offset(i);
-        load_tile<T, D, BR>(reinterpret_cast<T*>(smem + L::Q + buf * L::TILE), q + base, q0, t,
-                            vector);
-        load_tile<T, D, BR>(reinterpret_cast<T*>(smem + L::DO + buf * L::TILE), dout + base, q0,
-                            t, vector);
+        const int hq = kvh * group + i / tiles;  // the item's query head
+        load_tile<T, D, BR>(reinterpret_cast<T*>(smem + L::Q + buf * L::TILE),
+                            q + layouts.q.at(b, hq), q0, t, layouts.q.token, vector);
+        load_tile<T, D, BR>(reinterpret_cast<T*>(smem + L::DO + buf * L::TILE),
+                            dout + layouts.dout.at(b, hq), q0, t, layouts.dout.token, vector);
     };
 
     int item = 0;
@@ -537,8 +571,9 @@ __device__ void backward(const T* __restrict__ q, const T* __restrict__ k,
         const T* qs = reinterpret_cast<const T*>(smem + L::Q + buf * L::TILE);
         const T* dos = reinterpret_cast<const T*>(smem + L::DO + buf * L::TILE);
         const int q0 = (qt_begin + item % tiles) * BR;
-        const int bh = b * h + kvh * group + item / tiles;
-        const size_t q_base = static_cast<size_t>(bh) * t * D;
+        const int hq = kvh * group + item / tiles;
+        const int bh = b * h + hq;
+        float* dq_head = dq + layouts.dq.at(b, hq);
         const float* lse_row = lse + static_cast<size_t>(bh) * t;
         const float* delta_row = delta + static_cast<size_t>(bh) * t;
         const bool masked = (causal && k0 + BC - 1 > q0) || q0 + BR > t || k0 + BC > t ||
@@ -646,11 +681,11 @@ __device__ void backward(const T* __restrict__ q, const T* __restrict__ k,
             for (int j = 0; j < 2; ++j) {
                 const int col = np * 16 + j * 8 + 2 * c;
                 if (qrow0 < t)
-                    red_add2(dq + q_base + static_cast<size_t>(qrow0) * D + col,
-                             dq_acc[j][0] * scale, dq_acc[j][1] * scale);
+                    red_add2(dq_head + layouts.dq.row(qrow0) + col, dq_acc[j][0] * scale,
+                             dq_acc[j][1] * scale);
                 if (qrow1 < t)
-                    red_add2(dq + q_base + static_cast<size_t>(qrow1) * D + col,
-                             dq_acc[j][2] * scale, dq_acc[j][3] * scale);
+                    red_add2(dq_head + layouts.dq.row(qrow1) + col, dq_acc[j][2] * scale,
+                             dq_acc[j][3] * scale);
             }
         }
         __syncthreads();  // dS^T and this buffer are rewritten by the next items
@@ -659,31 +694,37 @@ __device__ void backward(const T* __restrict__ q, const T* __restrict__ k,
     }
     cp_async_wait<0>();
 
-    // every (key, column) of the tile is written, zeros where no query sees the key
+    // every (key, column) of the tile is written, zeros where no query sees the key (pairs of
+    // elements: the host allocates dk and dv, 4-byte aligned with even strides)
+    T* dk0 = dk + layouts.dk.at(b, kvh) + layouts.dk.row(key0);
+    T* dk1 = dk + layouts.dk.at(b, kvh) + layouts.dk.row(key1);
+    T* dv0 = dv + layouts.dv.at(b, kvh) + layouts.dv.row(key0);
+    T* dv1 = dv + layouts.dv.at(b, kvh) + layouts.dv.row(key1);
 #pragma unroll
     for (int n = 0; n < D / 8; ++n) {
         const int col = n * 8 + 2 * c;
         if (key0 < t) {
-            const size_t at = kv_base + static_cast<size_t>(key0) * D + col;
-            *reinterpret_cast<uint32_t*>(dk + at) = pack<T>(dk_acc[n][0] * scale, dk_acc[n][1] * scale);
-            *reinterpret_cast<uint32_t*>(dv + at) = pack<T>(dv_acc[n][0], dv_acc[n][1]);
+            *reinterpret_cast<uint32_t*>(dk0 + col) = pack<T>(dk_acc[n][0] * scale, dk_acc[n][1] * scale);
+            *reinterpret_cast<uint32_t*>(dv0 + col) = pack<T>(dv_acc[n][0], dv_acc[n][1]);
         }
         if (key1 < t) {
-            const size_t at = kv_base + static_cast<size_t>(key1) * D + col;
-            *reinterpret_cast<uint32_t*>(dk + at) = pack<T>(dk_acc[n][2] * scale, dk_acc[n][3] * scale);
-            *reinterpret_cast<uint32_t*>(dv + at) = pack<T>(dv_acc[n][2], dv_acc[n][3]);
+            *reinterpret_cast<uint32_t*>(dk1 + col) = pack<T>(dk_acc[n][2] * scale, dk_acc[n][3] * scale);
+            *reinterpret_cast<uint32_t*>(dv1 + col) = pack<T>(dv_acc[n][2], dv_acc[n][3]);
         }
     }
 }
-// delta[row] = sum_d dO[row, d] * O[row, d] in f32, one warp per row of d elements.
+// delta[row] = sum_d dO[row, d] * O[row, d] in f32, one warp per row of d elements; row
+// (b * h + hh) * t + i of delta (b, h, t) reads O and dO at (b, hh, i) through their strides.
 template <typename T>
 __device__ void backward_delta(const T* __restrict__ out, const T* __restrict__ dout,
-                               float* __restrict__ delta, int rows, int d) {
+                               float* __restrict__ delta, const Layouts& layouts, int h, int t,
+                               int rows, int d) {
     const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= rows) return;
     const int lane = threadIdx.x & 31;
-    const T* o = out + static_cast<size_t>(row) * d;
-    const T* g = dout + static_cast<size_t>(row) * d;
+    const int bh = row / t, i = row % t, b = bh / h, hh = bh % h;
+    const T* o = out + layouts.o.at(b, hh) + layouts.o.row(i);
+    const T* g = dout + layouts.dout.at(b, hh) + layouts.dout.row(i);
     float sum = 0.f;
     for (int j = lane; j < d; j += 32) sum += to_float(o[j]) * to_float(g[j]);
     sum = warp_sum(sum);
@@ -694,22 +735,27 @@ __device__ void backward_delta(const T* __restrict__ out, const T* __restrict__ 
 
 #define FLASH(T, NAME, D)                                                                         \
     extern "C" __global__ void __launch_bounds__(flash::THREADS) flash_fwd_d##D##_##NAME(        \
-        const T* q, const T* k, const T* v, T* o, float* lse, const uint32_t* segments, int h,   \
-        int kv_h, int t, float scale, int causal, int window) {                                  \
-        flash::forward<T, D>(q, k, v, o, lse, segments, h, kv_h, t, scale, causal, window);      \
+        const T* q, const T* k, const T* v, T* o, float* lse, const uint32_t* segments,          \
+        const __grid_constant__ flash::Layouts layouts, int h, int kv_h, int t, float scale,     \
+        int causal, int window) {                                                                 \
+        flash::forward<T, D>(q, k, v, o, lse, segments, layouts, h, kv_h, t, scale, causal,      \
+                             window);                                                             \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(flash::THREADS) flash_bwd_d##D##_##NAME(        \
         const T* q, const T* k, const T* v, const T* dout, const float* lse, const float* delta, \
-        const uint32_t* segments, float* dq, T* dk, T* dv, int h, int kv_h, int t, float scale,  \
+        const uint32_t* segments, float* dq, T* dk, T* dv,                                       \
+        const __grid_constant__ flash::Layouts layouts, int h, int kv_h, int t, float scale,     \
         int causal, int window) {                                                                 \
-        flash::backward<T, D>(q, k, v, dout, lse, delta, segments, dq, dk, dv, h, kv_h, t,       \
-                              scale, causal, window);                                             \
+        flash::backward<T, D>(q, k, v, dout, lse, delta, segments, dq, dk, dv, layouts, h, kv_h, \
+                              t, scale, causal, window);                                          \
     }
 
 #define FLASH_DELTA(T, NAME)                                                                     \
     extern "C" __global__ void __launch_bounds__(256)                                            \
-        flash_bwd_delta_##NAME(const T* out, const T* dout, float* delta, int rows, int d) {     \
-        flash::backward_delta<T>(out, dout, delta, rows, d);                                     \
+        flash_bwd_delta_##NAME(const T* out, const T* dout, float* delta,                        \
+                               const __grid_constant__ flash::Layouts layouts, int h, int t,    \
+                               int rows, int d) {                                                \
+        flash::backward_delta<T>(out, dout, delta, layouts, h, t, rows, d);                      \
     }
 
 FLASH(__nv_bfloat16, bf16, 64)

@@ -8,6 +8,12 @@
 //! probabilities from the saved log-sum-exp. Everything else (the CPU, f32, other head dims)
 //! runs [`flash_attention_reference`], the plain candle composition the models used before.
 //!
+//! Two layouts: [`flash_attention`] takes heads first, q (b, h, t, d);
+//! [`flash_attention_positions_first`] takes the (b, t, h, d) projections as they come out
+//! of the q/k/v linear layers (views of them, read in place) and returns (b, t, h, d), so
+//! a model needs no transposes or copies around attention in either direction. The kernels
+//! address every tensor by strides, so both run the same kernels.
+//!
 //! Query and key lengths are equal (training: no KV cache).
 
 use candle_core::{DType, Result, Tensor, bail};
@@ -26,12 +32,58 @@ pub struct AttentionMask<'a> {
     pub sliding_window: Option<usize>,
 }
 
+/// Where the heads sit in attention's q, k, v and output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Order {
+    /// (b, heads, t, d): [`flash_attention`].
+    HeadsFirst,
+    /// (b, t, heads, d): [`flash_attention_positions_first`].
+    PositionsFirst,
+}
+
+impl Order {
+    /// The public function taking this order (errors name it).
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Self::HeadsFirst => "flash_attention",
+            Self::PositionsFirst => "flash_attention_positions_first",
+        }
+    }
+
+    /// The shape of q, as errors write it.
+    pub(crate) fn q_shape(self) -> &'static str {
+        match self {
+            Self::HeadsFirst => "(b, h, t, d)",
+            Self::PositionsFirst => "(b, t, h, d)",
+        }
+    }
+
+    /// The shape of k and v, as errors write it.
+    pub(crate) fn kv_shape(self) -> &'static str {
+        match self {
+            Self::HeadsFirst => "(b, kv_h, t, d)",
+            Self::PositionsFirst => "(b, t, kv_h, d)",
+        }
+    }
+
+    /// (b, heads, t, d) of a tensor in this order.
+    fn dims(self, x: &Tensor) -> Result<(usize, usize, usize, usize)> {
+        let (b, x1, x2, d) = x.dims4()?;
+        Ok(match self {
+            Self::HeadsFirst => (b, x1, x2, d),
+            Self::PositionsFirst => (b, x2, x1, d),
+        })
+    }
+}
+
 /// softmax(q k^T * scale + mask) v with grouped-query attention.
 ///
 /// q: (b, h, t, d); k, v: (b, kv_h, t, d) with h % kv_h == 0 (query head i reads kv head
-/// i / (h / kv_h)); one dtype. -> (b, h, t, d) in that dtype. A query that sees no key
-/// (impossible when causal, as each query sees itself) gets zeros from the kernels and NaN
-/// from the reference.
+/// i / (h / kv_h)); one dtype. -> (b, h, t, d) in that dtype, contiguous. A query that sees
+/// no key (impossible when causal, as each query sees itself) gets zeros from the kernels and
+/// NaN from the reference. On CUDA the kernels read strided views in place as
+/// [`flash_attention_positions_first`] does (same conditions, same copy fallback); for the
+/// (b, t, heads, d) projections of a model, that function also saves the output's transpose.
 pub fn flash_attention(
     q: &Tensor,
     k: &Tensor,
@@ -39,15 +91,61 @@ pub fn flash_attention(
     scale: f64,
     mask: AttentionMask<'_>,
 ) -> Result<Tensor> {
-    check(q, k, v, scale, &mask)?;
+    check(q, k, v, scale, &mask, Order::HeadsFirst)?;
     #[cfg(feature = "cuda")]
-    if crate::cuda::applies(&[q, k, v])
-        && matches!(q.dtype(), DType::BF16 | DType::F16)
-        && crate::cuda::FLASH_HEAD_DIMS.contains(&q.dim(3)?)
-    {
+    if takes_the_kernels(q, k, v)? {
         return crate::cuda::flash_attention(q, k, v, scale, &mask);
     }
     flash_attention_reference(q, k, v, scale, mask)
+}
+
+/// [`flash_attention`] in the layout of the q/k/v projections: positions before heads.
+///
+/// q: (b, t, h, d); k, v: (b, t, kv_h, d) with h % kv_h == 0; one dtype. -> (b, t, h, d) in
+/// that dtype, contiguous (so `.reshape((b, t, h * d))` is free). Each input may be any view
+/// whose last dimension is contiguous: the token stride may exceed heads * d, as in
+/// `y.reshape((b, t, h + 2 * kv_h, d))?.narrow(2, h, kv_h)` of one packed q|k|v projection.
+/// Differentiable in q, k and v; on CUDA the backward kernel reads the output's gradient in
+/// (b, t, h, d) order (copied first only if its last dimension is not contiguous) and writes
+/// dq (b, t, h, d) and dk, dv (b, t, kv_h, d) contiguous, with no transposes.
+///
+/// The kernels read a view in place when its start offset and the strides of its batch,
+/// token and head dimensions are multiples of 8 elements (16-byte rows for cp.async); any
+/// other input is copied to a contiguous tensor first. Where the kernels do not apply (the
+/// CPU, f32, head dims other than 64 and 128) this is [`flash_attention_reference`] of the
+/// inputs transposed to (b, h, t, d), its result transposed back and made contiguous: what
+/// [`flash_attention`] computes, transposed.
+pub fn flash_attention_positions_first(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: AttentionMask<'_>,
+) -> Result<Tensor> {
+    check(q, k, v, scale, &mask, Order::PositionsFirst)?;
+    #[cfg(feature = "cuda")]
+    if takes_the_kernels(q, k, v)? {
+        return crate::cuda::flash_attention_positions_first(q, k, v, scale, &mask);
+    }
+    let heads_first = |x: &Tensor| x.transpose(1, 2);
+    flash_attention_reference(
+        &heads_first(q)?,
+        &heads_first(k)?,
+        &heads_first(v)?,
+        scale,
+        mask,
+    )?
+    .transpose(1, 2)?
+    .contiguous()
+}
+
+/// Whether the fused kernels take these (checked) inputs: one CUDA device, bf16 or f16, a
+/// head_dim they are compiled for (the last dimension in both orders).
+#[cfg(feature = "cuda")]
+fn takes_the_kernels(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<bool> {
+    Ok(crate::cuda::applies(&[q, k, v])
+        && matches!(q.dtype(), DType::BF16 | DType::F16)
+        && crate::cuda::FLASH_HEAD_DIMS.contains(&q.dim(3)?))
 }
 
 /// The composition [`flash_attention`] stands for, differentiable through candle's
@@ -60,7 +158,7 @@ pub fn flash_attention_reference(
     scale: f64,
     mask: AttentionMask<'_>,
 ) -> Result<Tensor> {
-    check(q, k, v, scale, &mask)?;
+    check(q, k, v, scale, &mask, Order::HeadsFirst)?;
     let (b, h, t, _) = q.dims4()?;
     let kv_h = k.dim(1)?;
     let k = ops::repeat_kv(k, h / kv_h)?.contiguous()?;
@@ -123,23 +221,35 @@ fn additive_mask(
     visible.where_cond(&zeros, &hidden)?.unsqueeze(1)
 }
 
-/// The checks both paths share, with errors naming the op and the shapes.
-fn check(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, mask: &AttentionMask<'_>) -> Result<()> {
-    let op = "flash_attention";
-    let (Ok((b, h, t, d)), Ok((kb, kv_h, kt, kd))) = (q.dims4(), k.dims4()) else {
+/// The checks both paths share, with errors naming the op and the shapes; q, k and v are
+/// in `order`.
+fn check(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: &AttentionMask<'_>,
+    order: Order,
+) -> Result<()> {
+    let op = order.name();
+    let (Ok((b, h, t, d)), Ok((kb, kv_h, kt, kd))) = (order.dims(q), order.dims(k)) else {
         bail!(
-            "{op}: q {:?}, k {:?}; expected q (b, h, t, d), k and v (b, kv_h, t, d)",
+            "{op}: q {:?}, k {:?}; expected q {}, k and v {}",
             q.dims(),
-            k.dims()
+            k.dims(),
+            order.q_shape(),
+            order.kv_shape()
         );
     };
     if (kb, kt, kd) != (b, t, d) || k.dims() != v.dims() {
         bail!(
-            "{op}: q {:?}, k {:?}, v {:?}; expected k = v = (b, kv_h, t, d) for q (b, h, t, d) \
-             (query and key lengths are equal: no KV cache)",
+            "{op}: q {:?}, k {:?}, v {:?}; expected k = v = {} for q {} (query and key \
+             lengths are equal: no KV cache)",
             q.dims(),
             k.dims(),
-            v.dims()
+            v.dims(),
+            order.kv_shape(),
+            order.q_shape()
         );
     }
     if kv_h == 0 || h % kv_h != 0 {
@@ -349,6 +459,80 @@ mod tests {
         Ok(())
     }
 
+    /// The positions-first function on q, k, v narrowed from one packed (b, t, h + 2 kv_h, d)
+    /// tensor equals the heads-first one on transposed contiguous copies, transposed back, and
+    /// so do the gradients that reach the packed tensor (on the CPU both are the reference).
+    #[test]
+    fn positions_first_is_the_transposed_heads_first_attention() -> Result<()> {
+        let device = Device::Cpu;
+        let (b, t, h, kv_h, d) = (2, 9, 4, 2, 8);
+        let segments = Tensor::new(
+            vec![
+                [vec![0u32; 4], vec![1; 5]].concat(),
+                [vec![0u32; 2], vec![1; 7]].concat(),
+            ],
+            &device,
+        )?;
+        let split = |packed: &Tensor| -> Result<(Tensor, Tensor, Tensor)> {
+            Ok((
+                packed.narrow(2, 0, h)?,
+                packed.narrow(2, h, kv_h)?,
+                packed.narrow(2, h + kv_h, kv_h)?,
+            ))
+        };
+        let heads_first = |x: &Tensor| x.transpose(1, 2)?.contiguous();
+        let flat = |x: &Tensor| -> Result<Vec<f64>> { x.flatten_all()?.to_vec1() };
+        for (causal, with_segments, window) in [
+            (false, false, None),
+            (true, false, None),
+            (true, true, Some(3)),
+            (false, true, None),
+        ] {
+            let mask = AttentionMask {
+                causal,
+                segments: with_segments.then_some(&segments),
+                sliding_window: window,
+            };
+            let packed = Var::randn(0f64, 1.0, (b, t, h + 2 * kv_h, d), &device)?;
+            let (q, k, v) = split(packed.as_tensor())?;
+            assert!(!q.is_contiguous() && !k.is_contiguous());
+            let out = flash_attention_positions_first(&q, &k, &v, 0.35, mask)?;
+            assert_eq!(out.dims(), [b, t, h, d]);
+            assert!(out.is_contiguous(), "the output is contiguous (b, t, h, d)");
+
+            let packed_copy = Var::from_tensor(packed.as_tensor())?;
+            let (q2, k2, v2) = split(packed_copy.as_tensor())?;
+            let expected = flash_attention(
+                &heads_first(&q2)?,
+                &heads_first(&k2)?,
+                &heads_first(&v2)?,
+                0.35,
+                mask,
+            )?
+            .transpose(1, 2)?;
+            let label = format!("causal {causal}, segments {with_segments}, window {window:?}");
+            let error = max_abs_diff(&flat(&out)?, &flat(&expected)?);
+            assert!(error < 1e-12, "{label}: output differs by {error:e}");
+
+            let probe = Tensor::randn(0f64, 1.0, (b, t, h, d), &device)?;
+            let grads = (&out * &probe)?.sum_all()?.backward()?;
+            let expected_grads = (&expected * &probe)?.sum_all()?.backward()?;
+            let grad = grads
+                .get(packed.as_tensor())
+                .expect("a gradient for the packed q|k|v");
+            let expected_grad = expected_grads
+                .get(packed_copy.as_tensor())
+                .expect("a gradient for the packed copy");
+            let error = max_abs_diff(&flat(grad)?, &flat(expected_grad)?);
+            assert!(error < 1e-12, "{label}: gradients differ by {error:e}");
+            assert!(
+                flat(grad)?.iter().any(|x| *x != 0.0),
+                "{label}: zero gradient"
+            );
+        }
+        Ok(())
+    }
+
     #[test]
     fn checks_name_the_op_and_shapes() -> Result<()> {
         let device = Device::Cpu;
@@ -377,6 +561,21 @@ mod tests {
             ..AttentionMask::default()
         };
         assert!(flash_attention(&q, &q, &q, 1.0, mask).is_err());
+        // positions first: q (1, 4, 3, 8) has 3 heads, k (1, 4, 2, 8) 2 kv heads
+        let q = Tensor::zeros((1, 4, 3, 8), DType::F32, &device)?;
+        let k = Tensor::zeros((1, 4, 2, 8), DType::F32, &device)?;
+        let error = flash_attention_positions_first(&q, &k, &k, 1.0, AttentionMask::default())
+            .expect_err("3 heads over 2 kv heads")
+            .to_string();
+        assert!(
+            error.contains("flash_attention_positions_first") && error.contains("[1, 4, 3, 8]"),
+            "{error}"
+        );
+        let k = Tensor::zeros((1, 5, 3, 8), DType::F32, &device)?;
+        let error = flash_attention_positions_first(&q, &k, &k, 1.0, AttentionMask::default())
+            .expect_err("5 key positions for 4 queries")
+            .to_string();
+        assert!(error.contains("(b, t, kv_h, d)"), "{error}");
         Ok(())
     }
 }

@@ -84,6 +84,21 @@ pub fn rope_to_heads(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> 
     rope(&xs.transpose(1, 2)?, cos, sin)
 }
 
+/// [`rope`] of a (b, t, h, d) projection that keeps its order: (b, t, h, d) in, a contiguous
+/// (b, t, h, d) out (e.g. q and k as heads of a packed q/k/v projection, for an attention that
+/// reads positions first). On CUDA one kernel reads the projection in place (any view with
+/// contiguous rows of d), and its backward reads the (b, t, h, d) gradient and writes
+/// (b, t, h, d); elsewhere [`rope`] of the transposed view, transposed back and copied.
+pub fn rope_positions_first(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if crate::cuda::applies(&[xs, cos, sin]) && !cos.track_op() && !sin.track_op() {
+        return crate::cuda::rope_positions_first(xs, cos, sin);
+    }
+    rope(&xs.transpose(1, 2)?, cos, sin)?
+        .transpose(1, 2)?
+        .contiguous()
+}
+
 /// The differentiable reference for [`rope`]: `x * cos + rotate_half(x) * sin`.
 pub fn rope_reference(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let half = xs.dim(D::Minus1)? / 2;
@@ -209,6 +224,37 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 /// The differentiable reference for [`swiglu`]: candle's `silu` times `up`.
 pub fn swiglu_reference(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     gate.silu()? * up
+}
+
+/// [`swiglu`] of a packed (.., 2 * i) [gate | up] tensor (the output of one fused gate/up
+/// projection: gate in columns [0, i), up in [i, 2i)), giving (.., i). On CUDA one kernel
+/// forward and one backward, which returns ONE (.., 2 * i) [dgate | dup] gradient (two
+/// `narrow`s would each pad their gradient to (.., 2 * i) with zeros and add them);
+/// elsewhere [`swiglu_packed_reference`].
+pub fn swiglu_packed(gate_up: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if crate::cuda::applies(&[gate_up]) {
+        return crate::cuda::swiglu_packed(gate_up);
+    }
+    swiglu_packed_reference(gate_up)
+}
+
+/// The differentiable reference for [`swiglu_packed`]: [`swiglu_reference`] of the two
+/// halves of the last dimension.
+pub fn swiglu_packed_reference(gate_up: &Tensor) -> Result<Tensor> {
+    let width = gate_up.dim(D::Minus1)?;
+    if width % 2 != 0 {
+        candle_core::bail!(
+            "swiglu_packed: the last dimension of {:?} is odd; a packed [gate | up] tensor \
+             has 2 * i",
+            gate_up.shape()
+        );
+    }
+    let half = width / 2;
+    swiglu_reference(
+        &gate_up.narrow(D::Minus1, 0, half)?,
+        &gate_up.narrow(D::Minus1, half, half)?,
+    )
 }
 
 /// Inverted dropout with a reproducible mask: each element is zeroed with probability `p`
@@ -465,6 +511,70 @@ pub fn swiglu_linear_rows(xs: &Tensor, gate: &Tensor, up: &Tensor) -> Result<Ten
     }
     let project = |weight: &Tensor| candle_nn::Linear::new(weight.clone(), None).forward(xs);
     swiglu(&project(gate)?, &project(up)?)
+}
+
+/// LoRA linear layers sharing one input: for each weight W_i (n_i, k) with its adapter
+/// A_i (r, k) and B_i (n_i, r) (the scale folded into B), `xs W_i^T + (xs A_i^T) B_i^T`,
+/// concatenated on the last dimension: (.., k) -> (.., n_0 + n_1 + ..). `a` stacks the A_i
+/// (P r, k) and `b` the B_i (n_0 + n_1 + .., r); the weights are frozen (no gradient),
+/// `xs`, `a` and `b` are differentiable. A bias, if any, is the caller's to add.
+///
+/// On CUDA one op ([`crate::cuda::lora_linear`]) accumulates the adapter product into the
+/// base output and, in the backward, every projection's input gradient into one (cuBLAS with
+/// beta = 1), and keeps only its inputs for the backward; elsewhere
+/// [`lora_linear_reference`].
+pub fn lora_linear(xs: &Tensor, weights: &[&Tensor], a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if crate::cuda::lora_linear_takes(xs, weights, a, b) {
+        return crate::cuda::lora_linear(xs, weights, a, b);
+    }
+    lora_linear_reference(xs, weights, a, b)
+}
+
+/// The composition [`lora_linear`] stands for: per projection the base product plus
+/// `(xs A_i^T) B_i^T`, each a candle matmul, then a concatenation (none for one projection).
+pub fn lora_linear_reference(
+    xs: &Tensor,
+    weights: &[&Tensor],
+    a: &Tensor,
+    b: &Tensor,
+) -> Result<Tensor> {
+    let parts = weights.len();
+    let (stacked, k) = a.dims2()?;
+    let widths = weights
+        .iter()
+        .map(|w| w.dims2().map(|(n, _)| n))
+        .collect::<Result<Vec<_>>>()?;
+    if parts == 0
+        || !stacked.is_multiple_of(parts)
+        || b.dims2()? != (widths.iter().sum(), stacked / parts)
+        || xs.dims().last() != Some(&k)
+    {
+        candle_core::bail!(
+            "lora_linear: x {:?}, weights of {widths:?} rows, A {:?} and B {:?} do not fit \
+             (A stacks one (r, k) block per weight, B one (n_i, r) block)",
+            xs.dims(),
+            a.dims(),
+            b.dims()
+        );
+    }
+    let rank = stacked / parts;
+    let mut start = 0;
+    let mut outputs = Vec::with_capacity(parts);
+    for (part, (&weight, &width)) in weights.iter().zip(&widths).enumerate() {
+        let a_i = a.narrow(0, part * rank, rank)?;
+        let b_i = b.narrow(0, start, width)?;
+        let base = xs.broadcast_matmul(&weight.t()?)?;
+        let update = xs
+            .broadcast_matmul(&a_i.t()?)?
+            .broadcast_matmul(&b_i.t()?)?;
+        outputs.push((base + update)?);
+        start += width;
+    }
+    match outputs.as_slice() {
+        [one] => Ok(one.clone()),
+        _ => Tensor::cat(&outputs, D::Minus1),
+    }
 }
 
 /// Residual add and RMSNorm: `(xs + residual, rms_norm(xs + residual, weight))`, the sum
@@ -864,6 +974,85 @@ mod tests {
         let gate = Tensor::randn(0f64, 2.0, (2, 5), &device)?;
         let up = Tensor::randn(0f64, 1.0, (2, 5), &device)?;
         gradcheck("swiglu", |xs| swiglu(&xs[0], &xs[1]), &[gate, up], 1)
+    }
+
+    #[test]
+    fn swiglu_packed_is_swiglu_of_the_halves() -> Result<()> {
+        let device = Device::Cpu;
+        // (.., 2 * i) with i = 7 and i = 8, rank 2 and 3
+        for shape in [vec![3, 14], vec![2, 3, 16]] {
+            let i = shape[shape.len() - 1] / 2;
+            let gate_up = Var::randn(0f32, 2.0, shape.as_slice(), &device)?;
+            let gate = Var::from_tensor(&gate_up.narrow(D::Minus1, 0, i)?.contiguous()?)?;
+            let up = Var::from_tensor(&gate_up.narrow(D::Minus1, i, i)?.contiguous()?)?;
+            let packed = swiglu_packed(gate_up.as_tensor())?;
+            let composed = (gate.silu()? * up.as_tensor())?;
+            assert_eq!(packed.dims(), composed.dims());
+            let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+            assert_eq!(flat(&packed)?, flat(&composed)?, "{shape:?}: forward");
+            let probe = Tensor::randn(0f32, 1.0, composed.shape(), &device)?;
+            let packed_grads = (packed * &probe)?.sum_all()?.backward()?;
+            let composed_grads = (composed * &probe)?.sum_all()?.backward()?;
+            let grad = |grads: &candle_core::backprop::GradStore, var: &Var| {
+                grads
+                    .get(var.as_tensor())
+                    .cloned()
+                    .ok_or_else(|| candle_core::Error::Msg("no gradient".into()))
+            };
+            let expected = Tensor::cat(
+                &[grad(&composed_grads, &gate)?, grad(&composed_grads, &up)?],
+                D::Minus1,
+            )?;
+            let got = grad(&packed_grads, &gate_up)?;
+            assert_eq!(
+                got.dims(),
+                shape.as_slice(),
+                "one gradient for the packed input"
+            );
+            assert_eq!(flat(&got)?, flat(&expected)?, "{shape:?}: [dgate | dup]");
+        }
+        assert!(swiglu_packed(&Tensor::zeros((2, 5), DType::F32, &device)?).is_err());
+        let gate_up = Tensor::randn(0f64, 2.0, (2, 3, 10), &device)?;
+        gradcheck(
+            "swiglu_packed",
+            |xs| swiglu_packed(&xs[0]),
+            std::slice::from_ref(&gate_up),
+            7,
+        )
+    }
+
+    #[test]
+    fn rope_positions_first_is_rope_of_the_transpose() -> Result<()> {
+        let device = Device::Cpu;
+        // (b, t, h, d) heads of a wider (b, t, h + 2, d) projection: a view with strided rows
+        let (b, t, h, d) = (2, 5, 3, 8);
+        let projection = Tensor::randn(0f32, 1.0, (b, t, h + 2, d), &device)?;
+        let xs = projection.narrow(2, 1, h)?;
+        for per_row in [false, true] {
+            let angles = if per_row {
+                Tensor::randn(0f32, 3.0, (b, t, d / 2), &device)?
+            } else {
+                Tensor::randn(0f32, 3.0, (t, d / 2), &device)?
+            };
+            let (cos, sin) = (angles.cos()?, angles.sin()?);
+            let out = rope_positions_first(&xs, &cos, &sin)?;
+            assert_eq!(out.dims(), [b, t, h, d]);
+            assert!(out.is_contiguous());
+            let expected = rope_reference(&xs.transpose(1, 2)?, &cos, &sin)?.transpose(1, 2)?;
+            assert!(
+                max_abs_diff(&out, &expected)? < 1e-6,
+                "per-row tables: {per_row}"
+            );
+        }
+        let xs = Tensor::randn(0f64, 1.0, (2, 3, 2, 4), &device)?;
+        let angles = Tensor::randn(0f64, 2.0, (3, 2), &device)?;
+        let (cos, sin) = (angles.cos()?, angles.sin()?);
+        gradcheck(
+            "rope_positions_first",
+            |inputs| rope_positions_first(&inputs[0], &cos, &sin),
+            std::slice::from_ref(&xs),
+            8,
+        )
     }
 
     #[test]

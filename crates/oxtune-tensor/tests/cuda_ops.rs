@@ -326,27 +326,32 @@ fn scaled_masked_softmax_kernel_matches_the_reference() -> Result<()> {
         (2, 2, 65, 65, 0),
         (1, 3, 4, 1, 0),
     ];
+    // A gradient row is scale * y * (dy - sum(dy * y)); where its terms (about scale * |dy|,
+    // dy ~ N(0, 1)) cancel, it keeps their f32 rounding error: floor its row max there.
+    let floor = |scale: f64| scale * 0.1;
     for dtype in [DType::F32, DType::BF16] {
         for (b, h, t_q, t_k, past) in cases {
             let scores = randn(&[b, h, t_q, t_k], 8.0)?;
             let mask = ScoreMask::Causal { past_tokens: past };
-            check_op(
+            check_op_with_floor(
                 &format!("scaled_masked_softmax causal past {past}"),
                 dtype,
                 &[scores],
                 &[true],
                 |xs| ops::scaled_masked_softmax(&xs[0], 0.088, mask),
                 |xs| ops::scaled_masked_softmax_reference(&xs[0], 0.088, mask),
+                floor(0.088),
             )?;
         }
         let scores = randn(&[2, 2, 5, 7], 8.0)?;
-        check_op(
+        check_op_with_floor(
             "scaled_masked_softmax unmasked",
             dtype,
             &[scores],
             &[true],
             |xs| ops::scaled_masked_softmax(&xs[0], 0.125, ScoreMask::None),
             |xs| ops::scaled_masked_softmax_reference(&xs[0], 0.125, ScoreMask::None),
+            floor(0.125),
         )?;
         // packed samples, additive (b, 1, t, t) mask
         let segments = vec![
@@ -357,7 +362,7 @@ fn scaled_masked_softmax_kernel_matches_the_reference() -> Result<()> {
         let gpu = oxtune_tensor::parse_device("cuda")?;
         let mask_gpu = ops::packed_causal_mask(&segments, None, DType::F32, &gpu)?;
         let mask_cpu = ops::packed_causal_mask(&segments, None, DType::F64, &Device::Cpu)?;
-        check_op(
+        check_op_with_floor(
             "scaled_masked_softmax packed",
             dtype,
             &[scores],
@@ -366,6 +371,7 @@ fn scaled_masked_softmax_kernel_matches_the_reference() -> Result<()> {
             |xs| {
                 ops::scaled_masked_softmax_reference(&xs[0], 0.125, ScoreMask::Additive(&mask_cpu))
             },
+            floor(0.125),
         )?;
     }
     Ok(())
@@ -414,6 +420,133 @@ fn rms_norm_kernel_matches_the_reference() -> Result<()> {
     Ok(())
 }
 
+/// (b, t, heads) of a head view of a packed projection: (b, t, all heads, heads taken from,
+/// heads, d, transposed: the projection stored (t, b, ..) and seen as (b, t, ..)).
+const HEAD_VIEWS: [(usize, usize, usize, usize, usize, usize, bool); 6] = [
+    (2, 17, 32, 0, 16, 128, false), // q of a packed (16 + 8 + 8) * 128 projection
+    (2, 17, 32, 16, 8, 128, false), // its k
+    (1, 5, 6, 2, 3, 64, true),
+    (2, 7, 5, 1, 3, 10, false), // rows of 10: some 16-byte aligned, some not
+    (3, 4, 4, 1, 2, 1, false),
+    (1, 2, 3, 1, 2, 12_008, false), // wider than the dweight kernel: composed dweight
+];
+
+/// The heads [from, from + heads) of a (b, t, all, d) projection (stored (t, b, all, d) when
+/// `transposed`): a (b, t, heads, d) view with contiguous rows.
+fn head_view(full: &Tensor, from: usize, heads: usize, transposed: bool) -> Result<Tensor> {
+    let full = if transposed {
+        full.transpose(0, 1)?
+    } else {
+        full.clone()
+    };
+    full.narrow(2, from, heads)
+}
+
+#[test]
+fn rms_norm_kernel_reads_head_views() -> Result<()> {
+    // Qwen3's q/k norm on heads of a packed projection: the kernel reads the (b, t, heads, d)
+    // view in place; forward and gradients (to the whole projection and to the weight)
+    // against the f64 reference.
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        for (b, t, all, from, heads, d, transposed) in HEAD_VIEWS {
+            let stored = if transposed {
+                [t, b, all, d]
+            } else {
+                [b, t, all, d]
+            };
+            let full = randn(&stored, 2.0)?;
+            let weight = Tensor::randn(1f32, 0.2, d, &Device::Cpu)?;
+            // rows of 1: see rms_norm_kernel_matches_the_reference
+            let floor = if d == 1 { 10.0 } else { 0.0 };
+            for trainable in [[true, true], [true, false]] {
+                let name = format!(
+                    "rms_norm of heads {from}..{} of {all} (transposed {transposed}, weight \
+                     trainable {})",
+                    from + heads,
+                    trainable[1]
+                );
+                check_op_with_floor(
+                    &name,
+                    dtype,
+                    &[full.clone(), weight.clone()],
+                    &trainable,
+                    |xs| ops::rms_norm(&head_view(&xs[0], from, heads, transposed)?, &xs[1], 1e-6),
+                    |xs| {
+                        ops::rms_norm_reference(
+                            &head_view(&xs[0], from, heads, transposed)?,
+                            &xs[1],
+                            1e-6,
+                        )
+                    },
+                    floor,
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn rms_norm_reads_head_views_as_their_copies() -> Result<()> {
+    // Where the view's rows and the copy's are aligned alike (every row start 16-byte aligned,
+    // or a row of 1), the kernels take the same path on the same values: output, dx and
+    // dweight bit for bit equal to rms_norm of the contiguous copy.
+    let gpu = oxtune_tensor::parse_device("cuda")?;
+    let bits = |t: &Tensor| -> Result<Vec<u32>> {
+        Ok(t.to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .into_iter()
+            .map(f32::to_bits)
+            .collect())
+    };
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        for (b, t, all, from, heads, d, transposed) in HEAD_VIEWS {
+            if d % 8 != 0 && d != 1 {
+                continue;
+            }
+            let label = format!(
+                "rms_norm of heads {from}..{} of ({b}, {t}, {all}, {d}) (transposed \
+                 {transposed}) {dtype:?}",
+                from + heads
+            );
+            let stored = if transposed {
+                [t, b, all, d]
+            } else {
+                [b, t, all, d]
+            };
+            let full = Var::from_tensor(&randn(&stored, 2.0)?.to_dtype(dtype)?.to_device(&gpu)?)?;
+            let weight = Var::from_tensor(
+                &Tensor::randn(1f32, 0.2, d, &Device::Cpu)?
+                    .to_dtype(dtype)?
+                    .to_device(&gpu)?,
+            )?;
+            let probe = randn(&[b, t, heads, d], 1.0)?
+                .to_dtype(dtype)?
+                .to_device(&gpu)?;
+            let run = |copy: bool| -> Result<[Vec<u32>; 3]> {
+                let view = head_view(full.as_tensor(), from, heads, transposed)?;
+                let xs = if copy { view.contiguous()? } else { view };
+                let out = ops::rms_norm(&xs, weight.as_tensor(), 1e-6)?;
+                assert!(out.is_contiguous(), "{label}: output not contiguous");
+                let grads = (&out * &probe)?.sum_all()?.backward()?;
+                let dx = grads.get(full.as_tensor()).expect("dx");
+                let dweight = grads.get(weight.as_tensor()).expect("dweight");
+                Ok([bits(&out)?, bits(dx)?, bits(dweight)?])
+            };
+            let (view, copy) = (run(false)?, run(true)?);
+            for (k, what) in ["output", "dx", "dweight"].iter().enumerate() {
+                assert!(
+                    view[k] == copy[k],
+                    "{label}: {what} differs from the copy's"
+                );
+            }
+            println!("{label}: output and gradients equal to the copy's");
+        }
+    }
+    Ok(())
+}
+
 #[test]
 fn swiglu_kernel_matches_the_reference() -> Result<()> {
     let shapes: [&[usize]; 6] = [
@@ -436,6 +569,97 @@ fn swiglu_kernel_matches_the_reference() -> Result<()> {
                 |xs| ops::swiglu(&xs[0], &xs[1]),
                 |xs| ops::swiglu_reference(&xs[0], &xs[1]),
             )?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn swiglu_packed_kernel_matches_the_reference() -> Result<()> {
+    // (.., 2 * i): i a multiple of 8 (16-byte vectors in every dtype) and not (the scalar
+    // path: i 1, 7, 65, 1_000_003; i 4 takes vectors in f32 only)
+    let shapes: [&[usize]; 8] = [
+        &[2],
+        &[3, 14],
+        &[5, 8],
+        &[2, 33, 130],
+        &[2, 3, 16],
+        &[4, 6144],
+        &[300, 2 * 768],
+        &[1, 2_000_006],
+    ];
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        for shape in shapes {
+            let gate_up = randn(shape, 2.0)?;
+            check_op(
+                "swiglu_packed",
+                dtype,
+                &[gate_up],
+                &[true],
+                |xs| ops::swiglu_packed(&xs[0]),
+                |xs| ops::swiglu_packed_reference(&xs[0]),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn swiglu_packed_equals_swiglu_of_the_halves() -> Result<()> {
+    // The packed kernel computes what the two-tensor kernel does on contiguous copies of the
+    // halves, bit for bit, and returns one contiguous (.., 2 * i) [dgate | dup] gradient; also
+    // on a view starting at an odd element (every row unaligned: the scalar path).
+    let gpu = oxtune_tensor::parse_device("cuda")?;
+    let bits = |t: &Tensor| -> Result<Vec<u32>> {
+        Ok(t.to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .into_iter()
+            .map(f32::to_bits)
+            .collect())
+    };
+    // (rows, i, elements before the packed rows in their storage)
+    for (rows, i, lead) in [(37, 64, 0), (5, 7, 0), (9, 24, 3), (2, 3072, 0)] {
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let label = format!("swiglu_packed ({rows}, 2 * {i}), offset {lead}, {dtype:?}");
+            let storage = Var::from_tensor(
+                &randn(&[lead + rows * 2 * i], 2.0)?
+                    .to_dtype(dtype)?
+                    .to_device(&gpu)?,
+            )?;
+            let gate_up = storage
+                .as_tensor()
+                .narrow(0, lead, rows * 2 * i)?
+                .reshape((rows, 2 * i))?;
+            let probe = randn(&[rows, i], 1.0)?.to_dtype(dtype)?.to_device(&gpu)?;
+
+            let packed = ops::swiglu_packed(&gate_up)?;
+            let grads = (&packed * &probe)?.sum_all()?.backward()?;
+            let packed_grad = grads.get(storage.as_tensor()).expect("a gradient");
+
+            let gate = Var::from_tensor(&gate_up.narrow(1, 0, i)?.contiguous()?)?;
+            let up = Var::from_tensor(&gate_up.narrow(1, i, i)?.contiguous()?)?;
+            let halves = ops::swiglu(gate.as_tensor(), up.as_tensor())?;
+            let grads = (&halves * &probe)?.sum_all()?.backward()?;
+            let dgate = grads.get(gate.as_tensor()).expect("dgate");
+            let dup = grads.get(up.as_tensor()).expect("dup");
+
+            assert!(bits(&packed)? == bits(&halves)?, "{label}: forward differs");
+            let expected = Tensor::cat(&[dgate, dup], 1)?;
+            let got = packed_grad.narrow(0, lead, rows * 2 * i)?;
+            assert!(
+                bits(&got)? == bits(&expected)?,
+                "{label}: [dgate | dup] differs"
+            );
+
+            let direct = oxtune_tensor::cuda::swiglu_packed_backward(&gate_up, &probe)?;
+            assert_eq!(direct.dims(), [rows, 2 * i], "{label}: gradient shape");
+            assert!(direct.is_contiguous(), "{label}: gradient not contiguous");
+            assert!(
+                bits(&direct)? == bits(&expected)?,
+                "{label}: backward differs"
+            );
+            println!("{label}: output and gradient equal to swiglu of the halves");
         }
     }
     Ok(())
@@ -481,19 +705,28 @@ fn rope_kernel_matches_the_reference() -> Result<()> {
 #[test]
 fn rope_reads_strided_views_as_their_copies() -> Result<()> {
     // Attention's q and k are (b, t, h, d) projections (or row views of a wider one): the
-    // kernel reads them in place, through rope_to_heads or a transposed view given to rope.
-    // Outputs and gradients must equal those of rope on the contiguous (b, h, t, d) copy bit
-    // for bit, on the vector and the scalar path.
+    // kernel reads them in place, through rope_to_heads, rope_positions_first or a transposed
+    // view given to rope. Outputs and gradients must equal those of rope on the contiguous
+    // (b, h, t, d) copy bit for bit, on the vector and the scalar path.
     let gpu = oxtune_tensor::parse_device("cuda")?;
-    // (b, t, h, extra heads beside the view, d)
-    for (b, t, h, extra, d) in [(2, 33, 4, 0, 128), (1, 5, 3, 2, 64), (2, 7, 2, 1, 10)] {
+    // (b, t, h, extra heads beside the view, d, per-row tables)
+    for (b, t, h, extra, d, per_row) in [
+        (2, 33, 4, 0, 128, false),
+        (1, 5, 3, 2, 64, false),
+        (2, 7, 2, 1, 10, false),
+        (2, 9, 3, 2, 64, true),
+    ] {
         for dtype in [DType::F32, DType::BF16, DType::F16] {
             let full = Var::from_tensor(
                 &randn(&[b, t, h + extra, d], 1.0)?
                     .to_dtype(dtype)?
                     .to_device(&gpu)?,
             )?;
-            let angles = randn(&[t, d / 2], 3.0)?;
+            let angles = if per_row {
+                randn(&[b, t, d / 2], 3.0)?
+            } else {
+                randn(&[t, d / 2], 3.0)?
+            };
             let cos = angles.cos()?.to_dtype(dtype)?.to_device(&gpu)?;
             let sin = angles.sin()?.to_dtype(dtype)?.to_device(&gpu)?;
             let weights = randn(&[b, h, t, d], 1.0)?
@@ -507,21 +740,50 @@ fn rope_reads_strided_views_as_their_copies() -> Result<()> {
                     .map(f32::to_bits)
                     .collect())
             };
-            // 0: rope of the contiguous copy, 1: rope of the transposed view, 2: rope_to_heads
+            // the same weights in (b, t, h, d) order, contiguous
+            let weights_positions_first = weights.transpose(1, 2)?.contiguous()?;
+            // 0: rope of the contiguous copy, 1: rope of the transposed view, 2: rope_to_heads,
+            // 3: rope_positions_first (its gradient arrives contiguous (b, t, h, d)),
+            // 4: rope_positions_first seen as (b, h, t, d) (its gradient arrives transposed)
             let run = |path: usize| -> Result<(Vec<u32>, Vec<u32>)> {
-                let rows = full.as_tensor().narrow(2, 0, h)?;
-                let out = match path {
-                    0 => ops::rope(&rows.transpose(1, 2)?.contiguous()?, &cos, &sin)?,
-                    1 => ops::rope(&rows.transpose(1, 2)?, &cos, &sin)?,
-                    _ => ops::rope_to_heads(&rows, &cos, &sin)?,
+                let rows = full.as_tensor().narrow(2, extra.div_ceil(2), h)?;
+                let (out, grads) = match path {
+                    0..=2 => {
+                        let out = match path {
+                            0 => ops::rope(&rows.transpose(1, 2)?.contiguous()?, &cos, &sin)?,
+                            1 => ops::rope(&rows.transpose(1, 2)?, &cos, &sin)?,
+                            _ => ops::rope_to_heads(&rows, &cos, &sin)?,
+                        };
+                        let grads = (&out * &weights)?.sum_all()?.backward()?;
+                        (out, grads)
+                    }
+                    3 => {
+                        let out = ops::rope_positions_first(&rows, &cos, &sin)?;
+                        assert_eq!(out.dims(), [b, t, h, d]);
+                        assert!(out.is_contiguous(), "rope_positions_first's output");
+                        let grads = (&out * &weights_positions_first)?.sum_all()?.backward()?;
+                        (out.transpose(1, 2)?, grads)
+                    }
+                    _ => {
+                        let out = ops::rope_positions_first(&rows, &cos, &sin)?.transpose(1, 2)?;
+                        let grads = (&out * &weights)?.sum_all()?.backward()?;
+                        (out, grads)
+                    }
                 };
-                let grads = (&out * &weights)?.sum_all()?.backward()?;
                 let grad = grads.get(full.as_tensor()).expect("x has a gradient");
                 Ok((flat(&out)?, flat(grad)?))
             };
-            let label = format!("rope of strided rows, b {b} t {t} h {h}+{extra} d {d} {dtype:?}");
+            let label = format!(
+                "rope of strided rows, b {b} t {t} h {h}+{extra} d {d} per-row tables {per_row} \
+                 {dtype:?}"
+            );
             let (out, grad) = run(0)?;
-            for (path, name) in [(1, "rope of the transposed view"), (2, "rope_to_heads")] {
+            for (path, name) in [
+                (1, "rope of the transposed view"),
+                (2, "rope_to_heads"),
+                (3, "rope_positions_first"),
+                (4, "rope_positions_first (transposed gradient)"),
+            ] {
                 let (other_out, other_grad) = run(path)?;
                 assert!(other_out == out, "{label}: {name}'s output differs");
                 assert!(other_grad == grad, "{label}: {name}'s gradient differs");
@@ -754,7 +1016,75 @@ fn bandwidth_of_fused_kernels_against_candle() -> Result<()> {
             }),
         ],
     )?;
+    // The same SwiGLU from one packed (rows, 2 * intermediate) [gate | up] projection.
+    let gate_up = Tensor::cat(&[&gate, &up], 1)?;
+    let shape = format!("({rows}, 2 * {intermediate}) bf16");
+    bench.line(
+        "swiglu_packed fwd",
+        &shape,
+        3.0 * 2.0 * elements,
+        &mut [
+            ("ours", &mut || ops::swiglu_packed(&gate_up).map(drop)),
+            ("narrows + swiglu kernel", &mut || {
+                let halves = (
+                    gate_up.narrow(1, 0, intermediate)?,
+                    gate_up.narrow(1, intermediate, intermediate)?,
+                );
+                ops::swiglu(&halves.0, &halves.1).map(drop)
+            }),
+            ("composed", &mut || {
+                ops::swiglu_packed_reference(&gate_up).map(drop)
+            }),
+        ],
+    )?;
+    let gate_up_var = Var::from_tensor(&gate_up)?;
+    bench.line(
+        "swiglu_packed bwd",
+        &shape,
+        5.0 * 2.0 * elements,
+        &mut [
+            ("ours", &mut || {
+                oxtune_tensor::cuda::swiglu_packed_backward(&gate_up, &dy).map(drop)
+            }),
+            (
+                "narrows + swiglu kernel (autograd, fwd included)",
+                &mut || {
+                    let packed = gate_up_var.as_tensor();
+                    let halves = (
+                        packed.narrow(1, 0, intermediate)?,
+                        packed.narrow(1, intermediate, intermediate)?,
+                    );
+                    (ops::swiglu(&halves.0, &halves.1)? * &dy)?
+                        .sum_all()?
+                        .backward()
+                        .map(drop)
+                },
+            ),
+        ],
+    )?;
+    drop((gate_up, gate_up_var));
     drop((gate, up, dy, x, x_var, w_var, g_var, u_var));
+
+    // Qwen3's q norm on the q heads of a packed (b * t, 16 + 8 + 8 heads, 128) q/k/v
+    // projection: the kernel reading the view against a contiguous copy first.
+    let (tokens, all_heads, heads, d) = (16_384, 32, 16, 128);
+    let qkv = randn(0f32, 1.0, &[tokens, all_heads, d], dtype)?;
+    let q = qkv.narrow(1, 0, heads)?;
+    let q_weight = randn(1f32, 0.1, &[d], dtype)?;
+    bench.line(
+        "rms_norm fwd, q heads of a packed projection",
+        &format!("({tokens}, {heads} of {all_heads}, {d}) bf16"),
+        2.0 * 2.0 * (tokens * heads * d) as f64,
+        &mut [
+            ("ours (in place)", &mut || {
+                ops::rms_norm(&q, &q_weight, 1e-6).map(drop)
+            }),
+            ("copy + ours", &mut || {
+                ops::rms_norm(&q.contiguous()?, &q_weight, 1e-6).map(drop)
+            }),
+        ],
+    )?;
+    drop((qkv, q));
 
     let (b, h, t, d) = (8, 16, 2048, 128);
     let elements = (b * h * t * d) as f64;
@@ -828,7 +1158,9 @@ fn a_recorded_graph_replays_on_updated_inputs() -> Result<()> {
 // ---------------------------------------------------------------------------------------
 // flash attention
 
-use oxtune_tensor::attention::{AttentionMask, flash_attention, flash_attention_reference};
+use oxtune_tensor::attention::{
+    AttentionMask, flash_attention, flash_attention_positions_first, flash_attention_reference,
+};
 
 /// Masks the flash-attention tests cycle through: (label, causal, segments, sliding window).
 const FLASH_MASKS: [(&str, bool, bool, Option<usize>); 5] = [
@@ -932,6 +1264,227 @@ fn flash_attention_matches_the_reference() -> Result<()> {
     Ok(())
 }
 
+/// q, k, v narrowed from one packed (b, t, h + 2 kv_h, d) tensor, the layout of a fused q|k|v
+/// projection (token stride (h + 2 kv_h) d, head offsets h d and (h + kv_h) d). The packed
+/// tensor is a `cat` of q, k, v (so gradients reach each of them); `shifted` starts it one
+/// element into its storage, so no view has 16-byte rows and the kernels' inputs take the
+/// contiguous-copy fallback.
+fn packed_qkv(xs: &[Tensor], shifted: bool) -> Result<(Tensor, Tensor, Tensor)> {
+    let (h, kv_h) = (xs[0].dim(2)?, xs[1].dim(2)?);
+    let packed = Tensor::cat(&[&xs[0], &xs[1], &xs[2]], 2)?;
+    let packed = if shifted {
+        let flat = packed.flatten_all()?;
+        Tensor::cat(&[&flat.narrow(0, 0, 1)?, &flat], 0)?
+            .narrow(0, 1, flat.elem_count())?
+            .reshape(packed.shape())?
+    } else {
+        packed
+    };
+    assert_eq!(packed.layout().start_offset(), usize::from(shifted));
+    Ok((
+        packed.narrow(2, 0, h)?,
+        packed.narrow(2, h, kv_h)?,
+        packed.narrow(2, h + kv_h, kv_h)?,
+    ))
+}
+
+/// `flash_attention_positions_first` on q (b, t, h, d), k and v (b, t, kv_h, d) narrowed from
+/// one packed tensor ([`packed_qkv`]): the forward and dq, dk, dv through candle's autograd
+/// against the f64 reference of the inputs transposed to (b, h, t, d), its output transposed
+/// back, over the cases and tolerances of [`flash_attention_matches_the_reference`] (bf16 and
+/// f16, d 64 and 128, t = 1 .. 1000, kv_h 4, 2, 1, the masks in another rotation); every
+/// third case with the packed tensor shifted off 16-byte alignment (the copy fallback). The
+/// output must be (b, t, h, d) and contiguous, and equal bit for bit to the heads-first
+/// kernel's output on transposed contiguous copies (one kernel, only the addressing differs).
+#[test]
+fn flash_attention_positions_first_matches_the_reference() -> Result<()> {
+    let gpu = oxtune_tensor::parse_device("cuda")?;
+    let (b, h) = (2, 4);
+    for (combo, (dtype, d)) in [
+        (DType::BF16, 64),
+        (DType::BF16, 128),
+        (DType::F16, 64),
+        (DType::F16, 128),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        for (t_index, t) in [1, 17, 128, 257, 1000].into_iter().enumerate() {
+            for (kv_index, kv_h) in [4, 2, 1].into_iter().enumerate() {
+                let case = combo + t_index + kv_index;
+                let (label, causal, with_segments, window) =
+                    FLASH_MASKS[(case + 1) % FLASH_MASKS.len()];
+                let shifted = case % 3 == 2;
+                let segments = flash_segments(t);
+                let segments_cpu = Tensor::new(segments.clone(), &Device::Cpu)?;
+                let segments_gpu = segments_cpu.to_device(&gpu)?;
+                let mask = |segments| AttentionMask {
+                    causal,
+                    segments: with_segments.then_some(segments),
+                    sliding_window: window,
+                };
+                let (mask_cpu, mask_gpu) = (mask(&segments_cpu), mask(&segments_gpu));
+                let scale = 1.0 / (d as f64).sqrt();
+                let name = format!(
+                    "flash_attention_positions_first {label} kv_h {kv_h}{}",
+                    if shifted { " (unaligned: copied)" } else { "" }
+                );
+                let heads_first = |x: &Tensor| x.transpose(1, 2);
+                check_op_with_floor(
+                    &name,
+                    dtype,
+                    &[
+                        randn(&[b, t, h, d], 2.0)?,
+                        randn(&[b, t, kv_h, d], 1.0)?,
+                        randn(&[b, t, kv_h, d], 1.0)?,
+                    ],
+                    &[true, true, true],
+                    |xs| {
+                        let (q, k, v) = packed_qkv(xs, shifted)?;
+                        assert!(!q.is_contiguous() && !k.is_contiguous() && !v.is_contiguous());
+                        let out = flash_attention_positions_first(&q, &k, &v, scale, mask_gpu)?;
+                        assert!(
+                            out.dims() == [b, t, h, d] && out.is_contiguous(),
+                            "{name}: output {:?} with strides {:?}; expected ({b}, {t}, {h}, \
+                             {d}) contiguous",
+                            out.dims(),
+                            out.stride()
+                        );
+                        Ok(out)
+                    },
+                    |xs| {
+                        flash_attention_reference(
+                            &heads_first(&xs[0])?,
+                            &heads_first(&xs[1])?,
+                            &heads_first(&xs[2])?,
+                            scale,
+                            mask_cpu,
+                        )?
+                        .transpose(1, 2)
+                    },
+                    1.0,
+                )?;
+                // the same bits as the heads-first kernel on transposed contiguous copies
+                let on_gpu = |x: &Tensor| x.to_dtype(dtype)?.to_device(&gpu);
+                let inputs = [
+                    on_gpu(&randn(&[b, t, h, d], 2.0)?)?,
+                    on_gpu(&randn(&[b, t, kv_h, d], 1.0)?)?,
+                    on_gpu(&randn(&[b, t, kv_h, d], 1.0)?)?,
+                ];
+                let (q, k, v) = packed_qkv(&inputs, shifted)?;
+                let public = flash_attention_positions_first(&q, &k, &v, scale, mask_gpu)?;
+                let copy = |x: &Tensor| x.transpose(1, 2)?.contiguous();
+                let (kernel, _) = oxtune_tensor::cuda::flash_attention_with_lse(
+                    &copy(&q)?,
+                    &copy(&k)?,
+                    &copy(&v)?,
+                    scale,
+                    &mask_gpu,
+                )?;
+                let differ: f32 = (public.to_dtype(DType::F32)?
+                    - kernel.transpose(1, 2)?.to_dtype(DType::F32)?)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar()?;
+                assert!(
+                    differ == 0.0,
+                    "{name} t {t} d {d} {dtype:?}: positions first differs from the heads-first \
+                     kernel by {differ:e}"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The heads-first kernels read strided views in place as well: q, k, v and the output
+/// gradient given as (b, t, h, d) tensors transposed to (b, h, t, d) (token stride h d) give
+/// the same output and LSE, dk and dv bit for bit, and dq up to the order of its f32 atomic
+/// additions (which can move a rounding by a bf16 ulp: within 2^-6 of the largest |dq|), as
+/// their contiguous copies.
+#[test]
+fn flash_attention_kernels_read_strided_heads_first_views() -> Result<()> {
+    let gpu = oxtune_tensor::parse_device("cuda")?;
+    let (b, h, kv_h, t) = (2, 4, 2, 257);
+    let segments = Tensor::new(flash_segments(t), &gpu)?;
+    let mask = AttentionMask {
+        causal: true,
+        segments: Some(&segments),
+        sliding_window: None,
+    };
+    for (dtype, d) in [(DType::BF16, 128), (DType::F16, 64)] {
+        let scale = 1.0 / (d as f64).sqrt();
+        let strided = |heads: usize, std: f32| -> Result<Tensor> {
+            Tensor::randn(0f32, std, (b, t, heads, d), &gpu)?
+                .to_dtype(dtype)?
+                .transpose(1, 2)
+        };
+        let (q, k, v, grad) = (
+            strided(h, 2.0)?,
+            strided(kv_h, 1.0)?,
+            strided(kv_h, 1.0)?,
+            strided(h, 1.0)?,
+        );
+        assert!(!q.is_contiguous() && !grad.is_contiguous());
+        let copies: Vec<Tensor> = [&q, &k, &v, &grad]
+            .iter()
+            .map(|x| x.contiguous())
+            .collect::<Result<_>>()?;
+        let (o, lse) = oxtune_tensor::cuda::flash_attention_with_lse(&q, &k, &v, scale, &mask)?;
+        let (o_copy, lse_copy) = oxtune_tensor::cuda::flash_attention_with_lse(
+            &copies[0], &copies[1], &copies[2], scale, &mask,
+        )?;
+        let largest_difference = |a: &Tensor, b: &Tensor| -> Result<f32> {
+            (a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar()
+        };
+        assert_eq!(largest_difference(&o, &o_copy)?, 0.0, "{dtype:?} d {d}: o");
+        assert_eq!(
+            largest_difference(&lse, &lse_copy)?,
+            0.0,
+            "{dtype:?} d {d}: lse"
+        );
+        // o read through a strided view too: the (b, t, h, d) order of the output's copy
+        let o_strided = o.transpose(1, 2)?.contiguous()?.transpose(1, 2)?;
+        let (dq, dk, dv) = oxtune_tensor::cuda::flash_attention_backward(
+            &q, &k, &v, &o_strided, &lse, &grad, scale, &mask,
+        )?;
+        let (dq_copy, dk_copy, dv_copy) = oxtune_tensor::cuda::flash_attention_backward(
+            &copies[0], &copies[1], &copies[2], &o, &lse, &copies[3], scale, &mask,
+        )?;
+        assert!(dq.is_contiguous() && dk.is_contiguous() && dv.is_contiguous());
+        assert_eq!(
+            largest_difference(&dk, &dk_copy)?,
+            0.0,
+            "{dtype:?} d {d}: dk"
+        );
+        assert_eq!(
+            largest_difference(&dv, &dv_copy)?,
+            0.0,
+            "{dtype:?} d {d}: dv"
+        );
+        let dq_scale: f32 = dq_copy
+            .to_dtype(DType::F32)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar()?;
+        let dq_error = largest_difference(&dq, &dq_copy)?;
+        println!(
+            "strided heads-first views {dtype:?} d {d}: dq differs by {dq_error:e} (largest |dq| {dq_scale:e})"
+        );
+        assert!(
+            dq_error <= dq_scale / 64.0,
+            "{dtype:?} d {d}: dq differs by {dq_error:e}, largest |dq| {dq_scale:e}"
+        );
+    }
+    Ok(())
+}
+
 /// Milliseconds and TFLOP/s of the fused forward and backward at the shape of a Qwen3-style
 /// layer in training, (b 4, h 16, kv_h 8, t 2048, d 128) bf16 causal, next to the composed
 /// path the models used before (repeat_kv, f32 scores by matmul, our causal softmax kernel,
@@ -985,6 +1538,51 @@ fn flash_attention_speed_against_the_composed_path() -> Result<()> {
         forward_flops + backward_flops,
         seconds,
     );
+    // positions first, the (b, t, heads, d) layout of the projections: the forward reads
+    // head-narrows of one packed (b, t, h + 2 kv_h, d) tensor in place; forward + backward
+    // takes (b, t, heads, d) variables (narrows of one packed variable would add candle's
+    // narrow backward, zero-padded copies of the packed gradient, to the line)
+    let packed = Tensor::randn(0f32, 1.0, (b, t, h + 2 * kv_h, d), &gpu)?.to_dtype(dtype)?;
+    let (qp, kp, vp) = (
+        packed.narrow(2, 0, h)?,
+        packed.narrow(2, h, kv_h)?,
+        packed.narrow(2, h + kv_h, kv_h)?,
+    );
+    let seconds = seconds_per_call(&gpu, || {
+        flash_attention_positions_first(&qp, &kp, &vp, scale, mask).map(drop)
+    })?;
+    line(
+        "flash forward, positions first (narrows of a packed q|k|v)",
+        forward_flops,
+        seconds,
+    );
+    let positions_first =
+        |x: &Tensor| -> Result<Var> { Var::from_tensor(&x.transpose(1, 2)?.contiguous()?) };
+    let (qf, kf, vf) = (
+        positions_first(qt)?,
+        positions_first(kt)?,
+        positions_first(vt)?,
+    );
+    let grad_positions_first = grad.transpose(1, 2)?.contiguous()?;
+    let seconds = seconds_per_call(&gpu, || {
+        let out = flash_attention_positions_first(
+            qf.as_tensor(),
+            kf.as_tensor(),
+            vf.as_tensor(),
+            scale,
+            mask,
+        )?;
+        (out * &grad_positions_first)?
+            .sum_all()?
+            .backward()
+            .map(drop)
+    })?;
+    line(
+        "flash forward + backward (autograd), positions first",
+        forward_flops + backward_flops,
+        seconds,
+    );
+    drop((packed, qp, kp, vp, qf, kf, vf, grad_positions_first));
 
     let composed = || -> Result<Tensor> {
         let k = ops::repeat_kv(kt, h / kv_h)?.contiguous()?;
@@ -1566,11 +2164,16 @@ fn adamw_kernel_matches_the_f64_reference() -> Result<()> {
             let name = format!("adamw step {t} {dtype:?} len {len} decay {decay}");
             let m = host_f32(&gpu_adam.exp_avg(index)?)?;
             let v = host_f32(&gpu_adam.exp_avg_sq(index)?)?;
+            // exp_avg's floor is its update (1 - beta1) * |g|: gradients of opposite signs
+            // can nearly cancel it, leaving the f32 rounding error of the terms.
+            let largest_grad = host_f32(&grads[index])?
+                .iter()
+                .fold(0f64, |m, g| m.max(f64::from(*g).abs()));
             check_adamw(
                 &format!("{name} exp_avg"),
                 &m,
                 &reference.exp_avg,
-                (1e-6, 0.0),
+                (1e-6, (1.0 - step.beta1) * scale * largest_grad),
                 0.0,
             )?;
             check_adamw(

@@ -1,6 +1,17 @@
 //! FlashAttention-2 (`kernels/flash_attn.cu`): the forward as a candle `CustomOp3` on
 //! (q, k, v) and its backward kernels, for bf16 and f16 with head_dim 64 or 128.
 //!
+//! Layouts: the kernels address every tensor through its (batch, head, token) element strides
+//! (`Layouts`, one kernel argument) with a contiguous head_dim, so the same kernels serve
+//! [`flash_attention`] (q (b, h, t, d), k and v (b, kv_h, t, d), `Order::HeadsFirst`) and
+//! [`flash_attention_positions_first`] (q (b, t, h, d), k and v (b, t, kv_h, d),
+//! `Order::PositionsFirst`, e.g. head-narrows of one packed q|k|v projection). Inputs are
+//! read in place when `reads_in_place` holds (last dim contiguous; start offset and every
+//! other stride multiples of 8 elements, so each row is 16-byte aligned for cp.async and
+//! ldmatrix); any other input, and an output gradient likewise, is first copied to a
+//! contiguous tensor (`kernel_input`). Outputs (o; dq, dk, dv) are allocated contiguous in
+//! the call's order; lse and delta are (b, h, t) f32 in both orders.
+//!
 //! What the backward needs: q, k, v (the op's inputs, which candle's autograd hands to
 //! `bwd`), o (the op's result, also handed to `bwd`) and the log-sum-exp of each query row,
 //! (b, h, t) f32. The LSE is a second output of the forward kernel, which a `CustomOp3`
@@ -21,7 +32,9 @@ use std::sync::Mutex;
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda::cudarc::driver::sys::CUfunction_attribute;
-use candle_core::cuda::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+use candle_core::cuda::cudarc::driver::{
+    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda::{CudaStorageSlice, WrapErr};
 use candle_core::op::BackpropOp;
 use candle_core::{
@@ -30,8 +43,8 @@ use candle_core::{
 };
 
 use super::launch::{KernelFloat, Module, expect_len, function, to_i32, to_u32};
-use super::{no_cpu, view, view_as};
-use crate::attention::AttentionMask;
+use super::{no_cpu, view};
+use crate::attention::{AttentionMask, Order};
 
 const FLASH: Module = Module {
     name: "oxtune_flash_attn",
@@ -63,7 +76,7 @@ fn backward_shared_bytes(head_dim: usize) -> usize {
 }
 
 /// Sizes of one attention call: q (batch, heads, positions, head_dim), k and v
-/// (batch, kv_heads, positions, head_dim).
+/// (batch, kv_heads, positions, head_dim), in either order of heads and positions.
 #[derive(Clone, Copy, Debug)]
 struct FlashShape {
     batch: usize,
@@ -73,14 +86,25 @@ struct FlashShape {
     head_dim: usize,
 }
 
+/// (batch, heads, positions, head_dim) of a shape in `order`.
+fn dims_in(order: Order, shape: &Shape) -> Result<(usize, usize, usize, usize)> {
+    let (b, x, y, d) = shape.dims4()?;
+    Ok(match order {
+        Order::HeadsFirst => (b, x, y, d),
+        Order::PositionsFirst => (b, y, x, d),
+    })
+}
+
 impl FlashShape {
     /// Checks q, k, v shapes against each other and against what the kernels support.
-    fn new(op: &str, q: &Shape, k: &Shape, v: &Shape) -> Result<Self> {
-        let (batch, heads, positions, head_dim) = q.dims4()?;
-        let (kb, kv_heads, kt, kd) = k.dims4()?;
+    fn new(op: &str, q: &Shape, k: &Shape, v: &Shape, order: Order) -> Result<Self> {
+        let (batch, heads, positions, head_dim) = dims_in(order, q)?;
+        let (kb, kv_heads, kt, kd) = dims_in(order, k)?;
         if (kb, kt, kd) != (batch, positions, head_dim) || k != v || kv_heads == 0 {
             bail!(
-                "{op}: q {q:?}, k {k:?}, v {v:?}; expected k = v = (b, kv_h, t, d) for q (b, h, t, d)"
+                "{op}: q {q:?}, k {k:?}, v {v:?}; expected k = v = {} for q {}",
+                order.kv_shape(),
+                order.q_shape()
             );
         }
         if heads % kv_heads != 0 {
@@ -111,6 +135,151 @@ impl FlashShape {
     fn rows(self) -> usize {
         self.batch * self.heads * self.positions
     }
+}
+
+/// Element strides of one (b, heads, t, d) tensor over (batch, head, token), d contiguous:
+/// `Strides` in flash_attn.cu (the token stride an i32: a row's offset is one 32 x 32 -> 64
+/// multiply there; the batch and head offsets are 64-bit).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct Strides {
+    batch: i64,
+    head: i64,
+    token: i32,
+    unused: i32,
+}
+
+impl Strides {
+    /// The strides of a contiguous tensor of `heads` heads in `order`.
+    fn contiguous(
+        order: Order,
+        heads: usize,
+        positions: usize,
+        head_dim: usize,
+        kernel: &str,
+    ) -> Result<Self> {
+        let (head, token) = match order {
+            Order::HeadsFirst => (positions * head_dim, head_dim),
+            Order::PositionsFirst => (head_dim, heads * head_dim),
+        };
+        Self::new(heads * positions * head_dim, head, token, kernel)
+    }
+
+    /// The strides of a layout in `order`; its last dimension must be contiguous. The stride
+    /// of a dimension of size 1 is never used to address anything and counts as 0.
+    fn of(layout: &Layout, order: Order, kernel: &str, what: &str) -> Result<Self> {
+        let (dims, strides) = (layout.dims(), layout.stride());
+        if dims.len() != 4 || strides[3] != 1 {
+            bail!(
+                "{kernel}: {what} {dims:?} has strides {strides:?}; the kernels need a contiguous last dimension"
+            );
+        }
+        let used = |i: usize| if dims[i] == 1 { 0 } else { strides[i] };
+        let (head, token) = match order {
+            Order::HeadsFirst => (used(1), used(2)),
+            Order::PositionsFirst => (used(2), used(1)),
+        };
+        Self::new(used(0), head, token, kernel)
+    }
+
+    fn new(batch: usize, head: usize, token: usize, kernel: &str) -> Result<Self> {
+        let wide = |value: usize, what: &str| {
+            i64::try_from(value)
+                .or_else(|_| bail!("{kernel}: {what} stride {value} does not fit an i64"))
+        };
+        Ok(Self {
+            batch: wide(batch, "batch")?,
+            head: wide(head, "head")?,
+            token: to_i32(token, "token stride", kernel)?,
+            unused: 0,
+        })
+    }
+}
+
+/// The strides of every tensor the kernels address: `Layouts` in flash_attn.cu (192 bytes,
+/// asserted on both sides). One value goes to each kernel, which reads its own tensors'
+/// (forward: q, k, v, o; delta: o, dout; backward: q, k, v, dout, dq, dk, dv); the others
+/// stay zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct Layouts {
+    q: Strides,
+    k: Strides,
+    v: Strides,
+    o: Strides,
+    dout: Strides,
+    dq: Strides,
+    dk: Strides,
+    dv: Strides,
+}
+
+const _: () = assert!(std::mem::size_of::<Layouts>() == 192);
+
+// SAFETY: plain integers, #[repr(C)] with the layout of flash::Layouts in flash_attn.cu
+// (size asserted on both sides); the kernels receive it by value.
+unsafe impl DeviceRepr for Layouts {}
+
+/// Whether the kernels read a (b, ., ., d) tensor of this layout (in `order`) in place: its
+/// last dimension contiguous, its token stride an i32, and its start offset and the stride
+/// of every other dimension longer than 1 multiples of 8 elements, so that every row is
+/// 16-byte aligned (cp.async and ldmatrix move 16 bytes; candle's CUDA allocations are
+/// aligned; the kernels check the pointers again and fall back to element loads).
+fn reads_in_place(layout: &Layout, order: Order) -> bool {
+    let (dims, strides) = (layout.dims(), layout.stride());
+    let token = match order {
+        Order::HeadsFirst => 2,
+        Order::PositionsFirst => 1,
+    };
+    dims.len() == 4
+        && strides[3] == 1
+        && layout.start_offset().is_multiple_of(8)
+        && (0..3).all(|i| dims[i] == 1 || strides[i].is_multiple_of(8))
+        && (dims[token] == 1 || i32::try_from(strides[token]).is_ok())
+}
+
+/// `tensor` (in `order`) as the kernels read it: itself when `reads_in_place`, otherwise a
+/// fresh contiguous copy (also of a contiguous tensor at an unaligned start offset). The
+/// copy is a candle op, so gradients flow through it.
+fn kernel_input(tensor: &Tensor, order: Order) -> Result<Tensor> {
+    if reads_in_place(tensor.layout(), order) {
+        Ok(tensor.clone())
+    } else {
+        tensor.force_contiguous()
+    }
+}
+
+/// The part of a storage that a (possibly strided) layout addresses, from its start offset
+/// to one past its last element; the kernels index nothing else.
+fn strided_view<'a, T>(
+    slice: &'a CudaSlice<T>,
+    layout: &Layout,
+    op: &str,
+    what: &str,
+) -> Result<CudaView<'a, T>> {
+    let start = layout.start_offset();
+    let span = if layout.shape().elem_count() == 0 {
+        0
+    } else {
+        1 + layout
+            .dims()
+            .iter()
+            .zip(layout.stride())
+            .map(|(&n, &s)| (n - 1) * s)
+            .sum::<usize>()
+    };
+    slice
+        .try_slice(start..start + span)
+        .ok_or_else(|| candle_core::Error::Msg(format!("{op}: {what} out of its storage")))
+}
+
+/// The same-dtype strided view of another input of the op.
+fn strided_view_as<'a, T: KernelFloat>(
+    storage: &'a CudaStorage,
+    layout: &Layout,
+    op: &str,
+    what: &str,
+) -> Result<CudaView<'a, T>> {
+    strided_view(storage.as_cuda_slice::<T>()?, layout, op, what)
 }
 
 /// The mask as the kernels take it: causal flag and window (0: none).
@@ -177,8 +346,10 @@ fn segments_for(
     Ok(Some(segments.contiguous()?))
 }
 
-/// softmax(q k^T * scale + mask) v on the GPU; differentiable in q, k and v. The caller
-/// (`attention::flash_attention`) has checked that the kernels take these tensors.
+/// softmax(q k^T * scale + mask) v on the GPU for q (b, h, t, d), k and v (b, kv_h, t, d);
+/// differentiable in q, k and v; -> (b, h, t, d), contiguous. The caller
+/// (`attention::flash_attention`) has checked that the kernels take these tensors. Inputs
+/// are read in place when `reads_in_place` holds, else copied (`kernel_input`).
 pub fn flash_attention(
     q: &Tensor,
     k: &Tensor,
@@ -186,27 +357,41 @@ pub fn flash_attention(
     scale: f64,
     mask: &AttentionMask<'_>,
 ) -> Result<Tensor> {
-    let op = "flash_attention";
-    let shape = FlashShape::new(op, q.shape(), k.shape(), v.shape())?;
-    let segments = segments_for(mask, shape.batch, shape.positions, q, op)?;
-    #[expect(
-        clippy::cast_possible_truncation,
-        reason = "attention scales are O(1) constants"
-    )]
-    let scale = scale as f32;
-    let forward = FlashForward {
-        scale,
-        mask: KernelMask::new(mask, shape.positions, op)?,
-        segments,
-        lse: Mutex::new(None),
-    };
-    q.contiguous()?
-        .apply_op3(&k.contiguous()?, &v.contiguous()?, forward)
+    forward_in_order(q, k, v, scale, mask, Order::HeadsFirst)
 }
 
-/// The forward without autograd, returning (o, lse): lse (b, h, t) f32 is the natural-log
-/// sum of exp(scores * scale) of each query row (+inf for a row that sees no key). For
-/// benchmarks of [`flash_attention_backward`].
+/// [`flash_attention`] for q (b, t, h, d), k and v (b, t, kv_h, d), any views with a
+/// contiguous last dimension (such as head-narrows of one packed (b, t, h + 2 kv_h, d)
+/// projection; read in place when `reads_in_place` holds, else copied); -> (b, t, h, d),
+/// contiguous. The backward reads the output gradient in (b, t, h, d) order and writes dq
+/// (b, t, h, d) and dk, dv (b, t, kv_h, d) contiguous. The caller
+/// (`attention::flash_attention_positions_first`) has checked that the kernels take these
+/// tensors.
+pub fn flash_attention_positions_first(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: &AttentionMask<'_>,
+) -> Result<Tensor> {
+    forward_in_order(q, k, v, scale, mask, Order::PositionsFirst)
+}
+
+fn forward_in_order(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: &AttentionMask<'_>,
+    order: Order,
+) -> Result<Tensor> {
+    let forward = FlashForward::new(q, k, v, scale, mask, order)?;
+    kernel_input(q, order)?.apply_op3(&kernel_input(k, order)?, &kernel_input(v, order)?, forward)
+}
+
+/// The forward of [`flash_attention`] (heads first) without autograd, returning (o, lse):
+/// lse (b, h, t) f32 is the natural-log sum of exp(scores * scale) of each query row (+inf
+/// for a row that sees no key). For benchmarks of [`flash_attention_backward`].
 pub fn flash_attention_with_lse(
     q: &Tensor,
     k: &Tensor,
@@ -214,29 +399,21 @@ pub fn flash_attention_with_lse(
     scale: f64,
     mask: &AttentionMask<'_>,
 ) -> Result<(Tensor, Tensor)> {
-    let op = "flash_attention";
-    let shape = FlashShape::new(op, q.shape(), k.shape(), v.shape())?;
-    #[expect(
-        clippy::cast_possible_truncation,
-        reason = "attention scales are O(1) constants"
-    )]
-    let scale = scale as f32;
-    let forward = FlashForward {
-        scale,
-        mask: KernelMask::new(mask, shape.positions, op)?,
-        segments: segments_for(mask, shape.batch, shape.positions, q, op)?,
-        lse: Mutex::new(None),
-    };
-    let o = q
-        .contiguous()?
-        .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &forward)?;
+    let order = Order::HeadsFirst;
+    let forward = FlashForward::new(q, k, v, scale, mask, order)?;
+    let o = kernel_input(q, order)?.apply_op3_no_bwd(
+        &kernel_input(k, order)?,
+        &kernel_input(v, order)?,
+        &forward,
+    )?;
     let lse = forward.take_lse()?;
     Ok((o, lse))
 }
 
-/// The gradients (dq, dk, dv) of [`flash_attention`] from its inputs, its output `o`, the
-/// LSE of [`flash_attention_with_lse`] and the output's gradient `grad`. dk and dv of a kv
-/// head are summed over the query heads of its group.
+/// The gradients (dq, dk, dv) of [`flash_attention`] (heads first) from its inputs, its
+/// output `o`, the LSE of [`flash_attention_with_lse`] and the output's gradient `grad`,
+/// each read in place when `reads_in_place` holds; dq, dk, dv come back contiguous. dk
+/// and dv of a kv head are summed over the query heads of its group.
 #[expect(clippy::too_many_arguments, reason = "the saved tensors of attention")]
 pub fn flash_attention_backward(
     q: &Tensor,
@@ -248,8 +425,36 @@ pub fn flash_attention_backward(
     scale: f64,
     mask: &AttentionMask<'_>,
 ) -> Result<(Tensor, Tensor, Tensor)> {
+    backward_in_order(
+        &Forwarded { q, k, v, o, lse },
+        grad,
+        scale,
+        mask,
+        Order::HeadsFirst,
+    )
+}
+
+/// What a forward leaves for its backward: its inputs, its output and the LSE.
+struct Forwarded<'a> {
+    q: &'a Tensor,
+    k: &'a Tensor,
+    v: &'a Tensor,
+    o: &'a Tensor,
+    lse: &'a Tensor,
+}
+
+/// The backward in either order: dq in the order and shape of q, dk and dv of k, all three
+/// contiguous.
+fn backward_in_order(
+    forwarded: &Forwarded<'_>,
+    grad: &Tensor,
+    scale: f64,
+    mask: &AttentionMask<'_>,
+    order: Order,
+) -> Result<(Tensor, Tensor, Tensor)> {
     let op = "flash_attention_backward";
-    let shape = FlashShape::new(op, q.shape(), k.shape(), v.shape())?;
+    let Forwarded { q, k, v, o, lse } = *forwarded;
+    let shape = FlashShape::new(op, q.shape(), k.shape(), v.shape(), order)?;
     if o.shape() != q.shape() || grad.shape() != q.shape() {
         bail!(
             "{op}: o {:?} and its gradient {:?} for q {:?}",
@@ -278,9 +483,9 @@ pub fn flash_attention_backward(
     let scale = scale as f32;
     let kernel_mask = KernelMask::new(mask, shape.positions, op)?;
     let segments = segments_for(mask, shape.batch, shape.positions, q, op)?;
-    let tensors = [q, k, v, o, grad, lse].map(Tensor::contiguous);
-    let [q, k, v, o, grad, lse] = tensors;
-    let (q, k, v, o, grad, lse) = (q?, k?, v?, o?, grad?, lse?);
+    let tensors = [q, k, v, o, grad].map(|x| kernel_input(x, order));
+    let [q, k, v, o, grad] = tensors;
+    let (q, k, v, o, grad, lse) = (q?, k?, v?, o?, grad?, lse.contiguous()?);
 
     let guards = [&q, &k, &v, &o, &grad, &lse].map(Tensor::storage_and_layout);
     let mut storages = Vec::with_capacity(6);
@@ -302,13 +507,24 @@ pub fn flash_attention_backward(
         lse: storages[5],
         segments: segment_view.as_ref(),
     };
+    let layouts = Layouts {
+        q: Strides::of(q_layout, order, op, "q")?,
+        k: Strides::of(inputs.k.1, order, op, "k")?,
+        v: Strides::of(inputs.v.1, order, op, "v")?,
+        o: Strides::of(inputs.o.1, order, op, "o")?,
+        dout: Strides::of(inputs.grad.1, order, op, "grad")?,
+        dq: Strides::contiguous(order, shape.heads, shape.positions, shape.head_dim, op)?,
+        dk: Strides::contiguous(order, shape.kv_heads, shape.positions, shape.head_dim, op)?,
+        dv: Strides::contiguous(order, shape.kv_heads, shape.positions, shape.head_dim, op)?,
+    };
     let (dq, dk, dv) = match &q_storage.slice {
         CudaStorageSlice::BF16(q) => {
             let (dq, dk, dv) = backward_typed(
                 &device,
-                &view(q, q_layout, op, "q")?,
+                &strided_view(q, q_layout, op, "q")?,
                 &inputs,
                 shape,
+                &layouts,
                 scale,
                 kernel_mask,
             )?;
@@ -321,9 +537,10 @@ pub fn flash_attention_backward(
         CudaStorageSlice::F16(q) => {
             let (dq, dk, dv) = backward_typed(
                 &device,
-                &view(q, q_layout, op, "q")?,
+                &strided_view(q, q_layout, op, "q")?,
                 &inputs,
                 shape,
+                &layouts,
                 scale,
                 kernel_mask,
             )?;
@@ -338,6 +555,8 @@ pub fn flash_attention_backward(
             q.dtype()
         ),
     };
+    // dq's f32 accumulator is laid out as dq itself (contiguous in the call's order), so the
+    // cast below is a plain contiguous one
     let dq = CudaStorage::wrap_cuda_slice(dq, device.clone());
     let dq = Tensor::from_storage(Storage::Cuda(dq), q.shape(), BackpropOp::none(), false);
     let dk = Tensor::from_storage(Storage::Cuda(dk), k.shape(), BackpropOp::none(), false);
@@ -363,21 +582,22 @@ fn backward_typed<T: KernelFloat>(
     q: &CudaView<'_, T>,
     inputs: &BackwardInputs<'_>,
     shape: FlashShape,
+    layouts: &Layouts,
     scale: f32,
     mask: KernelMask,
 ) -> Result<Gradients<T>> {
     let op = "flash_attention_backward";
-    let k = view_as::<T>(inputs.k.0, inputs.k.1, op, "k")?;
-    let v = view_as::<T>(inputs.v.0, inputs.v.1, op, "v")?;
-    let o = view_as::<T>(inputs.o.0, inputs.o.1, op, "o")?;
-    let grad = view_as::<T>(inputs.grad.0, inputs.grad.1, op, "grad")?;
+    let k = strided_view_as::<T>(inputs.k.0, inputs.k.1, op, "k")?;
+    let v = strided_view_as::<T>(inputs.v.0, inputs.v.1, op, "v")?;
+    let o = strided_view_as::<T>(inputs.o.0, inputs.o.1, op, "o")?;
+    let grad = strided_view_as::<T>(inputs.grad.0, inputs.grad.1, op, "grad")?;
     let lse = view(
         inputs.lse.0.as_cuda_slice::<f32>()?,
         inputs.lse.1,
         op,
         "lse",
     )?;
-    let delta = backward_delta(device, &o, &grad, shape)?;
+    let delta = backward_delta(device, &o, &grad, shape, layouts)?;
     backward_main(
         device,
         &Saved {
@@ -390,6 +610,7 @@ fn backward_typed<T: KernelFloat>(
             segments: inputs.segments,
         },
         shape,
+        layouts,
         scale,
         mask,
     )
@@ -420,11 +641,38 @@ struct FlashForward {
     mask: KernelMask,
     /// (b, t) u32, contiguous, on the device of q.
     segments: Option<Tensor>,
+    /// Where the heads sit in q, k, v and o.
+    order: Order,
     /// (b, h, t) f32, set by `cuda_fwd`.
     lse: Mutex<Option<Tensor>>,
 }
 
 impl FlashForward {
+    /// The op for these inputs, their shapes and the mask checked.
+    fn new(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        scale: f64,
+        mask: &AttentionMask<'_>,
+        order: Order,
+    ) -> Result<Self> {
+        let op = order.name();
+        let shape = FlashShape::new(op, q.shape(), k.shape(), v.shape(), order)?;
+        #[expect(
+            clippy::cast_possible_truncation,
+            reason = "attention scales are O(1) constants"
+        )]
+        let scale = scale as f32;
+        Ok(Self {
+            scale,
+            mask: KernelMask::new(mask, shape.positions, op)?,
+            segments: segments_for(mask, shape.batch, shape.positions, q, op)?,
+            order,
+            lse: Mutex::new(None),
+        })
+    }
+
     fn take_lse(&self) -> Result<Tensor> {
         self.lse
             .lock()
@@ -465,19 +713,34 @@ impl CustomOp3 for FlashForward {
         v_layout: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let op = self.name();
-        let shape = FlashShape::new(op, q_layout.shape(), k_layout.shape(), v_layout.shape())?;
+        let order = self.order;
+        let shape = FlashShape::new(
+            op,
+            q_layout.shape(),
+            k_layout.shape(),
+            v_layout.shape(),
+            order,
+        )?;
         let device = q.device.clone();
         let segment_guard = self.segments.as_ref().map(Tensor::storage_and_layout);
         let segments = segments_view(segment_guard.as_ref(), op)?;
+        let layouts = Layouts {
+            q: Strides::of(q_layout, order, op, "q")?,
+            k: Strides::of(k_layout, order, op, "k")?,
+            v: Strides::of(v_layout, order, op, "v")?,
+            o: Strides::contiguous(order, shape.heads, shape.positions, shape.head_dim, op)?,
+            ..Layouts::default()
+        };
         let (out, lse) = match &q.slice {
             CudaStorageSlice::BF16(slice) => {
                 let (o, lse) = forward_launch(
                     &device,
-                    &view(slice, q_layout, op, "q")?,
-                    &view_as(k, k_layout, op, "k")?,
-                    &view_as(v, v_layout, op, "v")?,
+                    &strided_view(slice, q_layout, op, "q")?,
+                    &strided_view_as(k, k_layout, op, "k")?,
+                    &strided_view_as(v, v_layout, op, "v")?,
                     segments.as_ref(),
                     shape,
+                    &layouts,
                     self.scale,
                     self.mask,
                 )?;
@@ -486,11 +749,12 @@ impl CustomOp3 for FlashForward {
             CudaStorageSlice::F16(slice) => {
                 let (o, lse) = forward_launch(
                     &device,
-                    &view(slice, q_layout, op, "q")?,
-                    &view_as(k, k_layout, op, "k")?,
-                    &view_as(v, v_layout, op, "v")?,
+                    &strided_view(slice, q_layout, op, "q")?,
+                    &strided_view_as(k, k_layout, op, "k")?,
+                    &strided_view_as(v, v_layout, op, "v")?,
                     segments.as_ref(),
                     shape,
+                    &layouts,
                     self.scale,
                     self.mask,
                 )?;
@@ -529,8 +793,15 @@ impl CustomOp3 for FlashForward {
             segments: self.segments.as_ref(),
             sliding_window: (self.mask.window > 0).then_some(self.mask.window),
         };
+        let forwarded = Forwarded {
+            q,
+            k,
+            v,
+            o: res,
+            lse: &lse,
+        };
         let (dq, dk, dv) =
-            flash_attention_backward(q, k, v, res, &lse, grad, f64::from(self.scale), &mask)?;
+            backward_in_order(&forwarded, grad, f64::from(self.scale), &mask, self.order)?;
         Ok((Some(dq), Some(dk), Some(dv)))
     }
 }
@@ -558,13 +829,13 @@ fn forward_launch<T: KernelFloat>(
     v: &CudaView<'_, T>,
     segments: Option<&CudaView<'_, u32>>,
     shape: FlashShape,
+    layouts: &Layouts,
     scale: f32,
     mask: KernelMask,
 ) -> Result<(CudaSlice<T>, CudaSlice<f32>)> {
     let kernel = format!("flash_fwd_d{}", shape.head_dim);
-    expect_len(q, shape.query_elements(), "q", &kernel)?;
-    expect_len(k, shape.kv_elements(), "k", &kernel)?;
-    expect_len(v, shape.kv_elements(), "v", &kernel)?;
+    // q, k, v are strided views spanning exactly what their layouts (and so `layouts`)
+    // address; o is allocated contiguous with the strides of `layouts.o`
     if let Some(segments) = segments {
         expect_len(segments, shape.batch * shape.positions, "segments", &kernel)?;
     }
@@ -588,6 +859,7 @@ fn forward_launch<T: KernelFloat>(
         None => builder.arg(&null),
     };
     builder
+        .arg(layouts)
         .arg(&h)
         .arg(&kv_h)
         .arg(&t)
@@ -608,38 +880,51 @@ fn forward_launch<T: KernelFloat>(
         shared_mem_bytes: shared,
     };
     // SAFETY: grid (query tiles, b * h) of 128 threads with the shared memory of FwdSmem;
-    // q, k, v, segments hold what the kernel indexes (checked above), out and lse are sized
-    // for (b, h, t, d) and (b, h, t); the argument list matches flash_fwd_d<D>_<dtype>
-    // (segments: a pointer, null when absent).
+    // q, k, v hold every element their strides in `layouts` address (views spanning their
+    // layouts), segments (b, t) (checked above); out (b * h * t * d, `layouts.o` contiguous
+    // in the call's order) and lse (b, h, t) are sized for what the kernel writes; the
+    // argument list matches flash_fwd_d<D>_<dtype> (segments: a pointer, null when absent;
+    // layouts: the 192-byte Layouts by value).
     unsafe { builder.launch(config) }.w()?;
     Ok((out, lse))
 }
 
-/// delta = rowsum(dO * O) in f32, (b, h, t).
+/// delta = rowsum(dO * O) in f32, (b, h, t); o and dO read through `layouts.o` and
+/// `layouts.dout`.
 fn backward_delta<T: KernelFloat>(
     device: &CudaDevice,
     o: &CudaView<'_, T>,
     grad: &CudaView<'_, T>,
     shape: FlashShape,
+    layouts: &Layouts,
 ) -> Result<CudaSlice<f32>> {
     let kernel = "flash_bwd_delta";
-    expect_len(o, shape.query_elements(), "o", kernel)?;
-    expect_len(grad, shape.query_elements(), "grad", kernel)?;
     let rows = to_i32(shape.rows(), "rows", kernel)?;
+    let h = to_i32(shape.heads, "heads", kernel)?;
+    let t = to_i32(shape.positions, "positions", kernel)?;
     let d = to_i32(shape.head_dim, "head_dim", kernel)?;
     let func = function::<T>(device, &FLASH, kernel)?;
     // SAFETY: one warp per row writes each of the rows.
     let mut delta = unsafe { device.alloc::<f32>(shape.rows())? };
     let stream = device.cuda_stream();
     let mut builder = stream.launch_builder(&func);
-    builder.arg(o).arg(grad).arg(&mut delta).arg(&rows).arg(&d);
+    builder
+        .arg(o)
+        .arg(grad)
+        .arg(&mut delta)
+        .arg(layouts)
+        .arg(&h)
+        .arg(&t)
+        .arg(&rows)
+        .arg(&d);
     let config = LaunchConfig {
         grid_dim: (to_u32(shape.rows().div_ceil(8), "blocks", kernel)?, 1, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: 8 warps a block, one row each, over `rows` rows of d elements (lengths checked);
-    // arguments match flash_bwd_delta_<dtype>.
+    // SAFETY: 8 warps a block, one row each, over `rows` = b * h * t rows of d elements, o and
+    // grad views spanning what their strides in `layouts` address; arguments match
+    // flash_bwd_delta_<dtype>.
     unsafe { builder.launch(config) }.w()?;
     Ok(delta)
 }
@@ -659,14 +944,12 @@ fn backward_main<T: KernelFloat>(
     device: &CudaDevice,
     saved: &Saved<'_, '_, T>,
     shape: FlashShape,
+    layouts: &Layouts,
     scale: f32,
     mask: KernelMask,
 ) -> Result<Gradients<T>> {
     let kernel = format!("flash_bwd_d{}", shape.head_dim);
-    expect_len(saved.q, shape.query_elements(), "q", &kernel)?;
-    expect_len(saved.k, shape.kv_elements(), "k", &kernel)?;
-    expect_len(saved.v, shape.kv_elements(), "v", &kernel)?;
-    expect_len(saved.grad, shape.query_elements(), "grad", &kernel)?;
+    // q, k, v, grad are strided views spanning exactly what their layouts address
     expect_len(saved.lse, shape.rows(), "lse", &kernel)?;
     expect_len(saved.delta, shape.rows(), "delta", &kernel)?;
     if let Some(segments) = saved.segments {
@@ -699,7 +982,7 @@ fn backward_main<T: KernelFloat>(
         Some(segments) => builder.arg(segments),
         None => builder.arg(&null),
     };
-    builder.arg(&mut dq).arg(&mut dk).arg(&mut dv);
+    builder.arg(&mut dq).arg(&mut dk).arg(&mut dv).arg(layouts);
     builder
         .arg(&h)
         .arg(&kv_h)
@@ -717,8 +1000,10 @@ fn backward_main<T: KernelFloat>(
         shared_mem_bytes: shared,
     };
     // SAFETY: grid (key tiles, b * kv_h) of 128 threads with the shared memory of BwdSmem;
-    // every input holds what the kernel indexes (checked above); dq (zeroed) is (b, h, t, d)
-    // f32, dk and dv (b, kv_h, t, d); the argument list matches flash_bwd_d<D>_<dtype>.
+    // every input holds what its strides in `layouts` address (lse, delta, segments checked
+    // above); dq (zeroed, f32), dk and dv are allocated contiguous in the call's order, as
+    // `layouts.dq`, `.dk`, `.dv` address them; the argument list matches
+    // flash_bwd_d<D>_<dtype>.
     unsafe { builder.launch(config) }.w()?;
     Ok((dq, dk, dv))
 }

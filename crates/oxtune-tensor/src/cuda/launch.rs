@@ -16,7 +16,7 @@ use candle_core::cuda::cudarc::driver::{
     CudaFunction, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda::{CudaDType, WrapErr};
-use candle_core::{CudaDevice, Result, WithDType, bail};
+use candle_core::{CudaDevice, Layout, Result, WithDType, bail};
 
 /// The dtypes the kernels are compiled for (f32, bf16, f16), as cudarc and candle see them.
 pub(crate) trait KernelFloat: DeviceRepr + WithDType + CudaDType {}
@@ -48,8 +48,87 @@ const ROPE: Module = Module {
 /// Widest row the dweight kernel of RMSNorm accumulates in: its f32 accumulator plus the
 /// reduction scratch stay within the 48 KiB of shared memory a block gets without opting in.
 pub(crate) const RMS_NORM_DW_MAX_WIDTH: usize = 12_000;
-/// Blocks (row chunks) of the dweight kernel, hence rows of its partial sums.
-const RMS_NORM_DW_CHUNKS: usize = 256;
+/// Rows each block of the dweight kernel sums: its rows run one after another (two block
+/// reductions each), so narrow rows (q/k norms: d = 128, one warp a block) need many blocks.
+const RMS_NORM_DW_ROWS_PER_CHUNK: usize = 32;
+/// Bounds on the dweight kernel's blocks (row chunks), hence on the rows of its partial sums:
+/// at least enough to fill the GPU, at most what keeps the partials and their sum small.
+const RMS_NORM_DW_CHUNKS: std::ops::RangeInclusive<usize> = 256..=8192;
+
+/// Where the rows of an RMSNorm input lie: rows numbered over `dims` (outer, middle, inner)
+/// in row-major order, row (a, b, c) starting a * strides[0] + b * strides[1] + c * strides[2]
+/// elements after the first. A contiguous input is (1, 1, rows) with strides (0, 0, width);
+/// a (b, t, heads, d) view with contiguous rows of d (the heads of q in a packed q/k/v
+/// projection) is (b, t, heads) with its own strides.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct RowLayout {
+    pub dims: [usize; 3],
+    pub strides: [usize; 3],
+}
+
+impl RowLayout {
+    pub(crate) fn contiguous(rows: usize, width: usize) -> Self {
+        Self {
+            dims: [1, 1, rows],
+            strides: [0, 0, width],
+        }
+    }
+
+    /// The rows of `layout` when the kernels can read them in place: contiguous, or at most
+    /// three dimensions before a contiguous last one; `None` otherwise (copy it first).
+    pub(crate) fn of(layout: &Layout) -> Option<Self> {
+        let dims = layout.shape().dims();
+        let (&width, lead) = dims.split_last()?;
+        if layout.is_contiguous() {
+            return Some(Self::contiguous(lead.iter().product(), width));
+        }
+        let (&last_stride, lead_strides) = layout.stride().split_last()?;
+        if (last_stride != 1 && width != 1) || lead.len() > 3 {
+            return None;
+        }
+        let mut rows = Self {
+            dims: [1; 3],
+            strides: [0; 3],
+        };
+        let skip = 3 - lead.len();
+        rows.dims[skip..].copy_from_slice(lead);
+        rows.strides[skip..].copy_from_slice(lead_strides);
+        Some(rows)
+    }
+
+    pub(crate) fn rows(self) -> usize {
+        self.dims.iter().product()
+    }
+
+    /// Elements from the first row's start to the end of the last row (of `width`).
+    pub(crate) fn extent(self, width: usize) -> usize {
+        if self.rows() == 0 || width == 0 {
+            return 0;
+        }
+        self.dims
+            .iter()
+            .zip(self.strides)
+            .map(|(&n, stride)| (n - 1) * stride)
+            .sum::<usize>()
+            + width
+    }
+
+    /// (middle, inner, outer stride, middle stride, inner stride), the kernels' last
+    /// arguments.
+    fn args(self, kernel: &str) -> Result<(u32, u32, i64, i64, i64)> {
+        let stride = |value: usize| {
+            i64::try_from(value)
+                .or_else(|_| bail!("{kernel}: a row stride {value} does not fit an i64"))
+        };
+        Ok((
+            to_u32(self.dims[1], "rows' middle dimension", kernel)?,
+            to_u32(self.dims[2], "rows' inner dimension", kernel)?,
+            stride(self.strides[0])?,
+            stride(self.strides[1])?,
+            stride(self.strides[2])?,
+        ))
+    }
+}
 
 /// Causal masking of a softmax row: rows are (.., queries, keys) and query i sees keys
 /// j <= i + past.
@@ -201,19 +280,22 @@ pub(crate) fn softmax_bwd<T: KernelFloat>(
     Ok(out)
 }
 
-/// y = T(x * rsqrt(mean(x^2) + eps)) * w over rows of `width`.
+/// y = T(x * rsqrt(mean(x^2) + eps)) * w over rows of `width`; x's rows lie as `x_rows`
+/// says (`xs` spans their extent), y is contiguous.
 pub(crate) fn rms_norm_fwd<T: KernelFloat>(
     device: &CudaDevice,
     xs: &CudaView<'_, T>,
+    x_rows: RowLayout,
     weight: &CudaView<'_, T>,
-    rows: usize,
     width: usize,
     eps: f32,
 ) -> Result<CudaSlice<T>> {
     let kernel = "rms_norm_fwd";
+    let rows = x_rows.rows();
     let count = rows * width;
-    expect_len(xs, count, "x", kernel)?;
+    expect_len(xs, x_rows.extent(width), "x", kernel)?;
     expect_len(weight, width, "weight", kernel)?;
+    let (middle, inner, outer_stride, middle_stride, inner_stride) = x_rows.args(kernel)?;
     let (n, grid) = (
         to_i32(width, "width", kernel)?,
         to_i32(rows, "rows", kernel)?,
@@ -224,27 +306,35 @@ pub(crate) fn rms_norm_fwd<T: KernelFloat>(
     let stream = device.cuda_stream();
     let mut builder = stream.launch_builder(&func);
     builder.arg(xs).arg(weight).arg(&mut out).arg(&n).arg(&eps);
-    // SAFETY: one block per row; lengths of x, w and y checked above; arguments match
-    // rms_norm_fwd_<dtype> in rms_norm.cu.
+    builder.arg(&middle).arg(&inner);
+    builder
+        .arg(&outer_stride)
+        .arg(&middle_stride)
+        .arg(&inner_stride);
+    // SAFETY: one block per row; x spans every row's extent, w and y their lengths (checked
+    // above); arguments match rms_norm_fwd_<dtype> in rms_norm.cu.
     unsafe { builder.launch(row_config(grid.unsigned_abs(), width)) }.w()?;
     Ok(out)
 }
 
-/// dx of RMSNorm, one block per row.
+/// dx of RMSNorm, one block per row; x's rows lie as `x_rows` says, dy and dx are
+/// contiguous.
 pub(crate) fn rms_norm_bwd_dx<T: KernelFloat>(
     device: &CudaDevice,
     xs: &CudaView<'_, T>,
+    x_rows: RowLayout,
     weight: &CudaView<'_, T>,
     grad: &CudaView<'_, T>,
-    rows: usize,
     width: usize,
     eps: f32,
 ) -> Result<CudaSlice<T>> {
     let kernel = "rms_norm_bwd_dx";
+    let rows = x_rows.rows();
     let count = rows * width;
-    expect_len(xs, count, "x", kernel)?;
+    expect_len(xs, x_rows.extent(width), "x", kernel)?;
     expect_len(weight, width, "weight", kernel)?;
     expect_len(grad, count, "dy", kernel)?;
+    let (middle, inner, outer_stride, middle_stride, inner_stride) = x_rows.args(kernel)?;
     let (n, grid) = (
         to_i32(width, "width", kernel)?,
         to_i32(rows, "rows", kernel)?,
@@ -261,29 +351,40 @@ pub(crate) fn rms_norm_bwd_dx<T: KernelFloat>(
         .arg(&mut out)
         .arg(&n)
         .arg(&eps);
-    // SAFETY: one block per row; lengths of x, w, dy and dx checked above; arguments match
-    // rms_norm_bwd_dx_<dtype>.
+    builder.arg(&middle).arg(&inner);
+    builder
+        .arg(&outer_stride)
+        .arg(&middle_stride)
+        .arg(&inner_stride);
+    // SAFETY: one block per row; x spans every row's extent, w, dy and dx their lengths
+    // (checked above); arguments match rms_norm_bwd_dx_<dtype>.
     unsafe { builder.launch(row_config(grid.unsigned_abs(), width)) }.w()?;
     Ok(out)
 }
 
-/// f32 partial sums of RMSNorm's dweight, (chunks, width): sum them over the chunks.
+/// f32 partial sums of RMSNorm's dweight, (chunks, width): sum them over the chunks. x's
+/// rows lie as `x_rows` says, dy is contiguous.
 pub(crate) fn rms_norm_bwd_dw<T: KernelFloat>(
     device: &CudaDevice,
     xs: &CudaView<'_, T>,
+    x_rows: RowLayout,
     grad: &CudaView<'_, T>,
-    rows: usize,
     width: usize,
     eps: f32,
 ) -> Result<(CudaSlice<f32>, usize)> {
     let kernel = "rms_norm_bwd_dw";
+    let rows = x_rows.rows();
     let count = rows * width;
-    expect_len(xs, count, "x", kernel)?;
+    expect_len(xs, x_rows.extent(width), "x", kernel)?;
     expect_len(grad, count, "dy", kernel)?;
+    let (middle, inner, outer_stride, middle_stride, inner_stride) = x_rows.args(kernel)?;
     if width > RMS_NORM_DW_MAX_WIDTH {
         bail!("{kernel}: width {width} > {RMS_NORM_DW_MAX_WIDTH} (its shared-memory accumulator)");
     }
-    let chunks = rows.clamp(1, RMS_NORM_DW_CHUNKS);
+    let chunks = rows
+        .div_ceil(RMS_NORM_DW_ROWS_PER_CHUNK)
+        .clamp(*RMS_NORM_DW_CHUNKS.start(), *RMS_NORM_DW_CHUNKS.end())
+        .clamp(1, rows.max(1));
     let rows_per_chunk = rows.div_ceil(chunks).max(1);
     let n = to_i32(width, "width", kernel)?;
     let rows_i32 = to_i32(rows, "rows", kernel)?;
@@ -296,64 +397,146 @@ pub(crate) fn rms_norm_bwd_dw<T: KernelFloat>(
     let mut builder = stream.launch_builder(&func);
     builder.arg(xs).arg(grad).arg(&mut out);
     builder.arg(&rows_i32).arg(&per_chunk).arg(&n).arg(&eps);
+    builder.arg(&middle).arg(&inner);
+    builder
+        .arg(&outer_stride)
+        .arg(&middle_stride)
+        .arg(&inner_stride);
     let config = LaunchConfig {
         grid_dim: (to_u32(chunks, "chunks", kernel)?, 1, 1),
         block_dim: (row_threads(width), 1, 1),
         shared_mem_bytes: to_u32(width * 4, "shared memory", kernel)?,
     };
-    // SAFETY: `chunks` blocks cover rows [0, rows) in chunks of rows_per_chunk; x and dy
-    // lengths checked; the f32 accumulator (width * 4 <= 48_000 bytes, plus 128 bytes of
-    // static scratch) is within the 48 KiB a block may use without opting in; out holds chunks * width; arguments match rms_norm_bwd_dw_<dtype>.
+    // SAFETY: `chunks` blocks cover rows [0, rows) in chunks of rows_per_chunk; x spans every
+    // row's extent, dy holds rows * width (checked); the f32 accumulator (width * 4 <= 48_000
+    // bytes, plus 128 bytes of static scratch) is within the 48 KiB a block may use without
+    // opting in; out holds chunks * width; arguments match rms_norm_bwd_dw_<dtype>.
     unsafe { builder.launch(config) }.w()?;
     Ok((out, chunks))
 }
 
-/// y = silu(gate) * up over `count` elements.
+/// The rows a SwiGLU launch reads: `rows` rows of `width` elements, row r of gate and of up
+/// `r * stride` elements after their first. `ops::swiglu` is one flat row of two contiguous
+/// tensors; `ops::swiglu_packed` rows of one (rows, 2 * width) [gate | up] tensor (stride
+/// 2 * width, up `width` after gate). The output is contiguous (rows, width); the backward's
+/// (dgate, dup) buffer has the inputs' rows: (2, count) for a flat row, (rows, 2 * width)
+/// [dgate | dup] when packed.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SwigluRows {
+    pub rows: usize,
+    pub width: usize,
+    pub packed: bool,
+}
+
+impl SwigluRows {
+    /// One flat row of `count` elements of two tensors.
+    pub(crate) fn flat(count: usize) -> Self {
+        Self {
+            rows: 1,
+            width: count,
+            packed: false,
+        }
+    }
+
+    /// `rows` rows of a packed (rows, 2 * width) [gate | up] tensor.
+    pub(crate) fn packed(rows: usize, width: usize) -> Self {
+        Self {
+            rows,
+            width,
+            packed: true,
+        }
+    }
+
+    fn count(self) -> usize {
+        self.rows * self.width
+    }
+
+    /// Elements between consecutive rows of gate, up and the (dgate, dup) buffer.
+    fn stride(self) -> usize {
+        if self.packed {
+            2 * self.width
+        } else {
+            self.width
+        }
+    }
+
+    /// Where dup starts in the (dgate, dup) buffer (and up in a packed input).
+    fn up_offset(self) -> usize {
+        if self.packed {
+            self.width
+        } else {
+            self.count()
+        }
+    }
+
+    /// Elements from the start of gate's (or up's) first row to the end of its last.
+    pub(crate) fn extent(self) -> usize {
+        if self.count() == 0 {
+            0
+        } else {
+            (self.rows - 1) * self.stride() + self.width
+        }
+    }
+
+    /// (rows, width, stride) as the kernels take them.
+    fn args(self) -> [u64; 3] {
+        [self.rows as u64, self.width as u64, self.stride() as u64]
+    }
+}
+
+/// y = silu(gate) * up over the rows of `shape`, written contiguous (rows, width).
 pub(crate) fn swiglu_fwd<T: KernelFloat>(
     device: &CudaDevice,
     gate: &CudaView<'_, T>,
     up: &CudaView<'_, T>,
-    count: usize,
+    shape: SwigluRows,
 ) -> Result<CudaSlice<T>> {
     let kernel = "swiglu_fwd";
-    expect_len(gate, count, "gate", kernel)?;
-    expect_len(up, count, "up", kernel)?;
+    let count = shape.count();
+    expect_len(gate, shape.extent(), "gate", kernel)?;
+    expect_len(up, shape.extent(), "up", kernel)?;
     let func = function::<T>(device, &SWIGLU, kernel)?;
     // SAFETY: the grid-stride loop writes all `count` elements.
     let mut out = unsafe { device.alloc::<T>(count)? };
-    let n = count as u64;
+    let [rows, width, stride] = shape.args();
     let stream = device.cuda_stream();
     let mut builder = stream.launch_builder(&func);
-    builder.arg(gate).arg(up).arg(&mut out).arg(&n);
+    builder.arg(gate).arg(up).arg(&mut out);
+    builder.arg(&rows).arg(&width).arg(&stride);
     let config = flat_config(count.div_ceil(16 / std::mem::size_of::<T>()), kernel)?;
-    // SAFETY: grid-stride over n elements; gate, up and y hold n (checked above); arguments
-    // match swiglu_fwd_<dtype> in swiglu.cu.
+    // SAFETY: grid-stride over rows * width elements; gate and up hold the rows' extent and
+    // y rows * width (checked above); arguments match swiglu_fwd_<dtype> in swiglu.cu.
     unsafe { builder.launch(config) }.w()?;
     Ok(out)
 }
 
-/// (dgate, dup) of SwiGLU as one (2, count) buffer.
+/// (dgate, dup) of SwiGLU as one buffer of 2 * count elements laid out as `shape` says.
 pub(crate) fn swiglu_bwd<T: KernelFloat>(
     device: &CudaDevice,
     gate: &CudaView<'_, T>,
     up: &CudaView<'_, T>,
     grad: &CudaView<'_, T>,
-    count: usize,
+    shape: SwigluRows,
 ) -> Result<CudaSlice<T>> {
     let kernel = "swiglu_bwd";
-    expect_len(gate, count, "gate", kernel)?;
-    expect_len(up, count, "up", kernel)?;
+    let count = shape.count();
+    expect_len(gate, shape.extent(), "gate", kernel)?;
+    expect_len(up, shape.extent(), "up", kernel)?;
     expect_len(grad, count, "dy", kernel)?;
     let func = function::<T>(device, &SWIGLU, kernel)?;
-    // SAFETY: the grid-stride loop writes dgate (the first count) and dup (the second).
+    // SAFETY: the grid-stride loop writes dgate and dup of every element: the two halves of
+    // a flat row's (2, count), both halves of every packed row.
     let mut out = unsafe { device.alloc::<T>(2 * count)? };
-    let n = count as u64;
+    let [rows, width, stride] = shape.args();
+    let up_offset = shape.up_offset() as u64;
     let stream = device.cuda_stream();
     let mut builder = stream.launch_builder(&func);
-    builder.arg(gate).arg(up).arg(grad).arg(&mut out).arg(&n);
+    builder.arg(gate).arg(up).arg(grad).arg(&mut out);
+    builder.arg(&rows).arg(&width).arg(&stride).arg(&up_offset);
     let config = flat_config(count.div_ceil(16 / std::mem::size_of::<T>()), kernel)?;
-    // SAFETY: grid-stride over n elements; inputs hold n and out 2n (checked above);
-    // arguments match swiglu_bwd_<dtype>.
+    // SAFETY: grid-stride over rows * width elements; gate and up hold the rows' extent, dy
+    // rows * width, out 2 * rows * width, and the last dup element (up_offset + extent - 1)
+    // is its last (checked above); arguments match swiglu_bwd_<dtype>.
     unsafe { builder.launch(config) }.w()?;
     Ok(out)
 }

@@ -22,7 +22,7 @@ use candle_core::{
 };
 
 pub use launch::Causal;
-use launch::RopeShape;
+use launch::{RopeShape, RowLayout, SwigluRows};
 
 /// Whether the fused kernels take these tensors: all on one CUDA device, one dtype among
 /// f32, bf16 and f16, and not empty.
@@ -48,7 +48,10 @@ pub fn softmax(xs: &Tensor, scale: f64, causal: Option<Causal>) -> Result<Tensor
     xs.contiguous()?.apply_op1(Softmax { scale, causal })
 }
 
-/// RMSNorm; `weight` is cast to the dtype of `xs`, as the reference does.
+/// RMSNorm; `weight` is cast to the dtype of `xs`, as the reference does. `xs` may be a view
+/// with contiguous rows and at most three dimensions before them (e.g. (b, t, heads, d)
+/// heads of a packed projection, any strides over b, t and heads): the kernel reads it in
+/// place. The output (and the backward's dx) is contiguous.
 pub fn rms_norm(xs: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     #[expect(
         clippy::cast_possible_truncation,
@@ -56,7 +59,39 @@ pub fn rms_norm(xs: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     )]
     let eps = eps as f32;
     let weight = weight.to_dtype(xs.dtype())?.contiguous()?;
-    xs.contiguous()?.apply_op2(&weight, RmsNorm { eps })
+    rows_readable(xs)?.apply_op2(&weight, RmsNorm { eps })
+}
+
+/// `xs` itself when the RMSNorm kernels read its rows in place ([`RowLayout::of`]), else a
+/// contiguous copy.
+fn rows_readable(xs: &Tensor) -> Result<Tensor> {
+    if RowLayout::of(xs.layout()).is_some() {
+        Ok(xs.clone())
+    } else {
+        xs.contiguous()
+    }
+}
+
+/// The view of `slice` from the first row of `layout` to the end of its last, and where the
+/// rows lie, for the RMSNorm kernels.
+fn rows_view<'a, T>(
+    slice: &'a CudaSlice<T>,
+    layout: &Layout,
+    op: &str,
+) -> Result<(CudaView<'a, T>, RowLayout)> {
+    let Some(rows) = RowLayout::of(layout) else {
+        bail!(
+            "{op}: x's rows are not readable in place (shape {:?}, strides {:?})",
+            layout.shape(),
+            layout.stride()
+        );
+    };
+    let (_, width) = rows_and_width(layout, op)?;
+    let start = layout.start_offset();
+    let view = slice
+        .try_slice(start..start + rows.extent(width))
+        .ok_or_else(|| candle_core::Error::Msg(format!("{op}: x out of its storage")))?;
+    Ok((view, rows))
 }
 
 /// silu(gate) * up.
@@ -71,24 +106,56 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     gate.contiguous()?.apply_op2(&up.contiguous()?, Swiglu)
 }
 
+/// silu(gate) * up of a packed (.., 2 * i) [gate | up] tensor (a fused gate/up projection),
+/// (.., i). One kernel reads both halves of each row; the backward writes one (.., 2 * i)
+/// [dgate | dup] gradient (no zero-padded narrow gradients to add up).
+pub fn swiglu_packed(gate_up: &Tensor) -> Result<Tensor> {
+    gate_up.contiguous()?.apply_op1(SwigluPacked)
+}
+
 /// RoPE; differentiable in `xs` only (the tables are constants). `xs` (b, h, t, d) may be any
 /// view with contiguous rows (the kernel reads it in place); the output is contiguous.
 pub fn rope(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    rotate(xs, cos, sin, RopeOrder::HeadsFirst)
+    rotate(xs, cos, sin, RopeOrder::HeadsFirst, RopeOrder::HeadsFirst)
 }
 
 /// [`rope`] of a (b, t, h, d) projection (any view with contiguous rows) into a contiguous
 /// (b, h, t, d) tensor: the layout change costs no copy, and the backward writes the gradient
 /// straight in (b, t, h, d) order.
 pub fn rope_to_heads(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    rotate(xs, cos, sin, RopeOrder::PositionsFirst)
+    rotate(
+        xs,
+        cos,
+        sin,
+        RopeOrder::PositionsFirst,
+        RopeOrder::HeadsFirst,
+    )
 }
 
-fn rotate(xs: &Tensor, cos: &Tensor, sin: &Tensor, input: RopeOrder) -> Result<Tensor> {
+/// [`rope`] of a (b, t, h, d) projection (any view with contiguous rows, e.g. q's heads of a
+/// packed q/k/v projection) into a contiguous (b, t, h, d) tensor: the projection's order is
+/// kept, and the backward reads the (b, t, h, d) gradient and writes (b, t, h, d).
+pub fn rope_positions_first(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    rotate(
+        xs,
+        cos,
+        sin,
+        RopeOrder::PositionsFirst,
+        RopeOrder::PositionsFirst,
+    )
+}
+
+fn rotate(
+    xs: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    input: RopeOrder,
+    output: RopeOrder,
+) -> Result<Tensor> {
     let rope = Rope {
         sign: 1.0,
         input,
-        output: RopeOrder::HeadsFirst,
+        output,
     };
     rows_contiguous(xs)?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, rope)
 }
@@ -131,7 +198,7 @@ pub fn rms_norm_backward(
         reason = "eps is a small f32 constant in configs"
     )]
     let eps = eps as f32;
-    let (xs, grad) = (xs.contiguous()?, grad.contiguous()?);
+    let (xs, grad) = (rows_readable(xs)?, grad.contiguous()?);
     let weight = weight.to_dtype(xs.dtype())?.contiguous()?;
     let dx = xs.apply_op3_no_bwd(&weight, &grad, &RmsNormBackwardX { eps })?;
     let dweight = if with_weight {
@@ -158,6 +225,13 @@ pub fn swiglu_backward(gate: &Tensor, up: &Tensor, grad: &Tensor) -> Result<(Ten
         &SwigluBackward,
     )?;
     Ok((both.get(0)?, both.get(1)?))
+}
+
+/// The gradient of [`swiglu_packed`]: one (.., 2 * i) [dgate | dup] tensor, contiguous.
+pub fn swiglu_packed_backward(gate_up: &Tensor, grad: &Tensor) -> Result<Tensor> {
+    gate_up
+        .contiguous()?
+        .apply_op2_no_bwd(&grad.contiguous()?, &SwigluPackedBackward)
 }
 
 /// The gradient of [`rope`] with respect to x: the rotation by -sin applied to `grad`.
@@ -356,7 +430,7 @@ impl CustomOp2 for RmsNorm {
         weight_layout: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let op = self.name();
-        let (rows, width) = rows_and_width(xs_layout, op)?;
+        let (_, width) = rows_and_width(xs_layout, op)?;
         if weight_layout.shape().dims() != [width] {
             bail!(
                 "{op}: weight {:?} for rows of width {width}",
@@ -364,14 +438,17 @@ impl CustomOp2 for RmsNorm {
             );
         }
         let device = &xs.device;
-        let out = float_dispatch!(op, xs, |x| launch::rms_norm_fwd(
-            device,
-            &view(x, xs_layout, op, "x")?,
-            &view_as(weight, weight_layout, op, "weight")?,
-            rows,
-            width,
-            self.eps
-        ));
+        let out = float_dispatch!(op, xs, |x| {
+            let (x, x_rows) = rows_view(x, xs_layout, op)?;
+            launch::rms_norm_fwd(
+                device,
+                &x,
+                x_rows,
+                &view_as(weight, weight_layout, op, "weight")?,
+                width,
+                self.eps,
+            )
+        });
         Ok((out, xs_layout.shape().clone()))
     }
 
@@ -439,17 +516,20 @@ impl CustomOp3 for RmsNormBackwardX {
     ) -> Result<(CudaStorage, Shape)> {
         let op = self.name();
         same_shape(xs_layout, grad_layout, op, "dy")?;
-        let (rows, width) = rows_and_width(xs_layout, op)?;
+        let (_, width) = rows_and_width(xs_layout, op)?;
         let device = &xs.device;
-        let out = float_dispatch!(op, xs, |x| launch::rms_norm_bwd_dx(
-            device,
-            &view(x, xs_layout, op, "x")?,
-            &view_as(weight, weight_layout, op, "weight")?,
-            &view_as(grad, grad_layout, op, "dy")?,
-            rows,
-            width,
-            self.eps
-        ));
+        let out = float_dispatch!(op, xs, |x| {
+            let (x, x_rows) = rows_view(x, xs_layout, op)?;
+            launch::rms_norm_bwd_dx(
+                device,
+                &x,
+                x_rows,
+                &view_as(weight, weight_layout, op, "weight")?,
+                &view_as(grad, grad_layout, op, "dy")?,
+                width,
+                self.eps,
+            )
+        });
         Ok((out, xs_layout.shape().clone()))
     }
 }
@@ -483,21 +563,24 @@ impl CustomOp2 for RmsNormBackwardWeight {
     ) -> Result<(CudaStorage, Shape)> {
         let op = self.name();
         same_shape(xs_layout, grad_layout, op, "dy")?;
-        let (rows, width) = rows_and_width(xs_layout, op)?;
+        let (_, width) = rows_and_width(xs_layout, op)?;
         let device = &xs.device;
         let mut chunks = 0;
-        let out = float_dispatch!(op, xs, |x| launch::rms_norm_bwd_dw(
-            device,
-            &view(x, xs_layout, op, "x")?,
-            &view_as(grad, grad_layout, op, "dy")?,
-            rows,
-            width,
-            self.eps
-        )
-        .map(|(partials, used)| {
-            chunks = used;
-            partials
-        }));
+        let out = float_dispatch!(op, xs, |x| {
+            let (x, x_rows) = rows_view(x, xs_layout, op)?;
+            launch::rms_norm_bwd_dw(
+                device,
+                &x,
+                x_rows,
+                &view_as(grad, grad_layout, op, "dy")?,
+                width,
+                self.eps,
+            )
+            .map(|(partials, used)| {
+                chunks = used;
+                partials
+            })
+        });
         Ok((out, Shape::from((chunks, width))))
     }
 }
@@ -535,7 +618,7 @@ impl CustomOp2 for Swiglu {
             device,
             &view(g, gate_layout, op, "gate")?,
             &view_as(up, up_layout, op, "up")?,
-            count
+            SwigluRows::flat(count)
         ));
         Ok((out, gate_layout.shape().clone()))
     }
@@ -591,11 +674,126 @@ impl CustomOp3 for SwigluBackward {
             &view(g, gate_layout, op, "gate")?,
             &view_as(up, up_layout, op, "up")?,
             &view_as(grad, grad_layout, op, "dy")?,
-            count
+            SwigluRows::flat(count)
         ));
         let mut dims = vec![2];
         dims.extend_from_slice(gate_layout.shape().dims());
         Ok((out, Shape::from(dims)))
+    }
+}
+
+/// (rows, i) of a packed (.., 2 * i) [gate | up] layout.
+fn packed_rows(layout: &Layout, op: &str) -> Result<SwigluRows> {
+    let (rows, width) = rows_and_width(layout, op)?;
+    if width % 2 != 0 {
+        bail!(
+            "{op}: the last dimension of {:?} is odd; a packed [gate | up] tensor has 2 * i",
+            layout.shape()
+        );
+    }
+    Ok(SwigluRows::packed(rows, width / 2))
+}
+
+/// The shape of a packed (.., 2 * i) tensor with its last dimension halved.
+fn halved(layout: &Layout) -> Shape {
+    let mut dims = layout.shape().dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last /= 2;
+    }
+    Shape::from(dims)
+}
+
+/// The gate and up rows of a contiguous packed view: gate from its start, up `width` after
+/// it, each spanning the rows' extent (the whole view less one half row).
+fn packed_halves<'a, T>(
+    x: &CudaView<'a, T>,
+    shape: SwigluRows,
+    op: &str,
+) -> Result<(CudaView<'a, T>, CudaView<'a, T>)> {
+    let extent = shape.extent();
+    let halves = x
+        .try_slice(..extent)
+        .zip(x.try_slice(shape.width..shape.width + extent));
+    halves.ok_or_else(|| candle_core::Error::Msg(format!("{op}: gate_up out of its storage")))
+}
+
+/// silu(gate) * up of a packed [gate | up] tensor, (.., 2 * i) -> (.., i). Saves nothing
+/// beyond its input.
+struct SwigluPacked;
+
+impl CustomOp1 for SwigluPacked {
+    fn name(&self) -> &'static str {
+        "oxtune-swiglu-packed"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        no_cpu(self.name())
+    }
+
+    fn cuda_fwd(&self, storage: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
+        let op = self.name();
+        let shape = packed_rows(layout, op)?;
+        let device = &storage.device;
+        let out = float_dispatch!(op, storage, |x| {
+            let x = view(x, layout, op, "gate_up")?;
+            let (gate, up) = packed_halves(&x, shape, op)?;
+            launch::swiglu_fwd(device, &gate, &up, shape)
+        });
+        Ok((out, halved(layout)))
+    }
+
+    fn bwd(&self, gate_up: &Tensor, _: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(swiglu_packed_backward(gate_up, grad)?))
+    }
+}
+
+/// (gate_up, dy) -> one (.., 2 * i) [dgate | dup] gradient.
+struct SwigluPackedBackward;
+
+impl CustomOp2 for SwigluPackedBackward {
+    fn name(&self) -> &'static str {
+        "oxtune-swiglu-packed-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        no_cpu(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        gate_up: &CudaStorage,
+        gate_up_layout: &Layout,
+        grad: &CudaStorage,
+        grad_layout: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let op = self.name();
+        let shape = packed_rows(gate_up_layout, op)?;
+        if grad_layout.shape() != &halved(gate_up_layout) {
+            bail!(
+                "{op}: dy {:?} for gate_up {:?}",
+                grad_layout.shape(),
+                gate_up_layout.shape()
+            );
+        }
+        let device = &gate_up.device;
+        let out = float_dispatch!(op, gate_up, |x| {
+            let x = view(x, gate_up_layout, op, "gate_up")?;
+            let (gate, up) = packed_halves(&x, shape, op)?;
+            launch::swiglu_bwd(
+                device,
+                &gate,
+                &up,
+                &view_as(grad, grad_layout, op, "dy")?,
+                shape,
+            )
+        });
+        Ok((out, gate_up_layout.shape().clone()))
     }
 }
 
@@ -721,15 +919,20 @@ mod add_rms_norm;
 mod cross_entropy;
 mod flash;
 mod gemv;
+mod lora;
 mod paged;
 mod rope_cache;
 
 pub use add_rms_norm::add_rms_norm;
 pub use cross_entropy::{cross_entropy_backward, cross_entropy_sum, cross_entropy_sum_with_lse};
 pub(crate) use flash::HEAD_DIMS as FLASH_HEAD_DIMS;
-pub use flash::{flash_attention, flash_attention_backward, flash_attention_with_lse};
+pub use flash::{
+    flash_attention, flash_attention_backward, flash_attention_positions_first,
+    flash_attention_with_lse,
+};
 pub use gemv::{GEMV_MAX_ROWS, GEMV_MAX_WEIGHTS, gemv_pays, linear_rows, swiglu_linear_rows};
 pub(crate) use gemv::{gemv_launch, gemv_takes};
+pub use lora::{lora_linear, lora_linear_takes};
 pub use paged::{PAGED_ATTENTION_MAX_HEAD_DIM, paged_attention};
 pub use rope_cache::{ROPE_CACHE_MAX_HEAD_DIM, qk_norm_rope_cache_write};
 pub(crate) use rope_cache::{rope_cache_fused, rope_cache_takes};

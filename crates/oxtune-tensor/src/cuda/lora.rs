@@ -1,0 +1,637 @@
+//! LoRA linear layers as one op on cuBLAS, for [`crate::ops::lora_linear`]: one or several
+//! projections of one input, `y_i = x W_i^T + (x A_i^T) B_i^T`, concatenated on the last
+//! dimension, with a backward of its own.
+//!
+//! Composed from candle ops, each adapted layer keeps its base output, its adapter output and
+//! their sum alive until the backward, adds them in the forward, and sums x's two gradients
+//! (through W and through A) in the backward; q, k and v (or gate and up) add three (two)
+//! such pairs into their shared input. Here cuBLAS accumulates instead (`beta = 1`): the
+//! adapter product into the base output, and every projection's input gradient into one
+//! dx. The op saves only its inputs; the backward recomputes `x A^T` (r columns per
+//! projection), which costs a few percent of the base product.
+//!
+//! candle's custom ops take at most three tensors: the op runs on (x, A, B) with A the
+//! projections' A_i stacked (P r, k) and B their B_i stacked (n_0 + n_1 + .., r); the frozen
+//! weights ride along and are read-locked inside, each storage once (they must differ from
+//! the inputs' and from each other's, which [`lora_linear_takes`] checks, as for the GEMV).
+#![allow(
+    unsafe_code,
+    reason = "cuBLAS calls on device pointers and uninitialised outputs are unsafe FFI; kept to the cuda module"
+)]
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda::cudarc::cublas::{result as cublas, sys};
+use candle_core::cuda::cudarc::driver::{CudaSlice, CudaView, DevicePtr, DevicePtrMut};
+use candle_core::cuda::{CudaStorageSlice, WrapErr};
+use candle_core::{
+    CpuStorage, CudaDevice, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
+    bail,
+};
+
+use super::launch::{KernelFloat, to_i32};
+use super::{no_cpu, storage_address, view, view_as};
+
+const OP: &str = "lora_linear";
+
+/// Whether the op takes x (.., k), `weights` W_i (n_i, k), `a` (P r, k) and `b` (sum n_i, r):
+/// one CUDA device and dtype (f32, bf16, f16), frozen weights with contiguous rows (views
+/// of a larger weight are fine), P = `weights.len()` >= 1 parts of equal rank, and every
+/// storage distinct.
+pub fn lora_linear_takes(xs: &Tensor, weights: &[&Tensor], a: &Tensor, b: &Tensor) -> bool {
+    let Some(&k) = xs.dims().last() else {
+        return false;
+    };
+    let parts = weights.len();
+    let n: usize = weights.iter().filter_map(|w| w.dims().first()).sum();
+    let mut all: Vec<&Tensor> = vec![xs, a, b];
+    all.extend(weights);
+    let mut addresses: Vec<usize> = all.iter().map(|t| storage_address(t)).collect();
+    addresses.sort_unstable();
+    addresses.dedup();
+    super::applies(&all)
+        && parts >= 1
+        && weights
+            .iter()
+            .all(|w| w.rank() == 2 && w.dim(1).ok() == Some(k) && w.stride() == [k, 1])
+        && !weights.iter().any(|w| w.track_op())
+        && a.rank() == 2
+        && a.dim(1).ok() == Some(k)
+        && a.dim(0)
+            .is_ok_and(|rows| rows > 0 && rows.is_multiple_of(parts))
+        && b.rank() == 2
+        && b.dim(0).ok() == Some(n)
+        && b.dim(1).ok() == a.dim(0).ok().map(|rows| rows / parts)
+        && addresses.len() == all.len()
+}
+
+/// x (.., k) through P projections W_i (n_i, k) with LoRA adapters A_i (r, k) and B_i
+/// (n_i, r) (any scale already in B), concatenated: (.., n_0 + n_1 + ..). `a` stacks the
+/// A_i, `b` the B_i. Differentiable in x, a and b. Errors where [`lora_linear_takes`]
+/// refuses the inputs.
+pub fn lora_linear(xs: &Tensor, weights: &[&Tensor], a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if !lora_linear_takes(xs, weights, a, b) {
+        bail!(
+            "{OP}: the op takes x (.., k), frozen weights (n_i, k) with contiguous rows, A (P r, \
+             k) and B (sum n_i, r) of one f32/bf16/f16 dtype on one CUDA device, in distinct \
+             storages; got x {:?}, weights {:?}, A {:?}, B {:?}",
+            xs.dims(),
+            weights.iter().map(|w| w.dims()).collect::<Vec<_>>(),
+            a.dims(),
+            b.dims()
+        );
+    }
+    let op = LoraLinear {
+        weights: weights.iter().map(|&w| w.clone()).collect(),
+    };
+    let n: usize = weights.iter().map(|w| w.dims()[0]).sum();
+    let out = xs
+        .contiguous()?
+        .apply_op3(&a.contiguous()?, &b.contiguous()?, op)?;
+    let mut dims = xs.dims().to_vec();
+    *dims.last_mut().expect("checked rank") = n;
+    out.reshape(dims)
+}
+
+/// The forward: x is the first input, the frozen weights ride along.
+struct LoraLinear {
+    weights: Vec<Tensor>,
+}
+
+/// The backward, on (dy, x, A) with the weights and B riding along: one buffer holding dx
+/// (when asked), dA and dB, in that order.
+struct LoraLinearBackward {
+    weights: Vec<Tensor>,
+    b: Tensor,
+    with_dx: bool,
+}
+
+/// A row-major matrix operand of [`gemm`]: its device address, its row stride in elements,
+/// and whether the product reads it transposed.
+#[derive(Clone, Copy)]
+struct Operand {
+    address: u64,
+    stride: usize,
+    transposed: bool,
+}
+
+impl Operand {
+    fn plain(address: u64, stride: usize) -> Self {
+        Self {
+            address,
+            stride,
+            transposed: false,
+        }
+    }
+
+    fn transposed(address: u64, stride: usize) -> Self {
+        Self {
+            address,
+            stride,
+            transposed: true,
+        }
+    }
+
+    /// The operand starting `elements` further on (a column or row offset).
+    fn offset<T>(self, elements: usize) -> Self {
+        Self {
+            address: self.address + (elements * std::mem::size_of::<T>()) as u64,
+            ..self
+        }
+    }
+}
+
+/// The (m, n, k) of one product and its output's row stride.
+#[derive(Clone, Copy)]
+struct Dims {
+    m: usize,
+    n: usize,
+    k: usize,
+    out_stride: usize,
+}
+
+/// The cuBLAS type of a kernel dtype.
+fn data_type<T: KernelFloat>() -> Result<sys::cudaDataType> {
+    Ok(match T::DTYPE {
+        DType::F32 => sys::cudaDataType::CUDA_R_32F,
+        DType::BF16 => sys::cudaDataType::CUDA_R_16BF,
+        DType::F16 => sys::cudaDataType::CUDA_R_16F,
+        other => bail!("{OP}: no cuBLAS product for {other:?}"),
+    })
+}
+
+/// Row-major `out (m, n) = op(lhs) op(rhs) + beta out` with f32 accumulation, where op(lhs)
+/// is (m, k) and op(rhs) (k, n). cuBLAS is column-major, so it computes the transpose,
+/// `out^T = op(rhs)^T op(lhs)^T`, on the same memory.
+///
+/// # Safety
+/// The addresses must hold the matrices their strides and `dims` describe, on the device
+/// of `blas`'s stream, alive until the stream reaches the call.
+unsafe fn gemm<T: KernelFloat>(
+    blas: &candle_core::cuda::cudarc::cublas::CudaBlas,
+    dims: Dims,
+    lhs: Operand,
+    rhs: Operand,
+    out: u64,
+    beta: f32,
+) -> Result<()> {
+    let op = |transposed: bool| {
+        if transposed {
+            sys::cublasOperation_t::CUBLAS_OP_T
+        } else {
+            sys::cublasOperation_t::CUBLAS_OP_N
+        }
+    };
+    let int = |value: usize, what: &str| to_i32(value, what, OP);
+    let alpha = 1f32;
+    let dtype = data_type::<T>()?;
+    // SAFETY: the caller's contract; alpha and beta are f32 host scalars, as
+    // CUBLAS_COMPUTE_32F takes them.
+    unsafe {
+        cublas::gemm_ex(
+            *blas.handle(),
+            op(rhs.transposed),
+            op(lhs.transposed),
+            int(dims.n, "n")?,
+            int(dims.m, "m")?,
+            int(dims.k, "k")?,
+            std::ptr::from_ref(&alpha).cast(),
+            rhs.address as *const _,
+            dtype,
+            int(rhs.stride, "a row stride")?,
+            lhs.address as *const _,
+            dtype,
+            int(lhs.stride, "a row stride")?,
+            std::ptr::from_ref(&beta).cast(),
+            out as *mut _,
+            dtype,
+            int(dims.out_stride, "a row stride")?,
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
+        )
+    }
+    .w()
+}
+
+/// A frozen tensor's elements as a view of its (read-locked) CUDA storage.
+fn riding_view<'a, T: KernelFloat>(
+    storage: &'a Storage,
+    tensor: &Tensor,
+    what: &str,
+) -> Result<CudaView<'a, T>> {
+    let Storage::Cuda(storage) = storage else {
+        bail!("{OP}: {what} is not on a CUDA device");
+    };
+    view(storage.as_cuda_slice::<T>()?, tensor.layout(), OP, what)
+}
+
+/// The shapes of one call: rows m of x, its width k, the projections' widths, the rank.
+struct Sizes {
+    m: usize,
+    k: usize,
+    widths: Vec<usize>,
+    rank: usize,
+}
+
+impl Sizes {
+    fn new(x: &Layout, a: &Layout, weights: &[Tensor]) -> Self {
+        let k = *x.shape().dims().last().unwrap_or(&0);
+        let widths: Vec<usize> = weights.iter().map(|w| w.dims()[0]).collect();
+        let rank = a.shape().dims()[0] / widths.len();
+        Self {
+            m: x.shape().elem_count() / k.max(1),
+            k,
+            widths,
+            rank,
+        }
+    }
+
+    fn n(&self) -> usize {
+        self.widths.iter().sum()
+    }
+
+    /// Rows of the stacked A.
+    fn stacked_rank(&self) -> usize {
+        self.rank * self.widths.len()
+    }
+
+    /// Each projection's first output column.
+    fn starts(&self) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
+        self.widths
+            .iter()
+            .scan(0, |start, &width| {
+                let first = *start;
+                *start += width;
+                Some((first, width))
+            })
+            .enumerate()
+            .map(|(part, (start, width))| (part, start, width))
+    }
+}
+
+impl LoraLinear {
+    fn run<T: KernelFloat>(
+        &self,
+        device: &CudaDevice,
+        x: &CudaView<'_, T>,
+        a: &CudaView<'_, T>,
+        b: &CudaView<'_, T>,
+        sizes: &Sizes,
+    ) -> Result<CudaSlice<T>> {
+        let Sizes { m, k, rank, .. } = *sizes;
+        let (n, stacked) = (sizes.n(), sizes.stacked_rank());
+        let guards: Vec<_> = self
+            .weights
+            .iter()
+            .map(Tensor::storage_and_layout)
+            .collect();
+        let weights = self
+            .weights
+            .iter()
+            .zip(&guards)
+            .map(|(w, (guard, _))| riding_view::<T>(guard, w, "a weight"))
+            .collect::<Result<Vec<_>>>()?;
+        let stream = device.cuda_stream();
+        let blas = device.cublas_handle();
+        // SAFETY: both are written in full below (h by one product, every column of y by
+        // its projection's base product) before anything reads them.
+        let (mut h, mut y) =
+            unsafe { (device.alloc::<T>(m * stacked)?, device.alloc::<T>(m * n)?) };
+        // The device addresses, and their stream syncs, live until the products are queued.
+        {
+            let (x_address, _x_sync) = x.device_ptr(&stream);
+            let (a_address, _a_sync) = a.device_ptr(&stream);
+            let (b_address, _b_sync) = b.device_ptr(&stream);
+            let (h_address, _h_sync) = h.device_ptr_mut(&stream);
+            let (y_address, _y_sync) = y.device_ptr_mut(&stream);
+            let weight_addresses: Vec<_> = weights.iter().map(|w| w.device_ptr(&stream)).collect();
+            let x_rows = Operand::plain(x_address, k);
+            let h_rows = Operand::plain(h_address, stacked);
+            // SAFETY (every product below): x (m, k), A (P r, k), B (n, r), each weight (n_i, k),
+            // h (m, P r) and y (m, n) hold what their strides and the dims say (the views are
+            // checked contiguous, lora_linear_takes checked the shapes); all are on the device's
+            // stream, which cuBLAS runs on, and outlive the calls.
+            unsafe {
+                // h = x A^T
+                gemm::<T>(
+                    &blas,
+                    Dims {
+                        m,
+                        n: stacked,
+                        k,
+                        out_stride: stacked,
+                    },
+                    x_rows,
+                    Operand::transposed(a_address, k),
+                    h_address,
+                    0.0,
+                )?;
+                for (part, start, width) in sizes.starts() {
+                    let out = Operand::plain(y_address, n).offset::<T>(start).address;
+                    // y_i = x W_i^T, then y_i += h_i B_i^T
+                    gemm::<T>(
+                        &blas,
+                        Dims {
+                            m,
+                            n: width,
+                            k,
+                            out_stride: n,
+                        },
+                        x_rows,
+                        Operand::transposed(weight_addresses[part].0, k),
+                        out,
+                        0.0,
+                    )?;
+                    gemm::<T>(
+                        &blas,
+                        Dims {
+                            m,
+                            n: width,
+                            k: rank,
+                            out_stride: n,
+                        },
+                        h_rows.offset::<T>(part * rank),
+                        Operand::transposed(b_address, rank).offset::<T>(start * rank),
+                        out,
+                        1.0,
+                    )?;
+                }
+            }
+        }
+        Ok(y)
+    }
+}
+
+impl CustomOp3 for LoraLinear {
+    fn name(&self) -> &'static str {
+        "oxtune-lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        no_cpu(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        x_layout: &Layout,
+        a: &CudaStorage,
+        a_layout: &Layout,
+        b: &CudaStorage,
+        b_layout: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let sizes = Sizes::new(x_layout, a_layout, &self.weights);
+        let device = &x.device;
+        let y = float_dispatch!(OP, x, |slice| self.run(
+            device,
+            &view(slice, x_layout, OP, "x")?,
+            &view_as(a, a_layout, OP, "A")?,
+            &view_as(b, b_layout, OP, "B")?,
+            &sizes
+        ));
+        Ok((y, Shape::from((sizes.m, sizes.n()))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let with_dx = x.track_op();
+        let backward = LoraLinearBackward {
+            weights: self.weights.clone(),
+            b: b.clone(),
+            with_dx,
+        };
+        let k = x.dim(candle_core::D::Minus1)?;
+        let m = x.elem_count() / k.max(1);
+        let (a_len, b_len) = (a.elem_count(), b.elem_count());
+        let packed = grad.contiguous()?.apply_op3_no_bwd(x, a, &backward)?;
+        let dx_len = if with_dx { m * k } else { 0 };
+        let dx = if with_dx {
+            Some(packed.narrow(0, 0, dx_len)?.reshape(x.shape())?)
+        } else {
+            None
+        };
+        let da = packed.narrow(0, dx_len, a_len)?.reshape(a.shape())?;
+        let db = packed
+            .narrow(0, dx_len + a_len, b_len)?
+            .reshape(b.shape())?;
+        Ok((dx, Some(da), Some(db)))
+    }
+}
+
+impl LoraLinearBackward {
+    fn run<T: KernelFloat>(
+        &self,
+        device: &CudaDevice,
+        dy: &CudaView<'_, T>,
+        x: &CudaView<'_, T>,
+        a: &CudaView<'_, T>,
+        sizes: &Sizes,
+    ) -> Result<CudaSlice<T>> {
+        let Sizes { m, k, rank, .. } = *sizes;
+        let (n, stacked) = (sizes.n(), sizes.stacked_rank());
+        let dx_len = if self.with_dx { m * k } else { 0 };
+        let guards: Vec<_> = self
+            .weights
+            .iter()
+            .map(Tensor::storage_and_layout)
+            .collect();
+        let weights = self
+            .weights
+            .iter()
+            .zip(&guards)
+            .map(|(w, (guard, _))| riding_view::<T>(guard, w, "a weight"))
+            .collect::<Result<Vec<_>>>()?;
+        let (b_guard, _) = self.b.storage_and_layout();
+        let b = riding_view::<T>(&b_guard, &self.b, "B")?;
+        let stream = device.cuda_stream();
+        let blas = device.cublas_handle();
+        // SAFETY: h, dh and every section of the output are written in full below before
+        // anything reads them (dx by its first product with beta 0).
+        let (mut h, mut dh, mut out) = unsafe {
+            (
+                device.alloc::<T>(m * stacked)?,
+                device.alloc::<T>(m * stacked)?,
+                device.alloc::<T>(dx_len + stacked * k + n * rank)?,
+            )
+        };
+        // The device addresses, and their stream syncs, live until the products are queued.
+        {
+            let (dy_address, _dy_sync) = dy.device_ptr(&stream);
+            let (x_address, _x_sync) = x.device_ptr(&stream);
+            let (a_address, _a_sync) = a.device_ptr(&stream);
+            let (b_address, _b_sync) = b.device_ptr(&stream);
+            let (h_address, _h_sync) = h.device_ptr_mut(&stream);
+            let (dh_address, _dh_sync) = dh.device_ptr_mut(&stream);
+            let (out_address, _out_sync) = out.device_ptr_mut(&stream);
+            let weight_addresses: Vec<_> = weights.iter().map(|w| w.device_ptr(&stream)).collect();
+            let x_rows = Operand::plain(x_address, k);
+            let dy_rows = Operand::plain(dy_address, n);
+            let h_rows = Operand::plain(h_address, stacked);
+            let dh_rows = Operand::plain(dh_address, stacked);
+            let dx_address = out_address;
+            let da_address = Operand::plain(out_address, k).offset::<T>(dx_len).address;
+            let db = Operand::plain(out_address, rank).offset::<T>(dx_len + stacked * k);
+            // SAFETY (every product below): dy (m, n), x (m, k), A (P r, k), B (n, r), each
+            // weight (n_i, k), h and dh (m, P r) and the output's sections dx (m, k), dA (P r, k)
+            // and dB (n, r) hold what their strides and the dims say (views checked contiguous,
+            // shapes by lora_linear_takes and the forward); all on the device's stream, alive
+            // for the calls.
+            unsafe {
+                // h = x A^T again (cheaper than keeping it alive from the forward)
+                gemm::<T>(
+                    &blas,
+                    Dims {
+                        m,
+                        n: stacked,
+                        k,
+                        out_stride: stacked,
+                    },
+                    x_rows,
+                    Operand::transposed(a_address, k),
+                    h_address,
+                    0.0,
+                )?;
+                for (part, start, width) in sizes.starts() {
+                    let dy_part = dy_rows.offset::<T>(start);
+                    let b_part = Operand::plain(b_address, rank).offset::<T>(start * rank);
+                    // dh_i = dy_i B_i
+                    gemm::<T>(
+                        &blas,
+                        Dims {
+                            m,
+                            n: rank,
+                            k: width,
+                            out_stride: stacked,
+                        },
+                        dy_part,
+                        b_part,
+                        dh_rows.offset::<T>(part * rank).address,
+                        0.0,
+                    )?;
+                    // dB_i = dy_i^T h_i
+                    gemm::<T>(
+                        &blas,
+                        Dims {
+                            m: width,
+                            n: rank,
+                            k: m,
+                            out_stride: rank,
+                        },
+                        Operand::transposed(dy_part.address, n),
+                        h_rows.offset::<T>(part * rank),
+                        db.offset::<T>(start * rank).address,
+                        0.0,
+                    )?;
+                    // dx = sum_i dy_i W_i (+ dh A below)
+                    if self.with_dx {
+                        gemm::<T>(
+                            &blas,
+                            Dims {
+                                m,
+                                n: k,
+                                k: width,
+                                out_stride: k,
+                            },
+                            dy_part,
+                            Operand::plain(weight_addresses[part].0, k),
+                            dx_address,
+                            if part == 0 { 0.0 } else { 1.0 },
+                        )?;
+                    }
+                }
+                // dA = dh^T x
+                gemm::<T>(
+                    &blas,
+                    Dims {
+                        m: stacked,
+                        n: k,
+                        k: m,
+                        out_stride: k,
+                    },
+                    Operand::transposed(dh_address, stacked),
+                    x_rows,
+                    da_address,
+                    0.0,
+                )?;
+                if self.with_dx {
+                    gemm::<T>(
+                        &blas,
+                        Dims {
+                            m,
+                            n: k,
+                            k: stacked,
+                            out_stride: k,
+                        },
+                        dh_rows,
+                        Operand::plain(a_address, k),
+                        dx_address,
+                        1.0,
+                    )?;
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl CustomOp3 for LoraLinearBackward {
+    fn name(&self) -> &'static str {
+        "oxtune-lora-linear-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        no_cpu(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        dy: &CudaStorage,
+        dy_layout: &Layout,
+        x: &CudaStorage,
+        x_layout: &Layout,
+        a: &CudaStorage,
+        a_layout: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let sizes = Sizes::new(x_layout, a_layout, &self.weights);
+        if dy_layout.shape().elem_count() != sizes.m * sizes.n() {
+            bail!(
+                "{OP}: the output's gradient {:?} does not match {} rows of {} outputs",
+                dy_layout.shape(),
+                sizes.m,
+                sizes.n()
+            );
+        }
+        let device = &dy.device;
+        let out = float_dispatch!(OP, dy, |slice| self.run(
+            device,
+            &view(slice, dy_layout, OP, "dy")?,
+            &view_as(x, x_layout, OP, "x")?,
+            &view_as(a, a_layout, OP, "A")?,
+            &sizes
+        ));
+        let dx_len = if self.with_dx { sizes.m * sizes.k } else { 0 };
+        let len = dx_len + sizes.stacked_rank() * sizes.k + sizes.n() * sizes.rank;
+        Ok((out, Shape::from(len)))
+    }
+}
