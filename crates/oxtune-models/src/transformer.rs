@@ -9,7 +9,7 @@
 //! Weight names (`model.layers.{i}.self_attn.q_proj.weight`, …) are those of the Hugging Face
 //! checkpoints, so a missing or mis-shaped tensor is reported under its checkpoint name.
 
-use oxtune_tensor::attention::{AttentionMask, flash_attention};
+use oxtune_tensor::attention::{AttentionMask, flash_attention, flash_attention_positions_first};
 use oxtune_tensor::candle::backprop::GradStore;
 use oxtune_tensor::ops::{self, PagedContext};
 use oxtune_tensor::{DType, Module, Tensor, Var};
@@ -29,6 +29,23 @@ use crate::rope::RotaryEmbedding;
 pub trait Adapter: std::fmt::Debug + Send + Sync {
     /// (.., in) -> (.., out)
     fn forward(&self, xs: &Tensor, base: &Linear) -> Result<Tensor>;
+
+    /// When the adapter's whole effect on this forward pass is a low-rank update
+    /// `x A^T B^T`: A (r, in) and B (out, r) in `dtype`, any scale folded into B, both
+    /// differentiable into the adapter's parameters. The model then runs the layer (and
+    /// layers sharing its input) through [`ops::lora_linear`]. `None` (the default) when the
+    /// adapter does more (DoRA's magnitudes, dropout while training).
+    fn low_rank(&self, dtype: DType) -> Result<Option<LowRank>> {
+        let _ = dtype;
+        Ok(None)
+    }
+}
+
+/// A low-rank update `x A^T B^T`: a (r, in), b (out, r).
+#[derive(Debug, Clone)]
+pub struct LowRank {
+    pub a: Tensor,
+    pub b: Tensor,
 }
 
 /// A linear layer `y = x W^T + b` with `W`: (out, in), optionally adapted by a tuner.
@@ -150,10 +167,51 @@ impl Linear {
     /// The adapted output when an adapter is attached, else the base output.
     /// (.., in) -> (.., out)
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if let Some(ys) = Self::forward_low_rank(&[self], xs)? {
+            return Ok(ys);
+        }
         match &self.adapter {
             Some(adapter) => adapter.forward(xs, self),
             None => self.base_forward(xs),
         }
+    }
+
+    /// The outputs of layers reading the same input, concatenated on the last dimension,
+    /// through one [`ops::lora_linear`] when every layer's adapter is a plain low-rank update
+    /// ([`Adapter::low_rank`]) of one rank and only a single layer may have a bias; `None`
+    /// otherwise (the caller runs each layer's [`Linear::forward`]).
+    fn forward_low_rank(linears: &[&Linear], xs: &Tensor) -> Result<Option<Tensor>> {
+        if linears.len() > 1 && linears.iter().any(|linear| linear.bias.is_some()) {
+            return Ok(None);
+        }
+        let mut updates = Vec::with_capacity(linears.len());
+        for linear in linears {
+            let Some(adapter) = &linear.adapter else {
+                return Ok(None);
+            };
+            match adapter.low_rank(xs.dtype())? {
+                Some(update) => updates.push(update),
+                None => return Ok(None),
+            }
+        }
+        if updates
+            .windows(2)
+            .any(|pair| pair[0].a.dims().first() != pair[1].a.dims().first())
+        {
+            return Ok(None);
+        }
+        let stack = |part: fn(&LowRank) -> &Tensor| -> Result<Tensor> {
+            match updates.as_slice() {
+                [one] => Ok(part(one).clone()),
+                all => Ok(Tensor::cat(&all.iter().map(part).collect::<Vec<_>>(), 0)?),
+            }
+        };
+        let weights: Vec<&Tensor> = linears.iter().map(|linear| &linear.weight).collect();
+        let ys = ops::lora_linear(xs, &weights, &stack(|u| &u.a)?, &stack(|u| &u.b)?)?;
+        Ok(Some(match &linears[0].bias {
+            Some(bias) => ys.broadcast_add(bias)?,
+            None => ys,
+        }))
     }
 
     /// `x W^T + b`, ignoring any adapter.
@@ -445,6 +503,20 @@ impl Attention {
         // 1-2. Project: (b, t, c) -> (b, t, heads, d), per-head RMSNorm over d (Qwen3)
         let (q, k) = self.project_qk(xs, None)?;
         let v = self.v_proj.forward(xs)?.reshape((b, t, kv_h, d))?;
+
+        // Training (packed samples, no cache): RoPE and attention keep the projections'
+        // (b, t, heads, d) order, so no transpose is copied either way (on a GPU).
+        if let (Some(segments), None) = (&context.segments, &context.cache) {
+            let q = ops::rope_positions_first(&q, &context.cos, &context.sin)?;
+            let k = ops::rope_positions_first(&k, &context.cos, &context.sin)?;
+            let mask = AttentionMask {
+                causal: true,
+                segments: Some(segments),
+                sliding_window: self.sliding_window,
+            };
+            let out = flash_attention_positions_first(&q, &k, &v, self.scale(), mask)?;
+            return self.o_proj.forward(&out.reshape((b, t, h * d))?);
+        }
 
         // 3. (b, t, heads, d) -> (b, heads, t, d), RoPE at each token's position (on a GPU one
         // kernel each for q and k, with no copy for the transpose)
@@ -788,12 +860,23 @@ impl Mlp {
         })
     }
 
-    /// SwiGLU: down(silu(gate(x)) * up(x)), each row through its routed adapter.
+    /// SwiGLU: down(silu(gate(x)) * up(x)), each row through its routed adapter. With plain
+    /// low-rank adapters on gate and up (training LoRA), both run as one
+    /// [`ops::lora_linear`] and the SwiGLU reads its packed output.
     fn forward(&self, xs: &Tensor, routing: Option<&AdapterRouting>) -> Result<Tensor> {
-        let hidden = ops::swiglu(
-            &self.gate_proj.forward_routed(xs, routing)?,
-            &self.up_proj.forward_routed(xs, routing)?,
-        )?;
+        let routed = routing.is_some_and(|routing| !routing.is_base_only());
+        let packed = if routed {
+            None
+        } else {
+            Linear::forward_low_rank(&[&self.gate_proj, &self.up_proj], xs)?
+        };
+        let hidden = match packed {
+            Some(gate_up) => ops::swiglu_packed(&gate_up)?,
+            None => ops::swiglu(
+                &self.gate_proj.forward_routed(xs, routing)?,
+                &self.up_proj.forward_routed(xs, routing)?,
+            )?,
+        };
         self.down_proj.forward_routed(&hidden, routing)
     }
 
@@ -1131,27 +1214,13 @@ impl CausalLm {
 
         // 2. Head and loss chunk by chunk, each backpropagated to the (detached) hidden states.
         let rows = b * t;
-        let flat = Var::from_tensor(&hidden.detach().reshape((rows, c))?)?;
+        let flat = hidden.detach().reshape((rows, c))?;
         let chunk = pass.loss_chunk_rows.max(1);
-        let mut summed: Option<(Tensor, GradStore)> = None;
-        for start in (0..rows).step_by(chunk) {
-            let end = (start + chunk).min(rows);
-            let logits = self.lm_head(&flat.as_tensor().narrow(0, start, end - start)?)?;
-            let value = loss(&logits, start..end)?;
-            let chunk_grads = value.backward()?;
-            let value = value.detach();
-            summed = Some(match summed {
-                Some((total, mut grads)) => {
-                    grads.extend(chunk_grads)?;
-                    ((total + value)?, grads)
-                }
-                None => (value, chunk_grads),
-            });
-        }
-        let (total, mut grads) = summed.ok_or_else(|| {
-            oxtune_tensor::candle::Error::Msg("a training batch without tokens".into())
-        })?;
-        let grad_hidden = take_grad(&mut grads, flat.as_tensor())?.reshape((b, t, c))?;
+        let (total, mut grads, grad_hidden) = match self.plain_head_weight() {
+            Some(weight) => Self::plain_head_loss(&flat, weight, chunk, &loss)?,
+            None => self.head_loss(&flat, chunk, &loss)?,
+        };
+        let grad_hidden = grad_hidden.reshape((b, t, c))?;
 
         // 3. Through the final norm to the last block's output, then the blocks.
         grads.extend((hidden * grad_hidden)?.sum_all()?.backward()?)?;
@@ -1171,6 +1240,100 @@ impl CausalLm {
             grads.extend((xs * grad_output)?.sum_all()?.backward()?)?;
         }
         Ok((total, grads))
+    }
+
+    /// The LM head's weight when the head is a plain product (tied to the embedding, or a
+    /// linear layer without bias or adapter).
+    fn plain_head_weight(&self) -> Option<&Tensor> {
+        match &self.lm_head {
+            None => Some(&self.embed_tokens),
+            Some(head) if head.adapter.is_none() && head.bias.is_none() => Some(&head.weight),
+            Some(_) => None,
+        }
+    }
+
+    /// The summed loss over `flat` (rows, c) chunk by chunk, the gradients it leaves
+    /// (the head's weight's when it is trainable) and the gradient of `flat`, for a head
+    /// that is the product with `weight` (v, c). Each chunk's logits are a leaf: its input
+    /// gradient is one product written in place, and a trainable weight gets one product over
+    /// every row's logit gradients (kept in the weight's dtype), instead of a (v, c) gradient
+    /// per chunk summed up.
+    fn plain_head_loss(
+        flat: &Tensor,
+        weight: &Tensor,
+        chunk: usize,
+        loss: &impl Fn(&Tensor, std::ops::Range<usize>) -> Result<Tensor>,
+    ) -> Result<(Tensor, GradStore, Tensor)> {
+        let (rows, c) = flat.dims2()?;
+        let vocab = weight.dim(0)?;
+        let frozen = weight.detach();
+        let grad_flat = Tensor::zeros((rows, c), flat.dtype(), flat.device())?;
+        let grad_logits = if weight.track_op() {
+            Some(Tensor::zeros((rows, vocab), flat.dtype(), flat.device())?)
+        } else {
+            None
+        };
+        let mut summed: Option<(Tensor, GradStore)> = None;
+        for start in (0..rows).step_by(chunk) {
+            let end = (start + chunk).min(rows);
+            let logits =
+                Var::from_tensor(&flat.narrow(0, start, end - start)?.matmul(&frozen.t()?)?)?;
+            let value = loss(logits.as_tensor(), start..end)?;
+            let mut chunk_grads = value.backward()?;
+            let grad = take_grad(&mut chunk_grads, logits.as_tensor())?.to_dtype(flat.dtype())?;
+            grad_flat.slice_set(&grad.matmul(&frozen)?, 0, start)?;
+            if let Some(all) = &grad_logits {
+                all.slice_set(&grad.contiguous()?, 0, start)?;
+            }
+            let value = value.detach();
+            summed = Some(match summed {
+                Some((total, mut grads)) => {
+                    grads.extend(chunk_grads)?;
+                    ((total + value)?, grads)
+                }
+                None => (value, chunk_grads),
+            });
+        }
+        let (total, mut grads) = summed.ok_or_else(|| {
+            oxtune_tensor::candle::Error::Msg("a training batch without tokens".into())
+        })?;
+        if let Some(all) = grad_logits {
+            let grad_weight = all.t()?.matmul(flat)?.to_dtype(weight.dtype())?;
+            // The chunks' logits were leaves, so no other gradient of the weight exists yet.
+            grads.insert(weight, grad_weight);
+        }
+        Ok((total, grads, grad_flat))
+    }
+
+    /// [`Self::plain_head_loss`] for any head: each chunk backpropagated through the head.
+    fn head_loss(
+        &self,
+        flat: &Tensor,
+        chunk: usize,
+        loss: &impl Fn(&Tensor, std::ops::Range<usize>) -> Result<Tensor>,
+    ) -> Result<(Tensor, GradStore, Tensor)> {
+        let rows = flat.dim(0)?;
+        let flat = Var::from_tensor(flat)?;
+        let mut summed: Option<(Tensor, GradStore)> = None;
+        for start in (0..rows).step_by(chunk) {
+            let end = (start + chunk).min(rows);
+            let logits = self.lm_head(&flat.as_tensor().narrow(0, start, end - start)?)?;
+            let value = loss(&logits, start..end)?;
+            let chunk_grads = value.backward()?;
+            let value = value.detach();
+            summed = Some(match summed {
+                Some((total, mut grads)) => {
+                    grads.extend(chunk_grads)?;
+                    ((total + value)?, grads)
+                }
+                None => (value, chunk_grads),
+            });
+        }
+        let (total, mut grads) = summed.ok_or_else(|| {
+            oxtune_tensor::candle::Error::Msg("a training batch without tokens".into())
+        })?;
+        let grad_flat = take_grad(&mut grads, flat.as_tensor())?;
+        Ok((total, grads, grad_flat))
     }
 
     /// RoPE tables and mask of a training batch.

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use oxtune_models::CausalLm;
-use oxtune_models::transformer::{Adapter, Linear};
+use oxtune_models::transformer::{Adapter, Linear, LowRank};
 use oxtune_tensor::{D, DType, Tensor, Var};
 
 use crate::{Error, Result};
@@ -154,10 +154,34 @@ impl LoraAdapter {
     }
 }
 
+impl LoraAdapter {
+    /// Whether this forward pass drops adapter inputs out (training with dropout > 0).
+    fn dropping(&self) -> bool {
+        self.dropout > 0.0 && self.state.training.load(Ordering::Relaxed)
+    }
+
+    /// A and s B in `dtype`, as the forward multiplies them.
+    fn factors(&self, dtype: DType) -> oxtune_models::Result<(Tensor, Tensor)> {
+        let a = self.a.as_tensor().to_dtype(dtype)?;
+        // s B A: the scale goes on B (out, r), not on the (.., out) product, which saves a
+        // pass over the layer's output in the forward and in the backward.
+        let b = (self.b.as_tensor() * self.scaling)?.to_dtype(dtype)?;
+        Ok((a, b))
+    }
+}
+
 impl Adapter for LoraAdapter {
+    fn low_rank(&self, dtype: DType) -> oxtune_models::Result<Option<LowRank>> {
+        if self.magnitude.is_some() || self.dropping() {
+            return Ok(None);
+        }
+        let (a, b) = self.factors(dtype)?;
+        Ok(Some(LowRank { a, b }))
+    }
+
     fn forward(&self, xs: &Tensor, base: &Linear) -> oxtune_models::Result<Tensor> {
         let result = base.base_forward(xs)?;
-        let dropping = self.dropout > 0.0 && self.state.training.load(Ordering::Relaxed);
+        let dropping = self.dropping();
         let x = if dropping {
             let seed = self
                 .state
@@ -170,14 +194,12 @@ impl Adapter for LoraAdapter {
             xs.clone()
         };
         // (.., in) -> (.., r) -> (.., out)
-        let a = self.a.as_tensor().to_dtype(x.dtype())?;
         let Some(magnitude) = &self.magnitude else {
-            // s B A: the scale goes on B (out, r), not on the (.., out) product, which saves
-            // a pass over the layer's output in the forward and in the backward.
-            let b = (self.b.as_tensor() * self.scaling)?.to_dtype(x.dtype())?;
+            let (a, b) = self.factors(x.dtype())?;
             let lora = x.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)?;
             return Ok((result + lora)?);
         };
+        let a = self.a.as_tensor().to_dtype(x.dtype())?;
         let b = self.b.as_tensor().to_dtype(x.dtype())?;
         let lora = x.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)?;
         let base_result = if dropping {
