@@ -86,7 +86,9 @@ test_binary oxtune-tensor cuda_rope_cache cuda-rope-cache
 test_binary oxtune-tensor cuda_gemv cuda-gemv
 # The fused LoRA linear op against its composition, and its timing.
 test_binary oxtune-tensor cuda_lora cuda-lora
+# The embedding lookup's deterministic backward against an f64 sum, and its timing.
+test_binary oxtune-tensor cuda_embedding cuda-embedding
 # Training through the fused attention and decode replayed from CUDA graphs, on small models.
 test_binary oxtune-models gpu_model gpu-model
 test_binary oxtune-train gpu_optimizer gpu-optimizer
-echo "built .gpu/oxtune, .gpu/parity, .gpu/cuda-ops, .gpu/cuda-rope-cache, .gpu/cuda-gemv, .gpu/cuda-lora, .gpu/gpu-model and .gpu/gpu-optimizer"
+echo "built .gpu/oxtune, .gpu/parity, .gpu/cuda-ops, .gpu/cuda-rope-cache, .gpu/cuda-gemv, .gpu/cuda-lora, .gpu/cuda-embedding, .gpu/gpu-model and .gpu/gpu-optimizer"

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The kernel files, one PTX module each (`src/cuda/mod.rs` names the same list).
-const KERNELS: [&str; 11] = [
+const KERNELS: [&str; 12] = [
     "softmax",
     "rms_norm",
     "swiglu",
@@ -20,6 +20,7 @@ const KERNELS: [&str; 11] = [
     "paged_attn",
     "rope_cache",
     "gemv",
+    "embedding",
 ];
 
 fn main() {

@@ -134,6 +134,90 @@ __device__ __forceinline__ float block_sum(float x) {
     return warp_sum(x);
 }
 
+// A narrow row (n <= WARP_ROW_MAX) held in registers by the 32 lanes of one warp, for
+// kernels that run a warp per row and several rows per block. Each lane holds its elements
+// in slots, in the order row_visit gives thread `lane` of a 32-thread block (row_threads in
+// launch.rs gives every row of n <= 256 one warp), so per-lane sums taken in slot order and
+// combined by warp_sum equal row_visit + block_sum on that block bit for bit. The two
+// layouts are row_visit's two paths:
+//   chunked (its vector path, taken when the row is 16-byte aligned): slot i * V + u is
+//     element u of 16-byte chunk lane + 32 i when that chunk is whole; the last slot is the
+//     tail element (n / V) * V + lane when lane < n % V;
+//   strided (its scalar path): slot s is element lane + 32 s when < n.
+// Slots off the row hold 0 (adding +0 or a product of zeros leaves a sum unchanged).
+// Loads and stores are 16-byte vectors in the chunked layout where the pointer is aligned,
+// else element by element at the same slots, so any layout can be read from any row.
+constexpr int WARP_ROW_MAX = 256;
+
+template <typename T> struct WarpRow {
+    static constexpr int V = Vec<T>::N;
+    static constexpr int CHUNKS = WARP_ROW_MAX / (32 * V);  // 1 (bf16, f16) or 2 (f32)
+    static constexpr int SLOTS = CHUNKS * V + 1;            // 9: the whole chunks, the tail
+    float v[SLOTS];
+
+    // The element slot s holds in a layout, or -1 when the slot is off the row.
+    static __device__ __forceinline__ int column(int s, int n, int lane, bool chunked) {
+        if (!chunked) return lane + 32 * s < n ? lane + 32 * s : -1;
+        if (s < CHUNKS * V) {
+            const int c = lane + 32 * (s / V);
+            return c < n / V ? c * V + s % V : -1;
+        }
+        return lane < n % V ? n / V * V + lane : -1;
+    }
+
+    __device__ __forceinline__ void load(const T* row, int n, int lane, bool chunked) {
+        if (chunked && aligned16(row)) {
+#pragma unroll
+            for (int i = 0; i < CHUNKS; ++i) {
+                const int c = lane + 32 * i;
+                uint4 raw = make_uint4(0, 0, 0, 0);  // all-zero bits are +0 in every T
+                if (c < n / V) raw = reinterpret_cast<const uint4*>(row)[c];
+#pragma unroll
+                for (int u = 0; u < V; ++u)
+                    v[i * V + u] = to_float(reinterpret_cast<const T*>(&raw)[u]);
+            }
+            v[SLOTS - 1] = lane < n % V ? to_float(row[n / V * V + lane]) : 0.f;
+        } else {
+#pragma unroll
+            for (int s = 0; s < SLOTS; ++s) {
+                const int j = column(s, n, lane, chunked);
+                v[s] = j >= 0 ? to_float(row[j]) : 0.f;
+            }
+        }
+    }
+
+    // row[element of slot s] = T(v[s]) for the slots on the row.
+    __device__ __forceinline__ void store(T* row, int n, int lane, bool chunked) const {
+        if (chunked && aligned16(row)) {
+#pragma unroll
+            for (int i = 0; i < CHUNKS; ++i) {
+                const int c = lane + 32 * i;
+                if (c >= n / V) continue;
+                uint4 raw;
+                T* r = reinterpret_cast<T*>(&raw);
+#pragma unroll
+                for (int u = 0; u < V; ++u) r[u] = from_float<T>(v[i * V + u]);
+                reinterpret_cast<uint4*>(row)[c] = raw;
+            }
+            if (lane < n % V) row[n / V * V + lane] = from_float<T>(v[SLOTS - 1]);
+        } else {
+#pragma unroll
+            for (int s = 0; s < SLOTS; ++s) {
+                const int j = column(s, n, lane, chunked);
+                if (j >= 0) row[j] = from_float<T>(v[s]);
+            }
+        }
+    }
+
+    // This lane's sum of squares, in slot order (row_visit's `ss += v * v`).
+    __device__ __forceinline__ float sum_squares() const {
+        float ss = 0.f;
+#pragma unroll
+        for (int s = 0; s < SLOTS; ++s) ss += v[s] * v[s];
+        return ss;
+    }
+};
+
 // Online softmax statistics: the running maximum m and the sum s of exp(x - m).
 struct MaxSum {
     float m, s;

@@ -36,6 +36,10 @@
 // Tiles in shared memory have rows of D + 8 elements: a 16-byte aligned row stride that is 4
 // banks off a multiple of 128 bytes, so the 8 rows of an ldmatrix matrix hit distinct banks.
 //
+// Grids put the heads along x and the tiles along y, heaviest tiles first (the last query
+// tiles in the forward, the first key tiles in the backward, when causal), so the blocks
+// launch heaviest first over all heads and the uneven causal triangle packs onto the SMs.
+//
 // Forward (flash_fwd): one block of 4 warps per (64 queries, b * h); each warp owns 16 query
 // rows and keeps its Q fragments and its O accumulator (16 x D, f32) in registers while it
 // walks the key tiles of 64: S = Q K^T in registers, the online softmax on the accumulators
@@ -46,7 +50,8 @@
 // next tile during the softmax and P V. Key tiles above the causal diagonal, before the
 // sliding window, or whose segment range cannot meet the query tile's are skipped whole;
 // the mask is evaluated only on tiles where it can hide something (the diagonal, the tail,
-// the window's edge, segments). Writes O / l in the dtype (staged through the Q tile for
+// the window's edge, tiles spanning more than one segment: in a batch of unpacked rows, whose
+// segments are all one, never), in the backward as well. Writes O / l in the dtype (staged through the Q tile for
 // 16-byte stores) and lse = m + log(l) (natural log, of the scaled scores; +inf for a row
 // that sees nothing, whose O is 0).
 //
@@ -267,8 +272,9 @@ __device__ void forward(const T* __restrict__ q, const T* __restrict__ k, const 
     const int g = lane >> 2, c = lane & 3;
     // the last query tiles first: under a causal mask they see the most keys, so the longest
     // blocks start early and short ones fill the tail
-    const int q0 = (gridDim.x - 1 - blockIdx.x) * BR;
-    const int bh = blockIdx.y, b = bh / h, hh = bh % h;
+    // heads along x, query tiles along y from the last (the heaviest when causal)
+    const int q0 = (gridDim.y - 1 - blockIdx.y) * BR;
+    const int bh = blockIdx.x, b = bh / h, hh = bh % h;
     const int kvh = hh / (h / kv_h);
     const Mask mask{t, causal, window, segments ? segments + static_cast<size_t>(b) * t : nullptr};
     const float scale2 = scale * LOG2E;
@@ -291,6 +297,15 @@ __device__ void forward(const T* __restrict__ q, const T* __restrict__ k, const 
         uint32_t k_lo, k_hi;
         warp_min_max(mask.segments + kt * BC, min(BC, t - kt * BC), k_lo, k_hi);
         return k_hi < q_lo || k_lo > q_hi;
+    };
+    // whether key tile kt and the query tile lie in one segment, so that the segments hide
+    // nothing there (a batch of unpacked rows: every tile); uniform over the block
+    auto one_segment = [&](int kt) {
+        if (!mask.segments) return true;
+        if (q_lo != q_hi) return false;
+        uint32_t k_lo, k_hi;
+        warp_min_max(mask.segments + kt * BC, min(BC, t - kt * BC), k_lo, k_hi);
+        return k_lo == q_lo && k_hi == q_lo;
     };
 
     const int last_query = min(q0 + BR, t) - 1;
@@ -357,7 +372,7 @@ __device__ void forward(const T* __restrict__ q, const T* __restrict__ k, const 
 
         // scores in the log2 domain; the mask only where it can hide something
         const bool masked = (causal && k0 + BC - 1 > q0) || k0 + BC > t ||
-                            (window > 0 && q0 + BR - 1 - k0 >= window) || mask.segments;
+                            (window > 0 && q0 + BR - 1 - k0 >= window) || !one_segment(kt);
 #pragma unroll
         for (int j = 0; j < BC / 8; ++j)
 #pragma unroll
@@ -495,8 +510,9 @@ __device__ void backward(const T* __restrict__ q, const T* __restrict__ k,
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, c = lane & 3;
-    const int k0 = blockIdx.x * BC;
-    const int bkv = blockIdx.y, b = bkv / kv_h, kvh = bkv % kv_h;
+    // heads along x, key tiles along y from the first (the heaviest when causal)
+    const int k0 = blockIdx.y * BC;
+    const int bkv = blockIdx.x, b = bkv / kv_h, kvh = bkv % kv_h;
     const int group = h / kv_h;
     const Mask mask{t, causal, window, segments ? segments + static_cast<size_t>(b) * t : nullptr};
     const float scale2 = scale * LOG2E;
@@ -538,6 +554,16 @@ __device__ void backward(const T* __restrict__ q, const T* __restrict__ k,
         warp_min_max(mask.segments + q0, min(BR, t - q0), q_lo, q_hi);
         return !(k_hi < q_lo || k_lo > q_hi);
     };
+    // whether item i's query tile and the key tile lie in one segment, so that the segments
+    // hide nothing there (a batch of unpacked rows: every tile); uniform over the block
+    auto one_segment = [&](int i) {
+        if (!mask.segments) return true;
+        if (k_lo != k_hi) return false;
+        const int q0 = (qt_begin + i % tiles) * BR;
+        uint32_t q_lo, q_hi;
+        warp_min_max(mask.segments + q0, min(BR, t - q0), q_lo, q_hi);
+        return q_lo == k_lo && q_hi == k_lo;
+    };
     auto issue = [&](int i, int buf) {
         const int q0 = (qt_begin + i % tiles) * BR;
         const int hq = kvh * group + i / tiles;  // the item's query head
@@ -577,7 +603,7 @@ __device__ void backward(const T* __restrict__ q, const T* __restrict__ k,
         const float* lse_row = lse + static_cast<size_t>(bh) * t;
         const float* delta_row = delta + static_cast<size_t>(bh) * t;
         const bool masked = (causal && k0 + BC - 1 > q0) || q0 + BR > t || k0 + BC > t ||
-                            (window > 0 && q0 + BR - 1 - k0 >= window) || mask.segments;
+                            (window > 0 && q0 + BR - 1 - k0 >= window) || !one_segment(item);
 
         // the warp's 16 keys against the tile's queries, 16 at a time
 #pragma unroll 1

@@ -513,6 +513,23 @@ pub fn swiglu_linear_rows(xs: &Tensor, gate: &Tensor, up: &Tensor) -> Result<Ten
     swiglu(&project(gate)?, &project(up)?)
 }
 
+/// `xs W^T + b`: a linear layer, xs (.., k), weight (n, k), bias (n,). When the weight takes
+/// a gradient (full fine-tuning), on CUDA [`crate::cuda::linear_trainable`]: its backward
+/// computes dW = dy^T x over all rows at once, in W's layout (candle's matmul with a
+/// broadcast, transposed weight makes one gradient per batch row, sums them and copies the
+/// transpose back). Otherwise candle-nn's `Linear`.
+pub fn linear(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if weight.track_op() && crate::cuda::applies(&[xs, weight]) && weight.rank() == 2 {
+        let ys = crate::cuda::linear_trainable(xs, weight)?;
+        return match bias {
+            Some(bias) => ys.broadcast_add(bias),
+            None => Ok(ys),
+        };
+    }
+    candle_nn::Linear::new(weight.clone(), bias.cloned()).forward(xs)
+}
+
 /// LoRA linear layers sharing one input: for each weight W_i (n_i, k) with its adapter
 /// A_i (r, k) and B_i (n_i, r) (the scale folded into B), `xs W_i^T + (xs A_i^T) B_i^T`,
 /// concatenated on the last dimension: (.., k) -> (.., n_0 + n_1 + ..). `a` stacks the A_i
@@ -577,6 +594,70 @@ pub fn lora_linear_reference(
     }
 }
 
+/// [`lora_linear`] whose updates read the projected input `h` (.., P r): `xs W_i^T + h_i
+/// B_i^T` with h_i the i-th r columns of h, e.g. `dropout(xs) A_i^T` (the adapters' input
+/// after dropout, which differs from the base product's). Differentiable in xs, h and b. On
+/// CUDA one op ([`crate::cuda::lora_linear_projected`]); elsewhere
+/// [`lora_linear_projected_reference`].
+pub fn lora_linear_projected(
+    xs: &Tensor,
+    weights: &[&Tensor],
+    h: &Tensor,
+    b: &Tensor,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if crate::cuda::lora_linear_projected_takes(xs, weights, h, b) {
+        return crate::cuda::lora_linear_projected(xs, weights, h, b);
+    }
+    lora_linear_projected_reference(xs, weights, h, b)
+}
+
+/// The composition [`lora_linear_projected`] stands for: per projection the base product
+/// plus `h_i B_i^T`, then a concatenation (none for one projection).
+pub fn lora_linear_projected_reference(
+    xs: &Tensor,
+    weights: &[&Tensor],
+    h: &Tensor,
+    b: &Tensor,
+) -> Result<Tensor> {
+    let parts = weights.len().max(1);
+    let stacked = h.dim(D::Minus1)?;
+    let rank = stacked / parts;
+    let mut start = 0;
+    let mut outputs = Vec::with_capacity(parts);
+    for (part, &weight) in weights.iter().enumerate() {
+        let width = weight.dim(0)?;
+        let update = h
+            .narrow(D::Minus1, part * rank, rank)?
+            .broadcast_matmul(&b.narrow(0, start, width)?.t()?)?;
+        outputs.push((xs.broadcast_matmul(&weight.t()?)? + update)?);
+        start += width;
+    }
+    match outputs.as_slice() {
+        [one] => Ok(one.clone()),
+        _ => Tensor::cat(&outputs, D::Minus1),
+    }
+}
+
+/// `acc + lhs^T rhs` for acc (m, n) f32, lhs (k, m) and rhs (k, n) of one dtype: a weight's
+/// gradient summed over chunks of rows (lhs a chunk's output gradients, rhs its inputs),
+/// accumulated in f32. On CUDA cuBLAS adds the product into `acc` in place (so `acc` must
+/// not share its storage with a tensor that should keep its values) and returns it;
+/// elsewhere a new tensor.
+pub fn add_transposed_product(acc: Tensor, lhs: &Tensor, rhs: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if acc.device().is_cuda()
+        && acc.dtype() == DType::F32
+        && acc.is_contiguous()
+        && !acc.track_op()
+        && crate::cuda::applies(&[lhs, rhs])
+    {
+        crate::cuda::accumulate_transposed_product(&acc, lhs, rhs)?;
+        return Ok(acc);
+    }
+    acc + lhs.t()?.matmul(rhs)?.to_dtype(DType::F32)?
+}
+
 /// Residual add and RMSNorm: `(xs + residual, rms_norm(xs + residual, weight))`, the sum
 /// rounded to the dtype of `xs` as candle's add rounds it, then [`rms_norm`]'s numerics.
 /// Differentiable in xs, residual and weight (the weight's gradient is computed only when it
@@ -613,6 +694,33 @@ pub fn add_rms_norm_reference(
     let sum = (xs + residual)?;
     let normed = rms_norm_reference(&sum, weight, eps)?;
     Ok((sum, normed))
+}
+
+/// Embedding lookup: the rows of `weight` (vocab, hidden) at `ids` (any shape, u32 on the
+/// weight's device; u8 and i64 also take the reference), ids.shape + (hidden,) in the weight's
+/// dtype; differentiable in the weight.
+///
+/// On CUDA (f32, bf16, f16) when the weight tracks a gradient, [`crate::cuda::embedding`]: the
+/// forward is candle's index_select, the backward `kernels/embedding.cu`, which sorts the rows
+/// by (id, row) on the device (no host sync) and sums each id's rows in f32 in row order, one
+/// block per id: deterministic (bit-identical runs), where candle's backward (`index_add`) is
+/// one block for the whole batch. Ids >= vocab get no gradient. Elsewhere (the CPU, frozen
+/// weights, serving) [`embedding_reference`].
+pub fn embedding(weight: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if crate::cuda::embedding_takes(weight, ids) {
+        return crate::cuda::embedding(weight, ids);
+    }
+    embedding_reference(weight, ids)
+}
+
+/// The composition [`embedding`] stands for: `weight.index_select(ids.flatten_all(), 0)`,
+/// reshaped to ids.shape + (hidden,).
+pub fn embedding_reference(weight: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    let (_, hidden) = weight.dims2()?;
+    let mut dims = ids.dims().to_vec();
+    dims.push(hidden);
+    weight.index_select(&ids.flatten_all()?, 0)?.reshape(dims)
 }
 
 /// Heads of one attention layer.
@@ -1459,5 +1567,71 @@ mod tests {
         .expect_err("k has 2 heads, not 1");
         assert!(error.to_string().contains("k [5, 16]"), "{error}");
         Ok(())
+    }
+
+    #[test]
+    fn embedding_is_index_select_of_the_flat_ids() -> Result<()> {
+        let device = Device::Cpu;
+        let weight = Tensor::randn(0f32, 1.0, (11, 5), &device)?;
+        let ids = Tensor::new(&[[3u32, 0, 10], [3, 7, 3]], &device)?;
+        let rows = embedding(&weight, &ids)?;
+        assert_eq!(rows.dims(), [2, 3, 5]);
+        let expected = weight
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((2, 3, 5))?;
+        assert_eq!(max_abs_diff(&rows, &expected)?, 0.0);
+        assert_eq!(
+            max_abs_diff(&embedding_reference(&weight, &ids)?, &expected)?,
+            0.0
+        );
+        // a single id of any rank: (hidden,) per id
+        let one = embedding(&weight, &Tensor::new(&[9u32], &device)?)?;
+        assert_eq!(max_abs_diff(&one.squeeze(0)?, &weight.get(9)?)?, 0.0);
+        Ok(())
+    }
+
+    #[test]
+    fn embedding_gradient_is_index_add_and_matches_finite_differences() -> Result<()> {
+        let device = Device::Cpu;
+        let (vocab, hidden) = (9, 7);
+        // repeated ids, the first and last rows, ids never looked up
+        let ids = Tensor::new(&[[4u32, 0, 8, 4], [4, 2, 0, 8]], &device)?;
+        let weight = Var::from_tensor(&Tensor::randn(0f64, 1.0, (vocab, hidden), &device)?)?;
+        let grad_out = Tensor::randn(0f64, 1.0, (2, 4, hidden), &device)?;
+        let grads = (embedding(weight.as_tensor(), &ids)? * &grad_out)?
+            .sum_all()?
+            .backward()?;
+        let got: Vec<Vec<f64>> = grads
+            .get(weight.as_tensor())
+            .ok_or_else(|| candle_core::Error::Msg("no gradient for the weight".into()))?
+            .to_vec2()?;
+        // each row of the weight's gradient sums the output gradients of its ids' rows
+        let flat_ids: Vec<u32> = ids.flatten_all()?.to_vec1()?;
+        let flat_grad: Vec<Vec<f64>> = grad_out.reshape((8, hidden))?.to_vec2()?;
+        let mut expected = vec![vec![0.0; hidden]; vocab];
+        for (row, &id) in flat_ids.iter().enumerate() {
+            for (e, g) in expected[id as usize].iter_mut().zip(&flat_grad[row]) {
+                *e += g;
+            }
+        }
+        for (v, (got, expected)) in got.iter().zip(&expected).enumerate() {
+            for (j, (a, b)) in got.iter().zip(expected).enumerate() {
+                assert!((a - b).abs() < 1e-12, "dweight [{v}, {j}]: {a} vs {b}");
+            }
+        }
+        // the same as candle's index_add of the output gradient into zeros
+        let index_add = Tensor::zeros((vocab, hidden), DType::F64, &device)?.index_add(
+            &ids.flatten_all()?,
+            &grad_out.reshape((8, hidden))?,
+            0,
+        )?;
+        let index_add: Vec<Vec<f64>> = index_add.to_vec2()?;
+        assert_eq!(got, index_add);
+        gradcheck(
+            "embedding",
+            |xs| embedding(&xs[0], &ids),
+            &[Tensor::randn(0f64, 1.0, (vocab, hidden), &device)?],
+            3,
+        )
     }
 }

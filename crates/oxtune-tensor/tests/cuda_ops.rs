@@ -41,6 +41,12 @@ fn ops_match_the_cpu() -> Result<()> {
         let w = Tensor::randn(1f32, 0.1, 576, &Device::Cpu)?;
         let run = |device: &Device| ops::rms_norm(&on(&x, device)?, &on(&w, device)?, 1e-5);
         compare("rms_norm", &run(&Device::Cpu)?, &run(&gpu)?, dtype)?;
+        // a per-head (q/k) norm: rows of 64, the warp-per-row kernel
+        let heads = Tensor::randn(0f32, 1.0, (1, 30, 9, 64), &Device::Cpu)?;
+        let head_weight = Tensor::randn(1f32, 0.1, 64, &Device::Cpu)?;
+        let run =
+            |device: &Device| ops::rms_norm(&on(&heads, device)?, &on(&head_weight, device)?, 1e-6);
+        compare("rms_norm per head", &run(&Device::Cpu)?, &run(&gpu)?, dtype)?;
 
         let q = Tensor::randn(0f32, 1.0, (1, 9, 30, 64), &Device::Cpu)?;
         let angles = Tensor::randn(0f32, 3.0, (8192, 32), &Device::Cpu)?;
@@ -379,11 +385,20 @@ fn scaled_masked_softmax_kernel_matches_the_reference() -> Result<()> {
 
 #[test]
 fn rms_norm_kernel_matches_the_reference() -> Result<()> {
-    let shapes: [&[usize]; 8] = [
+    // Rows up to 256 wide take the warp-per-row kernels (24 rows a block forward, 16 for dx,
+    // 32 or more a block for dweight), wider ones a block per row.
+    let shapes: [&[usize]; 15] = [
         &[3, 1],
         &[5, 7],
+        &[13, 10], // rows of 10: some 16-byte aligned, some not
         &[2, 9, 64],
         &[3, 128],
+        &[1029, 128],  // a partial last block; dweight warps over several rows
+        &[33_000, 64], // dweight at its 1024 blocks, the last ones with no rows
+        &[21, 200],
+        &[11, 255],   // an element tail after the 16-byte vectors
+        &[19, 256],   // the widest rows of the warp kernels
+        &[9, 264],    // the narrowest of the block kernels
         &[300, 1024], // more rows than the dweight kernel's 256 chunks
         &[2, 3, 4099],
         &[3, 12_000], // the widest row the dweight kernel accumulates
@@ -422,12 +437,15 @@ fn rms_norm_kernel_matches_the_reference() -> Result<()> {
 
 /// (b, t, heads) of a head view of a packed projection: (b, t, all heads, heads taken from,
 /// heads, d, transposed: the projection stored (t, b, ..) and seen as (b, t, ..)).
-const HEAD_VIEWS: [(usize, usize, usize, usize, usize, usize, bool); 6] = [
+const HEAD_VIEWS: [(usize, usize, usize, usize, usize, usize, bool); 9] = [
     (2, 17, 32, 0, 16, 128, false), // q of a packed (16 + 8 + 8) * 128 projection
     (2, 17, 32, 16, 8, 128, false), // its k
     (1, 5, 6, 2, 3, 64, true),
     (2, 7, 5, 1, 3, 10, false), // rows of 10: some 16-byte aligned, some not
     (3, 4, 4, 1, 2, 1, false),
+    (3, 11, 7, 2, 4, 200, false),
+    (2, 9, 5, 1, 3, 256, true), // the widest rows of the warp-per-row kernels
+    (2, 3, 4, 1, 2, 264, true), // the narrowest of the block-per-row kernels
     (1, 2, 3, 1, 2, 12_008, false), // wider than the dweight kernel: composed dweight
 ];
 
@@ -1065,26 +1083,74 @@ fn bandwidth_of_fused_kernels_against_candle() -> Result<()> {
     drop((gate_up, gate_up_var));
     drop((gate, up, dy, x, x_var, w_var, g_var, u_var));
 
-    // Qwen3's q norm on the q heads of a packed (b * t, 16 + 8 + 8 heads, 128) q/k/v
-    // projection: the kernel reading the view against a contiguous copy first.
-    let (tokens, all_heads, heads, d) = (16_384, 32, 16, 128);
+    // Qwen3-0.6B's q norm at its training shape (4 x 2048 tokens, 16 q heads of 128 in a
+    // packed (16 + 8 + 8) * 128 q/k/v projection): 131,072 rows of 128, the warp-per-row
+    // kernels, reading the view in place, a contiguous (131072, 128) copy, and (forward) the
+    // copy made first. dweight is the difference of the dx + dweight and dx calls (its kernel
+    // and candle's sum of the partials over blocks).
+    let (tokens, all_heads, heads, d) = (8192, 32, 16, 128);
+    let elements = (tokens * heads * d) as f64;
     let qkv = randn(0f32, 1.0, &[tokens, all_heads, d], dtype)?;
     let q = qkv.narrow(1, 0, heads)?;
+    let q_copy = q.contiguous()?.reshape((tokens * heads, d))?;
     let q_weight = randn(1f32, 0.1, &[d], dtype)?;
+    let q_dy = randn(0f32, 1.0, &[tokens, heads, d], dtype)?;
+    let q_dy_flat = q_dy.reshape((tokens * heads, d))?;
+    let shape = format!(
+        "({tokens}, {heads} of {all_heads}, {d}) bf16 = ({}, {d})",
+        tokens * heads
+    );
     bench.line(
         "rms_norm fwd, q heads of a packed projection",
-        &format!("({tokens}, {heads} of {all_heads}, {d}) bf16"),
-        2.0 * 2.0 * (tokens * heads * d) as f64,
+        &shape,
+        2.0 * 2.0 * elements,
         &mut [
             ("ours (in place)", &mut || {
                 ops::rms_norm(&q, &q_weight, 1e-6).map(drop)
+            }),
+            ("ours (contiguous)", &mut || {
+                ops::rms_norm(&q_copy, &q_weight, 1e-6).map(drop)
             }),
             ("copy + ours", &mut || {
                 ops::rms_norm(&q.contiguous()?, &q_weight, 1e-6).map(drop)
             }),
         ],
     )?;
-    drop((qkv, q));
+    let backward = |x: &Tensor, dy: &Tensor, with_weight: bool| {
+        oxtune_tensor::cuda::rms_norm_backward(x, &q_weight, dy, 1e-6, with_weight).map(drop)
+    };
+    bench.line(
+        "rms_norm bwd dx, q heads of a packed projection",
+        &shape,
+        3.0 * 2.0 * elements,
+        &mut [
+            ("ours (in place)", &mut || backward(&q, &q_dy, false)),
+            ("ours (contiguous)", &mut || {
+                backward(&q_copy, &q_dy_flat, false)
+            }),
+        ],
+    )?;
+    bench.line(
+        "rms_norm bwd dx + dweight, q heads of a packed projection",
+        &shape,
+        5.0 * 2.0 * elements,
+        &mut [
+            ("ours (in place)", &mut || backward(&q, &q_dy, true)),
+            ("ours (contiguous)", &mut || {
+                backward(&q_copy, &q_dy_flat, true)
+            }),
+        ],
+    )?;
+    let dx = seconds_per_call(&gpu, || backward(&q, &q_dy, false))?;
+    let dx_dweight = seconds_per_call(&gpu, || backward(&q, &q_dy, true))?;
+    let dweight = dx_dweight - dx;
+    println!(
+        "| rms_norm bwd dweight (dx + dweight minus dx), q heads of a packed projection | \
+         {shape} | ours (in place) {:.3} ms {:.0} GB/s |",
+        dweight * 1e3,
+        2.0 * 2.0 * elements / dweight / 1e9
+    );
+    drop((qkv, q, q_copy, q_dy, q_dy_flat));
 
     let (b, h, t, d) = (8, 16, 2048, 128);
     let elements = (b * h * t * d) as f64;

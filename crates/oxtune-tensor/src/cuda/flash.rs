@@ -806,6 +806,14 @@ impl CustomOp3 for FlashForward {
     }
 }
 
+/// A grid's y dimension of `tiles` tiles (at most 65535: 4M tokens of 64).
+fn tile_count(tiles: usize, kernel: &str) -> Result<u32> {
+    if tiles > 65_535 {
+        bail!("{kernel}: {tiles} tiles of 64 tokens exceed a grid's 65535 rows");
+    }
+    to_u32(tiles, "tiles", kernel)
+}
+
 /// Opts a kernel in to `bytes` of dynamic shared memory (above the default 48 KiB).
 fn with_shared_memory(
     func: &candle_core::cuda::cudarc::driver::CudaFunction,
@@ -866,20 +874,18 @@ fn forward_launch<T: KernelFloat>(
         .arg(&scale)
         .arg(&causal)
         .arg(&window);
+    // Heads along x (launched first), tiles along y: every head's heaviest tiles run before
+    // any lighter one, which packs the causal triangle's uneven blocks onto the SMs.
     let config = LaunchConfig {
         grid_dim: (
-            to_u32(
-                shape.positions.div_ceil(BLOCK_QUERIES),
-                "query tiles",
-                &kernel,
-            )?,
             to_u32(heads_total, "b * h", &kernel)?,
+            tile_count(shape.positions.div_ceil(BLOCK_QUERIES), &kernel)?,
             1,
         ),
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: shared,
     };
-    // SAFETY: grid (query tiles, b * h) of 128 threads with the shared memory of FwdSmem;
+    // SAFETY: grid (b * h, query tiles) of 128 threads with the shared memory of FwdSmem;
     // q, k, v hold every element their strides in `layouts` address (views spanning their
     // layouts), segments (b, t) (checked above); out (b * h * t * d, `layouts.o` contiguous
     // in the call's order) and lse (b, h, t) are sized for what the kernel writes; the
@@ -990,16 +996,18 @@ fn backward_main<T: KernelFloat>(
         .arg(&scale)
         .arg(&causal)
         .arg(&window);
+    // As the forward: heads along x, key tiles along y (the first, which see the most
+    // queries, first).
     let config = LaunchConfig {
         grid_dim: (
-            to_u32(shape.positions.div_ceil(BLOCK_KEYS), "key tiles", &kernel)?,
             to_u32(kv_total, "b * kv_h", &kernel)?,
+            tile_count(shape.positions.div_ceil(BLOCK_KEYS), &kernel)?,
             1,
         ),
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: shared,
     };
-    // SAFETY: grid (key tiles, b * kv_h) of 128 threads with the shared memory of BwdSmem;
+    // SAFETY: grid (b * kv_h, key tiles) of 128 threads with the shared memory of BwdSmem;
     // every input holds what its strides in `layouts` address (lse, delta, segments checked
     // above); dq (zeroed, f32), dk and dv are allocated contiguous in the call's order, as
     // `layouts.dq`, `.dk`, `.dv` address them; the argument list matches

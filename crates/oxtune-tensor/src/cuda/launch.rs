@@ -55,6 +55,28 @@ const RMS_NORM_DW_ROWS_PER_CHUNK: usize = 32;
 /// at least enough to fill the GPU, at most what keeps the partials and their sum small.
 const RMS_NORM_DW_CHUNKS: std::ops::RangeInclusive<usize> = 256..=8192;
 
+/// Widest row the warp-per-row RMSNorm kernels (`rms_norm_*_warp`) take, `WARP_ROW_MAX` of
+/// `kernels/common.cuh`: one warp a row, 8 rows of a 256-thread block at a time, warp
+/// shuffles only. Up to this width [`row_threads`] gives a one-block-per-row kernel a single
+/// warp, and the warp kernels split and sum a row as that warp does, so y and dx are bit for
+/// bit those of the block kernels (which keep the wider rows). Narrow rows are Qwen3's per-head
+/// q/k norms (d = 128: 131,072 and 65,536 rows at 4 x 2048 tokens of Qwen3-0.6B), where a
+/// block per row ran 32-thread blocks far from the GPU's bandwidth.
+const RMS_NORM_WARP_MAX_WIDTH: usize = 256;
+/// Threads of a block of the warp kernels: `NORM_WARPS` (8) warps.
+const RMS_NORM_WARP_THREADS: u32 = 256;
+/// Rows of one block's group in `rms_norm_fwd_warp` and `rms_norm_bwd_dx_warp`: `NORM_WARPS`
+/// times `NORM_FWD_ROWS` (3) and `NORM_DX_ROWS` (2) of `kernels/rms_norm.cu`. The grids give
+/// each block one group (the kernels loop, so any grid covers every row).
+const RMS_NORM_WARP_FWD_ROWS_PER_BLOCK: usize = 24;
+const RMS_NORM_WARP_DX_ROWS_PER_BLOCK: usize = 16;
+/// Blocks of `rms_norm_bwd_dw_warp`, hence rows of its partial sums: one per 32 rows (4 a
+/// warp) up to 1024 (an H200 holds 396 of them, 3 an SM, so 2.6 waves), so Qwen3's 131,072
+/// q-norm rows give each warp 16 rows and partials of 1024 x 128 f32 (0.5 MiB, against
+/// 67 MB of x and dy read).
+const RMS_NORM_WARP_DW_MIN_ROWS_PER_BLOCK: usize = 32;
+const RMS_NORM_WARP_DW_MAX_BLOCKS: usize = 1024;
+
 /// Where the rows of an RMSNorm input lie: rows numbered over `dims` (outer, middle, inner)
 /// in row-major order, row (a, b, c) starting a * strides[0] + b * strides[1] + c * strides[2]
 /// elements after the first. A contiguous input is (1, 1, rows) with strides (0, 0, width);
@@ -280,8 +302,23 @@ pub(crate) fn softmax_bwd<T: KernelFloat>(
     Ok(out)
 }
 
+/// The launch of a warp-per-row RMSNorm kernel over `rows` rows, `rows_per_block` a block.
+fn rms_norm_warp_config(rows: usize, rows_per_block: usize, kernel: &str) -> Result<LaunchConfig> {
+    Ok(LaunchConfig {
+        grid_dim: (
+            to_u32(rows.div_ceil(rows_per_block).max(1), "blocks", kernel)?,
+            1,
+            1,
+        ),
+        block_dim: (RMS_NORM_WARP_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
 /// y = T(x * rsqrt(mean(x^2) + eps)) * w over rows of `width`; x's rows lie as `x_rows`
-/// says (`xs` spans their extent), y is contiguous.
+/// says (`xs` spans their extent), y is contiguous. Rows of at most
+/// [`RMS_NORM_WARP_MAX_WIDTH`] take `rms_norm_fwd_warp`, wider ones `rms_norm_fwd` (a block
+/// per row).
 pub(crate) fn rms_norm_fwd<T: KernelFloat>(
     device: &CudaDevice,
     xs: &CudaView<'_, T>,
@@ -290,35 +327,51 @@ pub(crate) fn rms_norm_fwd<T: KernelFloat>(
     width: usize,
     eps: f32,
 ) -> Result<CudaSlice<T>> {
-    let kernel = "rms_norm_fwd";
+    let narrow = width <= RMS_NORM_WARP_MAX_WIDTH;
+    let kernel = if narrow {
+        "rms_norm_fwd_warp"
+    } else {
+        "rms_norm_fwd"
+    };
     let rows = x_rows.rows();
     let count = rows * width;
     expect_len(xs, x_rows.extent(width), "x", kernel)?;
     expect_len(weight, width, "weight", kernel)?;
     let (middle, inner, outer_stride, middle_stride, inner_stride) = x_rows.args(kernel)?;
-    let (n, grid) = (
+    let (n, rows_i32) = (
         to_i32(width, "width", kernel)?,
         to_i32(rows, "rows", kernel)?,
     );
+    let config = if narrow {
+        rms_norm_warp_config(rows, RMS_NORM_WARP_FWD_ROWS_PER_BLOCK, kernel)?
+    } else {
+        row_config(rows_i32.unsigned_abs(), width)
+    };
     let func = function::<T>(device, &RMS_NORM, kernel)?;
     // SAFETY: the kernel writes every element of every row.
     let mut out = unsafe { device.alloc::<T>(count)? };
     let stream = device.cuda_stream();
     let mut builder = stream.launch_builder(&func);
-    builder.arg(xs).arg(weight).arg(&mut out).arg(&n).arg(&eps);
+    builder.arg(xs).arg(weight).arg(&mut out);
+    if narrow {
+        builder.arg(&rows_i32);
+    }
+    builder.arg(&n).arg(&eps);
     builder.arg(&middle).arg(&inner);
     builder
         .arg(&outer_stride)
         .arg(&middle_stride)
         .arg(&inner_stride);
-    // SAFETY: one block per row; x spans every row's extent, w and y their lengths (checked
-    // above); arguments match rms_norm_fwd_<dtype> in rms_norm.cu.
-    unsafe { builder.launch(row_config(grid.unsigned_abs(), width)) }.w()?;
+    // SAFETY: a block per row (rms_norm_fwd), or warps looping over rows [0, rows) (the warp
+    // kernel, given the row count); x spans every row's extent, w and y their lengths
+    // (checked above); arguments match rms_norm_fwd_<dtype> / rms_norm_fwd_warp_<dtype> in
+    // rms_norm.cu.
+    unsafe { builder.launch(config) }.w()?;
     Ok(out)
 }
 
-/// dx of RMSNorm, one block per row; x's rows lie as `x_rows` says, dy and dx are
-/// contiguous.
+/// dx of RMSNorm, a warp per row up to [`RMS_NORM_WARP_MAX_WIDTH`] (`rms_norm_bwd_dx_warp`),
+/// else a block per row; x's rows lie as `x_rows` says, dy and dx are contiguous.
 pub(crate) fn rms_norm_bwd_dx<T: KernelFloat>(
     device: &CudaDevice,
     xs: &CudaView<'_, T>,
@@ -328,42 +381,53 @@ pub(crate) fn rms_norm_bwd_dx<T: KernelFloat>(
     width: usize,
     eps: f32,
 ) -> Result<CudaSlice<T>> {
-    let kernel = "rms_norm_bwd_dx";
+    let narrow = width <= RMS_NORM_WARP_MAX_WIDTH;
+    let kernel = if narrow {
+        "rms_norm_bwd_dx_warp"
+    } else {
+        "rms_norm_bwd_dx"
+    };
     let rows = x_rows.rows();
     let count = rows * width;
     expect_len(xs, x_rows.extent(width), "x", kernel)?;
     expect_len(weight, width, "weight", kernel)?;
     expect_len(grad, count, "dy", kernel)?;
     let (middle, inner, outer_stride, middle_stride, inner_stride) = x_rows.args(kernel)?;
-    let (n, grid) = (
+    let (n, rows_i32) = (
         to_i32(width, "width", kernel)?,
         to_i32(rows, "rows", kernel)?,
     );
+    let config = if narrow {
+        rms_norm_warp_config(rows, RMS_NORM_WARP_DX_ROWS_PER_BLOCK, kernel)?
+    } else {
+        row_config(rows_i32.unsigned_abs(), width)
+    };
     let func = function::<T>(device, &RMS_NORM, kernel)?;
     // SAFETY: the kernel writes every element of every row.
     let mut out = unsafe { device.alloc::<T>(count)? };
     let stream = device.cuda_stream();
     let mut builder = stream.launch_builder(&func);
-    builder
-        .arg(xs)
-        .arg(weight)
-        .arg(grad)
-        .arg(&mut out)
-        .arg(&n)
-        .arg(&eps);
+    builder.arg(xs).arg(weight).arg(grad).arg(&mut out);
+    if narrow {
+        builder.arg(&rows_i32);
+    }
+    builder.arg(&n).arg(&eps);
     builder.arg(&middle).arg(&inner);
     builder
         .arg(&outer_stride)
         .arg(&middle_stride)
         .arg(&inner_stride);
-    // SAFETY: one block per row; x spans every row's extent, w, dy and dx their lengths
-    // (checked above); arguments match rms_norm_bwd_dx_<dtype>.
-    unsafe { builder.launch(row_config(grid.unsigned_abs(), width)) }.w()?;
+    // SAFETY: a block per row, or warps looping over rows [0, rows) (the warp kernel, given
+    // the row count); x spans every row's extent, w, dy and dx their lengths (checked
+    // above); arguments match rms_norm_bwd_dx_<dtype> / rms_norm_bwd_dx_warp_<dtype>.
+    unsafe { builder.launch(config) }.w()?;
     Ok(out)
 }
 
 /// f32 partial sums of RMSNorm's dweight, (chunks, width): sum them over the chunks. x's
-/// rows lie as `x_rows` says, dy is contiguous.
+/// rows lie as `x_rows` says, dy is contiguous. Rows of at most [`RMS_NORM_WARP_MAX_WIDTH`]
+/// take `rms_norm_bwd_dw_warp` (each warp sums its rows in registers, 8 warps a chunk), wider
+/// ones `rms_norm_bwd_dw` (a chunk's rows one after another in shared memory).
 pub(crate) fn rms_norm_bwd_dw<T: KernelFloat>(
     device: &CudaDevice,
     xs: &CudaView<'_, T>,
@@ -372,7 +436,12 @@ pub(crate) fn rms_norm_bwd_dw<T: KernelFloat>(
     width: usize,
     eps: f32,
 ) -> Result<(CudaSlice<f32>, usize)> {
-    let kernel = "rms_norm_bwd_dw";
+    let narrow = width <= RMS_NORM_WARP_MAX_WIDTH;
+    let kernel = if narrow {
+        "rms_norm_bwd_dw_warp"
+    } else {
+        "rms_norm_bwd_dw"
+    };
     let rows = x_rows.rows();
     let count = rows * width;
     expect_len(xs, x_rows.extent(width), "x", kernel)?;
@@ -381,10 +450,14 @@ pub(crate) fn rms_norm_bwd_dw<T: KernelFloat>(
     if width > RMS_NORM_DW_MAX_WIDTH {
         bail!("{kernel}: width {width} > {RMS_NORM_DW_MAX_WIDTH} (its shared-memory accumulator)");
     }
-    let chunks = rows
-        .div_ceil(RMS_NORM_DW_ROWS_PER_CHUNK)
-        .clamp(*RMS_NORM_DW_CHUNKS.start(), *RMS_NORM_DW_CHUNKS.end())
-        .clamp(1, rows.max(1));
+    let chunks = if narrow {
+        rows.div_ceil(RMS_NORM_WARP_DW_MIN_ROWS_PER_BLOCK)
+            .clamp(1, RMS_NORM_WARP_DW_MAX_BLOCKS)
+    } else {
+        rows.div_ceil(RMS_NORM_DW_ROWS_PER_CHUNK)
+            .clamp(*RMS_NORM_DW_CHUNKS.start(), *RMS_NORM_DW_CHUNKS.end())
+            .clamp(1, rows.max(1))
+    };
     let rows_per_chunk = rows.div_ceil(chunks).max(1);
     let n = to_i32(width, "width", kernel)?;
     let rows_i32 = to_i32(rows, "rows", kernel)?;
@@ -402,15 +475,24 @@ pub(crate) fn rms_norm_bwd_dw<T: KernelFloat>(
         .arg(&outer_stride)
         .arg(&middle_stride)
         .arg(&inner_stride);
-    let config = LaunchConfig {
-        grid_dim: (to_u32(chunks, "chunks", kernel)?, 1, 1),
-        block_dim: (row_threads(width), 1, 1),
-        shared_mem_bytes: to_u32(width * 4, "shared memory", kernel)?,
+    let config = if narrow {
+        LaunchConfig {
+            grid_dim: (to_u32(chunks, "chunks", kernel)?, 1, 1),
+            block_dim: (RMS_NORM_WARP_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    } else {
+        LaunchConfig {
+            grid_dim: (to_u32(chunks, "chunks", kernel)?, 1, 1),
+            block_dim: (row_threads(width), 1, 1),
+            shared_mem_bytes: to_u32(width * 4, "shared memory", kernel)?,
+        }
     };
     // SAFETY: `chunks` blocks cover rows [0, rows) in chunks of rows_per_chunk; x spans every
-    // row's extent, dy holds rows * width (checked); the f32 accumulator (width * 4 <= 48_000
-    // bytes, plus 128 bytes of static scratch) is within the 48 KiB a block may use without
-    // opting in; out holds chunks * width; arguments match rms_norm_bwd_dw_<dtype>.
+    // row's extent, dy holds rows * width (checked); the block kernel's f32 accumulator
+    // (width * 4 <= 48_000 bytes, plus 128 bytes of static scratch) is within the 48 KiB a
+    // block may use without opting in (the warp kernel's is 8 KiB, static); out holds
+    // chunks * width; arguments match rms_norm_bwd_dw_<dtype> / rms_norm_bwd_dw_warp_<dtype>.
     unsafe { builder.launch(config) }.w()?;
     Ok((out, chunks))
 }

@@ -14,21 +14,25 @@
 //! projections' A_i stacked (P r, k) and B their B_i stacked (n_0 + n_1 + .., r); the frozen
 //! weights ride along and are read-locked inside, each storage once (they must differ from
 //! the inputs' and from each other's, which [`lora_linear_takes`] checks, as for the GEMV).
+//!
+//! With dropout on the adapters' input (training), the update reads a different x' than the
+//! base product: [`lora_linear_projected`] then takes h = x' A^T, computed by candle (which
+//! keeps the dropout's and A's backward), in place of A: (x, h, B). Its backward returns dh
+//! where the other returns dA, and dx holds the base products' part only.
 #![allow(
     unsafe_code,
     reason = "cuBLAS calls on device pointers and uninitialised outputs are unsafe FFI; kept to the cuda module"
 )]
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda::cudarc::cublas::{result as cublas, sys};
+use candle_core::cuda::CudaStorageSlice;
 use candle_core::cuda::cudarc::driver::{CudaSlice, CudaView, DevicePtr, DevicePtrMut};
-use candle_core::cuda::{CudaStorageSlice, WrapErr};
 use candle_core::{
-    CpuStorage, CudaDevice, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
-    bail,
+    CpuStorage, CudaDevice, CudaStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor, bail,
 };
 
-use super::launch::{KernelFloat, to_i32};
+use super::blas::{Dims, Operand, gemm};
+use super::launch::KernelFloat;
 use super::{no_cpu, storage_address, view, view_as};
 
 const OP: &str = "lora_linear";
@@ -38,12 +42,39 @@ const OP: &str = "lora_linear";
 /// of a larger weight are fine), P = `weights.len()` >= 1 parts of equal rank, and every
 /// storage distinct.
 pub fn lora_linear_takes(xs: &Tensor, weights: &[&Tensor], a: &Tensor, b: &Tensor) -> bool {
+    takes(xs, weights, a, b, Update::Factors)
+}
+
+/// [`lora_linear_takes`] for [`lora_linear_projected`]: `h` (.., P r) in place of `a`, with
+/// x's leading dimensions.
+pub fn lora_linear_projected_takes(
+    xs: &Tensor,
+    weights: &[&Tensor],
+    h: &Tensor,
+    b: &Tensor,
+) -> bool {
+    takes(xs, weights, h, b, Update::Projected)
+}
+
+fn takes(xs: &Tensor, weights: &[&Tensor], second: &Tensor, b: &Tensor, update: Update) -> bool {
     let Some(&k) = xs.dims().last() else {
         return false;
     };
     let parts = weights.len();
     let n: usize = weights.iter().filter_map(|w| w.dims().first()).sum();
-    let mut all: Vec<&Tensor> = vec![xs, a, b];
+    let stacked = match update {
+        Update::Factors if second.rank() == 2 && second.dim(1).ok() == Some(k) => {
+            second.dim(0).ok()
+        }
+        Update::Projected
+            if second.dims().split_last().map(|(_, lead)| lead)
+                == xs.dims().split_last().map(|(_, lead)| lead) =>
+        {
+            second.dims().last().copied()
+        }
+        _ => None,
+    };
+    let mut all: Vec<&Tensor> = vec![xs, second, b];
     all.extend(weights);
     let mut addresses: Vec<usize> = all.iter().map(|t| storage_address(t)).collect();
     addresses.sort_unstable();
@@ -54,13 +85,10 @@ pub fn lora_linear_takes(xs: &Tensor, weights: &[&Tensor], a: &Tensor, b: &Tenso
             .iter()
             .all(|w| w.rank() == 2 && w.dim(1).ok() == Some(k) && w.stride() == [k, 1])
         && !weights.iter().any(|w| w.track_op())
-        && a.rank() == 2
-        && a.dim(1).ok() == Some(k)
-        && a.dim(0)
-            .is_ok_and(|rows| rows > 0 && rows.is_multiple_of(parts))
+        && stacked.is_some_and(|rows| rows > 0 && rows.is_multiple_of(parts))
         && b.rank() == 2
         && b.dim(0).ok() == Some(n)
-        && b.dim(1).ok() == a.dim(0).ok().map(|rows| rows / parts)
+        && b.dim(1).ok() == stacked.map(|rows| rows / parts)
         && addresses.len() == all.len()
 }
 
@@ -69,147 +97,76 @@ pub fn lora_linear_takes(xs: &Tensor, weights: &[&Tensor], a: &Tensor, b: &Tenso
 /// A_i, `b` the B_i. Differentiable in x, a and b. Errors where [`lora_linear_takes`]
 /// refuses the inputs.
 pub fn lora_linear(xs: &Tensor, weights: &[&Tensor], a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    if !lora_linear_takes(xs, weights, a, b) {
+    apply(xs, weights, a, b, Update::Factors)
+}
+
+/// [`lora_linear`] whose updates read the projected input `h` = x' A^T (.., P r) (x' the
+/// adapters' input after dropout; the h_i side by side): x W_i^T + h_i B_i^T. Differentiable
+/// in x, h and b. Errors where [`lora_linear_projected_takes`] refuses the inputs.
+pub fn lora_linear_projected(
+    xs: &Tensor,
+    weights: &[&Tensor],
+    h: &Tensor,
+    b: &Tensor,
+) -> Result<Tensor> {
+    apply(xs, weights, h, b, Update::Projected)
+}
+
+fn apply(
+    xs: &Tensor,
+    weights: &[&Tensor],
+    second: &Tensor,
+    b: &Tensor,
+    update: Update,
+) -> Result<Tensor> {
+    if !takes(xs, weights, second, b, update) {
         bail!(
-            "{OP}: the op takes x (.., k), frozen weights (n_i, k) with contiguous rows, A (P r, \
-             k) and B (sum n_i, r) of one f32/bf16/f16 dtype on one CUDA device, in distinct \
-             storages; got x {:?}, weights {:?}, A {:?}, B {:?}",
+            "{OP}: the op takes x (.., k), frozen weights (n_i, k) with contiguous rows, {} and \
+             B (sum n_i, r) of one f32/bf16/f16 dtype on one CUDA device, in distinct storages; \
+             got x {:?}, weights {:?}, {:?}, B {:?}",
+            match update {
+                Update::Factors => "A (P r, k)",
+                Update::Projected => "h (.., P r)",
+            },
             xs.dims(),
             weights.iter().map(|w| w.dims()).collect::<Vec<_>>(),
-            a.dims(),
+            second.dims(),
             b.dims()
         );
     }
     let op = LoraLinear {
         weights: weights.iter().map(|&w| w.clone()).collect(),
+        update,
     };
     let n: usize = weights.iter().map(|w| w.dims()[0]).sum();
     let out = xs
         .contiguous()?
-        .apply_op3(&a.contiguous()?, &b.contiguous()?, op)?;
+        .apply_op3(&second.contiguous()?, &b.contiguous()?, op)?;
     let mut dims = xs.dims().to_vec();
     *dims.last_mut().expect("checked rank") = n;
     out.reshape(dims)
 }
 
+/// The op's second input: the stacked A (the op computes h = x A^T itself), or h given.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Update {
+    Factors,
+    Projected,
+}
+
 /// The forward: x is the first input, the frozen weights ride along.
 struct LoraLinear {
     weights: Vec<Tensor>,
+    update: Update,
 }
 
-/// The backward, on (dy, x, A) with the weights and B riding along: one buffer holding dx
-/// (when asked), dA and dB, in that order.
+/// The backward, on (dy, x, A or h) with the weights and B riding along: one buffer holding
+/// dx (when asked), dA or dh, and dB, in that order.
 struct LoraLinearBackward {
     weights: Vec<Tensor>,
     b: Tensor,
     with_dx: bool,
-}
-
-/// A row-major matrix operand of [`gemm`]: its device address, its row stride in elements,
-/// and whether the product reads it transposed.
-#[derive(Clone, Copy)]
-struct Operand {
-    address: u64,
-    stride: usize,
-    transposed: bool,
-}
-
-impl Operand {
-    fn plain(address: u64, stride: usize) -> Self {
-        Self {
-            address,
-            stride,
-            transposed: false,
-        }
-    }
-
-    fn transposed(address: u64, stride: usize) -> Self {
-        Self {
-            address,
-            stride,
-            transposed: true,
-        }
-    }
-
-    /// The operand starting `elements` further on (a column or row offset).
-    fn offset<T>(self, elements: usize) -> Self {
-        Self {
-            address: self.address + (elements * std::mem::size_of::<T>()) as u64,
-            ..self
-        }
-    }
-}
-
-/// The (m, n, k) of one product and its output's row stride.
-#[derive(Clone, Copy)]
-struct Dims {
-    m: usize,
-    n: usize,
-    k: usize,
-    out_stride: usize,
-}
-
-/// The cuBLAS type of a kernel dtype.
-fn data_type<T: KernelFloat>() -> Result<sys::cudaDataType> {
-    Ok(match T::DTYPE {
-        DType::F32 => sys::cudaDataType::CUDA_R_32F,
-        DType::BF16 => sys::cudaDataType::CUDA_R_16BF,
-        DType::F16 => sys::cudaDataType::CUDA_R_16F,
-        other => bail!("{OP}: no cuBLAS product for {other:?}"),
-    })
-}
-
-/// Row-major `out (m, n) = op(lhs) op(rhs) + beta out` with f32 accumulation, where op(lhs)
-/// is (m, k) and op(rhs) (k, n). cuBLAS is column-major, so it computes the transpose,
-/// `out^T = op(rhs)^T op(lhs)^T`, on the same memory.
-///
-/// # Safety
-/// The addresses must hold the matrices their strides and `dims` describe, on the device
-/// of `blas`'s stream, alive until the stream reaches the call.
-unsafe fn gemm<T: KernelFloat>(
-    blas: &candle_core::cuda::cudarc::cublas::CudaBlas,
-    dims: Dims,
-    lhs: Operand,
-    rhs: Operand,
-    out: u64,
-    beta: f32,
-) -> Result<()> {
-    let op = |transposed: bool| {
-        if transposed {
-            sys::cublasOperation_t::CUBLAS_OP_T
-        } else {
-            sys::cublasOperation_t::CUBLAS_OP_N
-        }
-    };
-    let int = |value: usize, what: &str| to_i32(value, what, OP);
-    let alpha = 1f32;
-    let dtype = data_type::<T>()?;
-    // SAFETY: the caller's contract; alpha and beta are f32 host scalars, as
-    // CUBLAS_COMPUTE_32F takes them.
-    unsafe {
-        cublas::gemm_ex(
-            *blas.handle(),
-            op(rhs.transposed),
-            op(lhs.transposed),
-            int(dims.n, "n")?,
-            int(dims.m, "m")?,
-            int(dims.k, "k")?,
-            std::ptr::from_ref(&alpha).cast(),
-            rhs.address as *const _,
-            dtype,
-            int(rhs.stride, "a row stride")?,
-            lhs.address as *const _,
-            dtype,
-            int(lhs.stride, "a row stride")?,
-            std::ptr::from_ref(&beta).cast(),
-            out as *mut _,
-            dtype,
-            int(dims.out_stride, "a row stride")?,
-            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-            sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
-        )
-    }
-    .w()
+    update: Update,
 }
 
 /// A frozen tensor's elements as a view of its (read-locked) CUDA storage.
@@ -233,10 +190,14 @@ struct Sizes {
 }
 
 impl Sizes {
-    fn new(x: &Layout, a: &Layout, weights: &[Tensor]) -> Self {
+    fn new(x: &Layout, second: &Layout, weights: &[Tensor], update: Update) -> Self {
         let k = *x.shape().dims().last().unwrap_or(&0);
         let widths: Vec<usize> = weights.iter().map(|w| w.dims()[0]).collect();
-        let rank = a.shape().dims()[0] / widths.len();
+        let stacked = match update {
+            Update::Factors => second.shape().dims()[0],
+            Update::Projected => *second.shape().dims().last().unwrap_or(&0),
+        };
+        let rank = stacked / widths.len();
         Self {
             m: x.shape().elem_count() / k.max(1),
             k,
@@ -249,7 +210,7 @@ impl Sizes {
         self.widths.iter().sum()
     }
 
-    /// Rows of the stacked A.
+    /// Rows of the stacked A (columns of h).
     fn stacked_rank(&self) -> usize {
         self.rank * self.widths.len()
     }
@@ -273,7 +234,7 @@ impl LoraLinear {
         &self,
         device: &CudaDevice,
         x: &CudaView<'_, T>,
-        a: &CudaView<'_, T>,
+        second: &CudaView<'_, T>,
         b: &CudaView<'_, T>,
         sizes: &Sizes,
     ) -> Result<CudaSlice<T>> {
@@ -292,39 +253,47 @@ impl LoraLinear {
             .collect::<Result<Vec<_>>>()?;
         let stream = device.cuda_stream();
         let blas = device.cublas_handle();
-        // SAFETY: both are written in full below (h by one product, every column of y by
-        // its projection's base product) before anything reads them.
-        let (mut h, mut y) =
-            unsafe { (device.alloc::<T>(m * stacked)?, device.alloc::<T>(m * n)?) };
+        // SAFETY: y, and h when the op makes it, are written in full below (h by one product,
+        // every column of y by its projection's base product) before anything reads them.
+        let mut y = unsafe { device.alloc::<T>(m * n)? };
+        let mut made_h = match self.update {
+            Update::Factors => Some(unsafe { device.alloc::<T>(m * stacked)? }),
+            Update::Projected => None,
+        };
         // The device addresses, and their stream syncs, live until the products are queued.
         {
             let (x_address, _x_sync) = x.device_ptr(&stream);
-            let (a_address, _a_sync) = a.device_ptr(&stream);
+            let (second_address, _second_sync) = second.device_ptr(&stream);
             let (b_address, _b_sync) = b.device_ptr(&stream);
-            let (h_address, _h_sync) = h.device_ptr_mut(&stream);
+            let made_h = made_h.as_mut().map(|h| h.device_ptr_mut(&stream));
             let (y_address, _y_sync) = y.device_ptr_mut(&stream);
             let weight_addresses: Vec<_> = weights.iter().map(|w| w.device_ptr(&stream)).collect();
             let x_rows = Operand::plain(x_address, k);
+            let h_address = made_h
+                .as_ref()
+                .map_or(second_address, |(address, _)| *address);
             let h_rows = Operand::plain(h_address, stacked);
-            // SAFETY (every product below): x (m, k), A (P r, k), B (n, r), each weight (n_i, k),
-            // h (m, P r) and y (m, n) hold what their strides and the dims say (the views are
-            // checked contiguous, lora_linear_takes checked the shapes); all are on the device's
-            // stream, which cuBLAS runs on, and outlive the calls.
+            // SAFETY (every product below): x (m, k), A (P r, k) or h (m, P r), B (n, r),
+            // each weight (n_i, k) and y (m, n) hold what their strides and the dims say (the
+            // views are checked contiguous, `takes` checked the shapes); all are on the
+            // device's stream, which cuBLAS runs on, and outlive the calls.
             unsafe {
-                // h = x A^T
-                gemm::<T>(
-                    &blas,
-                    Dims {
-                        m,
-                        n: stacked,
-                        k,
-                        out_stride: stacked,
-                    },
-                    x_rows,
-                    Operand::transposed(a_address, k),
-                    h_address,
-                    0.0,
-                )?;
+                if made_h.is_some() {
+                    // h = x A^T
+                    gemm::<T>(
+                        &blas,
+                        Dims {
+                            m,
+                            n: stacked,
+                            k,
+                            out_stride: stacked,
+                        },
+                        x_rows,
+                        Operand::transposed(second_address, k),
+                        h_address,
+                        0.0,
+                    )?;
+                }
                 for (part, start, width) in sizes.starts() {
                     let out = Operand::plain(y_address, n).offset::<T>(start).address;
                     // y_i = x W_i^T, then y_i += h_i B_i^T
@@ -387,12 +356,12 @@ impl CustomOp3 for LoraLinear {
         b: &CudaStorage,
         b_layout: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let sizes = Sizes::new(x_layout, a_layout, &self.weights);
+        let sizes = Sizes::new(x_layout, a_layout, &self.weights, self.update);
         let device = &x.device;
         let y = float_dispatch!(OP, x, |slice| self.run(
             device,
             &view(slice, x_layout, OP, "x")?,
-            &view_as(a, a_layout, OP, "A")?,
+            &view_as(a, a_layout, OP, "A or h")?,
             &view_as(b, b_layout, OP, "B")?,
             &sizes
         ));
@@ -402,7 +371,7 @@ impl CustomOp3 for LoraLinear {
     fn bwd(
         &self,
         x: &Tensor,
-        a: &Tensor,
+        second: &Tensor,
         b: &Tensor,
         _: &Tensor,
         grad: &Tensor,
@@ -412,37 +381,50 @@ impl CustomOp3 for LoraLinear {
             weights: self.weights.clone(),
             b: b.clone(),
             with_dx,
+            update: self.update,
         };
         let k = x.dim(candle_core::D::Minus1)?;
         let m = x.elem_count() / k.max(1);
-        let (a_len, b_len) = (a.elem_count(), b.elem_count());
-        let packed = grad.contiguous()?.apply_op3_no_bwd(x, a, &backward)?;
+        let (second_len, b_len) = (second.elem_count(), b.elem_count());
+        let packed = grad.contiguous()?.apply_op3_no_bwd(x, second, &backward)?;
         let dx_len = if with_dx { m * k } else { 0 };
         let dx = if with_dx {
             Some(packed.narrow(0, 0, dx_len)?.reshape(x.shape())?)
         } else {
             None
         };
-        let da = packed.narrow(0, dx_len, a_len)?.reshape(a.shape())?;
+        // dA, or dh
+        let dsecond = packed
+            .narrow(0, dx_len, second_len)?
+            .reshape(second.shape())?;
         let db = packed
-            .narrow(0, dx_len + a_len, b_len)?
+            .narrow(0, dx_len + second_len, b_len)?
             .reshape(b.shape())?;
-        Ok((dx, Some(da), Some(db)))
+        Ok((dx, Some(dsecond), Some(db)))
     }
 }
 
 impl LoraLinearBackward {
+    /// Elements of the gradient of the op's second input: dA (P r, k), or dh (m, P r).
+    fn second_len(&self, sizes: &Sizes) -> usize {
+        match self.update {
+            Update::Factors => sizes.stacked_rank() * sizes.k,
+            Update::Projected => sizes.m * sizes.stacked_rank(),
+        }
+    }
+
     fn run<T: KernelFloat>(
         &self,
         device: &CudaDevice,
         dy: &CudaView<'_, T>,
         x: &CudaView<'_, T>,
-        a: &CudaView<'_, T>,
+        second: &CudaView<'_, T>,
         sizes: &Sizes,
     ) -> Result<CudaSlice<T>> {
         let Sizes { m, k, rank, .. } = *sizes;
         let (n, stacked) = (sizes.n(), sizes.stacked_rank());
         let dx_len = if self.with_dx { m * k } else { 0 };
+        let factors = self.update == Update::Factors;
         let guards: Vec<_> = self
             .weights
             .iter()
@@ -458,52 +440,66 @@ impl LoraLinearBackward {
         let b = riding_view::<T>(&b_guard, &self.b, "B")?;
         let stream = device.cuda_stream();
         let blas = device.cublas_handle();
-        // SAFETY: h, dh and every section of the output are written in full below before
-        // anything reads them (dx by its first product with beta 0).
-        let (mut h, mut dh, mut out) = unsafe {
-            (
-                device.alloc::<T>(m * stacked)?,
-                device.alloc::<T>(m * stacked)?,
-                device.alloc::<T>(dx_len + stacked * k + n * rank)?,
-            )
+        // SAFETY: every section of the output, and h and dh when the op makes them (from A),
+        // are written in full below before anything reads them (dx by its first product
+        // with beta 0).
+        let mut out = unsafe { device.alloc::<T>(dx_len + self.second_len(sizes) + n * rank)? };
+        let mut made = if factors {
+            // SAFETY: as above.
+            Some(unsafe {
+                (
+                    device.alloc::<T>(m * stacked)?,
+                    device.alloc::<T>(m * stacked)?,
+                )
+            })
+        } else {
+            None
         };
         // The device addresses, and their stream syncs, live until the products are queued.
         {
             let (dy_address, _dy_sync) = dy.device_ptr(&stream);
             let (x_address, _x_sync) = x.device_ptr(&stream);
-            let (a_address, _a_sync) = a.device_ptr(&stream);
+            let (second_address, _second_sync) = second.device_ptr(&stream);
             let (b_address, _b_sync) = b.device_ptr(&stream);
-            let (h_address, _h_sync) = h.device_ptr_mut(&stream);
-            let (dh_address, _dh_sync) = dh.device_ptr_mut(&stream);
             let (out_address, _out_sync) = out.device_ptr_mut(&stream);
+            let made = made
+                .as_mut()
+                .map(|(h, dh)| (h.device_ptr_mut(&stream), dh.device_ptr_mut(&stream)));
             let weight_addresses: Vec<_> = weights.iter().map(|w| w.device_ptr(&stream)).collect();
+            let dx_address = out_address;
+            let second_grad = Operand::plain(out_address, k).offset::<T>(dx_len).address;
+            let db = Operand::plain(out_address, rank).offset::<T>(dx_len + self.second_len(sizes));
+            // h: made from A, or the second input; dh: made, or the output's section
+            let (h_address, dh_address) = match &made {
+                Some(((h, _), (dh, _))) => (*h, *dh),
+                None => (second_address, second_grad),
+            };
             let x_rows = Operand::plain(x_address, k);
             let dy_rows = Operand::plain(dy_address, n);
             let h_rows = Operand::plain(h_address, stacked);
             let dh_rows = Operand::plain(dh_address, stacked);
-            let dx_address = out_address;
-            let da_address = Operand::plain(out_address, k).offset::<T>(dx_len).address;
-            let db = Operand::plain(out_address, rank).offset::<T>(dx_len + stacked * k);
-            // SAFETY (every product below): dy (m, n), x (m, k), A (P r, k), B (n, r), each
-            // weight (n_i, k), h and dh (m, P r) and the output's sections dx (m, k), dA (P r, k)
-            // and dB (n, r) hold what their strides and the dims say (views checked contiguous,
-            // shapes by lora_linear_takes and the forward); all on the device's stream, alive
-            // for the calls.
+            // SAFETY (every product below): dy (m, n), x (m, k), A (P r, k) or h (m, P r),
+            // B (n, r), each weight (n_i, k), h and dh (m, P r) and the output's sections dx
+            // (m, k), dA (P r, k) or dh, and dB (n, r) hold what their strides and the dims
+            // say (views checked contiguous, shapes by `takes` and the forward); all on the
+            // device's stream, alive for the calls.
             unsafe {
-                // h = x A^T again (cheaper than keeping it alive from the forward)
-                gemm::<T>(
-                    &blas,
-                    Dims {
-                        m,
-                        n: stacked,
-                        k,
-                        out_stride: stacked,
-                    },
-                    x_rows,
-                    Operand::transposed(a_address, k),
-                    h_address,
-                    0.0,
-                )?;
+                if factors {
+                    // h = x A^T again (cheaper than keeping it alive from the forward)
+                    gemm::<T>(
+                        &blas,
+                        Dims {
+                            m,
+                            n: stacked,
+                            k,
+                            out_stride: stacked,
+                        },
+                        x_rows,
+                        Operand::transposed(second_address, k),
+                        h_address,
+                        0.0,
+                    )?;
+                }
                 for (part, start, width) in sizes.starts() {
                     let dy_part = dy_rows.offset::<T>(start);
                     let b_part = Operand::plain(b_address, rank).offset::<T>(start * rank);
@@ -552,34 +548,36 @@ impl LoraLinearBackward {
                         )?;
                     }
                 }
-                // dA = dh^T x
-                gemm::<T>(
-                    &blas,
-                    Dims {
-                        m: stacked,
-                        n: k,
-                        k: m,
-                        out_stride: k,
-                    },
-                    Operand::transposed(dh_address, stacked),
-                    x_rows,
-                    da_address,
-                    0.0,
-                )?;
-                if self.with_dx {
+                if factors {
+                    // dA = dh^T x
                     gemm::<T>(
                         &blas,
                         Dims {
-                            m,
+                            m: stacked,
                             n: k,
-                            k: stacked,
+                            k: m,
                             out_stride: k,
                         },
-                        dh_rows,
-                        Operand::plain(a_address, k),
-                        dx_address,
-                        1.0,
+                        Operand::transposed(dh_address, stacked),
+                        x_rows,
+                        second_grad,
+                        0.0,
                     )?;
+                    if self.with_dx {
+                        gemm::<T>(
+                            &blas,
+                            Dims {
+                                m,
+                                n: k,
+                                k: stacked,
+                                out_stride: k,
+                            },
+                            dh_rows,
+                            Operand::plain(second_address, k),
+                            dx_address,
+                            1.0,
+                        )?;
+                    }
                 }
             }
         }
@@ -613,7 +611,7 @@ impl CustomOp3 for LoraLinearBackward {
         a: &CudaStorage,
         a_layout: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let sizes = Sizes::new(x_layout, a_layout, &self.weights);
+        let sizes = Sizes::new(x_layout, a_layout, &self.weights, self.update);
         if dy_layout.shape().elem_count() != sizes.m * sizes.n() {
             bail!(
                 "{OP}: the output's gradient {:?} does not match {} rows of {} outputs",
@@ -627,11 +625,11 @@ impl CustomOp3 for LoraLinearBackward {
             device,
             &view(slice, dy_layout, OP, "dy")?,
             &view_as(x, x_layout, OP, "x")?,
-            &view_as(a, a_layout, OP, "A")?,
+            &view_as(a, a_layout, OP, "A or h")?,
             &sizes
         ));
         let dx_len = if self.with_dx { sizes.m * sizes.k } else { 0 };
-        let len = dx_len + sizes.stacked_rank() * sizes.k + sizes.n() * sizes.rank;
+        let len = dx_len + self.second_len(&sizes) + sizes.n() * sizes.rank;
         Ok((out, Shape::from(len)))
     }
 }

@@ -916,7 +916,9 @@ impl CustomOp3 for Rope {
 // Ops in files of their own (each with its launch code); the macro and helpers above are
 // visible to them.
 mod add_rms_norm;
+mod blas;
 mod cross_entropy;
+mod embedding;
 mod flash;
 mod gemv;
 mod lora;
@@ -924,7 +926,10 @@ mod paged;
 mod rope_cache;
 
 pub use add_rms_norm::add_rms_norm;
+pub use blas::{accumulate_transposed_product, linear_trainable};
 pub use cross_entropy::{cross_entropy_backward, cross_entropy_sum, cross_entropy_sum_with_lse};
+pub(crate) use embedding::embedding_takes;
+pub use embedding::{embedding, embedding_backward};
 pub(crate) use flash::HEAD_DIMS as FLASH_HEAD_DIMS;
 pub use flash::{
     flash_attention, flash_attention_backward, flash_attention_positions_first,
@@ -932,7 +937,9 @@ pub use flash::{
 };
 pub use gemv::{GEMV_MAX_ROWS, GEMV_MAX_WEIGHTS, gemv_pays, linear_rows, swiglu_linear_rows};
 pub(crate) use gemv::{gemv_launch, gemv_takes};
-pub use lora::{lora_linear, lora_linear_takes};
+pub use lora::{
+    lora_linear, lora_linear_projected, lora_linear_projected_takes, lora_linear_takes,
+};
 pub use paged::{PAGED_ATTENTION_MAX_HEAD_DIM, paged_attention};
 pub use rope_cache::{ROPE_CACHE_MAX_HEAD_DIM, qk_norm_rope_cache_write};
 pub(crate) use rope_cache::{rope_cache_fused, rope_cache_takes};
