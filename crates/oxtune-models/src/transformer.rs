@@ -12,7 +12,7 @@
 use oxtune_tensor::attention::{AttentionMask, flash_attention, flash_attention_positions_first};
 use oxtune_tensor::candle::backprop::GradStore;
 use oxtune_tensor::ops::{self, PagedContext};
-use oxtune_tensor::{DType, Module, Tensor, Var};
+use oxtune_tensor::{DType, Tensor, Var};
 
 use crate::Result;
 use crate::checkpoint::WeightSource;
@@ -30,13 +30,21 @@ pub trait Adapter: std::fmt::Debug + Send + Sync {
     /// (.., in) -> (.., out)
     fn forward(&self, xs: &Tensor, base: &Linear) -> Result<Tensor>;
 
-    /// When the adapter's whole effect on this forward pass is a low-rank update
-    /// `x A^T B^T`: A (r, in) and B (out, r) in `dtype`, any scale folded into B, both
-    /// differentiable into the adapter's parameters. The model then runs the layer (and
-    /// layers sharing its input) through [`ops::lora_linear`]. `None` (the default) when the
-    /// adapter does more (DoRA's magnitudes, dropout while training).
+    /// When the adapter's whole effect is a low-rank update `x' A^T B^T` of its input x'
+    /// ([`Adapter::low_rank_input`]): A (r, in) and B (out, r) in `dtype`, any scale folded
+    /// into B, both differentiable into the adapter's parameters. The model then runs the
+    /// layer (and layers sharing its input) through [`ops::lora_linear`]. `None` (the default)
+    /// when the adapter does more (DoRA's magnitudes).
     fn low_rank(&self, dtype: DType) -> Result<Option<LowRank>> {
         let _ = dtype;
+        Ok(None)
+    }
+
+    /// The input x' of [`Adapter::low_rank`]'s update for this forward pass, when it is not
+    /// `xs` itself (dropout while training). The model then hands `x' A^T` to
+    /// [`ops::lora_linear_projected`].
+    fn low_rank_input(&self, xs: &Tensor) -> Result<Option<Tensor>> {
+        let _ = xs;
         Ok(None)
     }
 }
@@ -178,13 +186,15 @@ impl Linear {
 
     /// The outputs of layers reading the same input, concatenated on the last dimension,
     /// through one [`ops::lora_linear`] when every layer's adapter is a plain low-rank update
-    /// ([`Adapter::low_rank`]) of one rank and only a single layer may have a bias; `None`
-    /// otherwise (the caller runs each layer's [`Linear::forward`]).
+    /// ([`Adapter::low_rank`]) of one rank and only a single layer may have a bias (with
+    /// dropout, each adapter's `x' A^T` first, then one [`ops::lora_linear_projected`]);
+    /// `None` otherwise (the caller runs each layer's [`Linear::forward`]).
     fn forward_low_rank(linears: &[&Linear], xs: &Tensor) -> Result<Option<Tensor>> {
         if linears.len() > 1 && linears.iter().any(|linear| linear.bias.is_some()) {
             return Ok(None);
         }
         let mut updates = Vec::with_capacity(linears.len());
+        let mut inputs = Vec::with_capacity(linears.len());
         for linear in linears {
             let Some(adapter) = &linear.adapter else {
                 return Ok(None);
@@ -193,6 +203,7 @@ impl Linear {
                 Some(update) => updates.push(update),
                 None => return Ok(None),
             }
+            inputs.push(adapter.low_rank_input(xs)?);
         }
         if updates
             .windows(2)
@@ -200,14 +211,31 @@ impl Linear {
         {
             return Ok(None);
         }
-        let stack = |part: fn(&LowRank) -> &Tensor| -> Result<Tensor> {
-            match updates.as_slice() {
-                [one] => Ok(part(one).clone()),
-                all => Ok(Tensor::cat(&all.iter().map(part).collect::<Vec<_>>(), 0)?),
+        let stack = |parts: Vec<&Tensor>, dim: usize| -> Result<Tensor> {
+            match parts.as_slice() {
+                [one] => Ok((*one).clone()),
+                all => Ok(Tensor::cat(all, dim)?),
             }
         };
         let weights: Vec<&Tensor> = linears.iter().map(|linear| &linear.weight).collect();
-        let ys = ops::lora_linear(xs, &weights, &stack(|u| &u.a)?, &stack(|u| &u.b)?)?;
+        let b = stack(updates.iter().map(|u| &u.b).collect(), 0)?;
+        let ys = if inputs.iter().all(Option::is_none) {
+            let a = stack(updates.iter().map(|u| &u.a).collect(), 0)?;
+            ops::lora_linear(xs, &weights, &a, &b)?
+        } else {
+            let projected = updates
+                .iter()
+                .zip(&inputs)
+                .map(|(update, input)| {
+                    Ok(input
+                        .as_ref()
+                        .unwrap_or(xs)
+                        .broadcast_matmul(&update.a.t()?)?)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let h = stack(projected.iter().collect(), xs.rank() - 1)?;
+            ops::lora_linear_projected(xs, &weights, &h, &b)?
+        };
         Ok(Some(match &linears[0].bias {
             Some(bias) => ys.broadcast_add(bias)?,
             None => ys,
@@ -216,7 +244,7 @@ impl Linear {
 
     /// `x W^T + b`, ignoring any adapter.
     pub fn base_forward(&self, xs: &Tensor) -> Result<Tensor> {
-        Ok(oxtune_tensor::nn::Linear::new(self.weight.clone(), self.bias.clone()).forward(xs)?)
+        Ok(ops::linear(xs, &self.weight, self.bias.as_ref())?)
     }
 }
 
@@ -1189,10 +1217,7 @@ impl CausalLm {
         let (b, t) = input_ids.dims2()?;
         let c = self.config.hidden_size;
         let mut context = self.batch_context(input_ids, layout)?;
-        let embedded = self
-            .embed_tokens
-            .index_select(&input_ids.flatten_all()?, 0)?
-            .reshape((b, t, c))?;
+        let embedded = ops::embedding(&self.embed_tokens, input_ids)?.reshape((b, t, c))?;
 
         // 1. Blocks: with checkpointing each runs on a detached input; without, one graph.
         let mut block_inputs = Vec::with_capacity(self.layers.len());
@@ -1255,9 +1280,9 @@ impl CausalLm {
     /// The summed loss over `flat` (rows, c) chunk by chunk, the gradients it leaves
     /// (the head's weight's when it is trainable) and the gradient of `flat`, for a head
     /// that is the product with `weight` (v, c). Each chunk's logits are a leaf: its input
-    /// gradient is one product written in place, and a trainable weight gets one product over
-    /// every row's logit gradients (kept in the weight's dtype), instead of a (v, c) gradient
-    /// per chunk summed up.
+    /// gradient is one product written in place, and a trainable weight's gradient is one f32
+    /// sum that each chunk's product is added into ([`ops::add_transposed_product`]), instead
+    /// of a (v, c) gradient per chunk, transposed and added up.
     fn plain_head_loss(
         flat: &Tensor,
         weight: &Tensor,
@@ -1268,22 +1293,22 @@ impl CausalLm {
         let vocab = weight.dim(0)?;
         let frozen = weight.detach();
         let grad_flat = Tensor::zeros((rows, c), flat.dtype(), flat.device())?;
-        let grad_logits = if weight.track_op() {
-            Some(Tensor::zeros((rows, vocab), flat.dtype(), flat.device())?)
+        let mut grad_weight = if weight.track_op() {
+            Some(Tensor::zeros((vocab, c), DType::F32, flat.device())?)
         } else {
             None
         };
         let mut summed: Option<(Tensor, GradStore)> = None;
         for start in (0..rows).step_by(chunk) {
             let end = (start + chunk).min(rows);
-            let logits =
-                Var::from_tensor(&flat.narrow(0, start, end - start)?.matmul(&frozen.t()?)?)?;
+            let rows_in = flat.narrow(0, start, end - start)?;
+            let logits = Var::from_tensor(&rows_in.matmul(&frozen.t()?)?)?;
             let value = loss(logits.as_tensor(), start..end)?;
             let mut chunk_grads = value.backward()?;
             let grad = take_grad(&mut chunk_grads, logits.as_tensor())?.to_dtype(flat.dtype())?;
             grad_flat.slice_set(&grad.matmul(&frozen)?, 0, start)?;
-            if let Some(all) = &grad_logits {
-                all.slice_set(&grad.contiguous()?, 0, start)?;
+            if let Some(sum) = grad_weight.take() {
+                grad_weight = Some(ops::add_transposed_product(sum, &grad, &rows_in)?);
             }
             let value = value.detach();
             summed = Some(match summed {
@@ -1297,10 +1322,9 @@ impl CausalLm {
         let (total, mut grads) = summed.ok_or_else(|| {
             oxtune_tensor::candle::Error::Msg("a training batch without tokens".into())
         })?;
-        if let Some(all) = grad_logits {
-            let grad_weight = all.t()?.matmul(flat)?.to_dtype(weight.dtype())?;
+        if let Some(sum) = grad_weight {
             // The chunks' logits were leaves, so no other gradient of the weight exists yet.
-            grads.insert(weight, grad_weight);
+            grads.insert(weight, sum.to_dtype(weight.dtype())?);
         }
         Ok((total, grads, grad_flat))
     }
@@ -1377,10 +1401,7 @@ impl CausalLm {
     fn run_layers(&self, input_ids: &Tensor, context: &mut AttentionContext<'_>) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         let c = self.config.hidden_size;
-        let mut xs = self
-            .embed_tokens
-            .index_select(&input_ids.flatten_all()?, 0)?
-            .reshape((b, t, c))?;
+        let mut xs = ops::embedding(&self.embed_tokens, input_ids)?.reshape((b, t, c))?;
         for (index, layer) in self.layers.iter().enumerate() {
             xs = layer.forward(&xs, context, index)?;
         }
@@ -1443,7 +1464,7 @@ impl CausalLm {
         last: Option<&Tensor>,
         head_routing: &AdapterRouting,
     ) -> Result<Tensor> {
-        let mut xs = self.embed_tokens.index_select(ids, 0)?.unsqueeze(0)?;
+        let mut xs = ops::embedding(&self.embed_tokens, ids)?.unsqueeze(0)?;
         let mut pending = None;
         for (index, layer) in self.layers.iter().enumerate() {
             let (stream, mlp) = layer.forward_paged(&xs, pending.as_ref(), step, cache, index)?;

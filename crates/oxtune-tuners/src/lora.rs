@@ -160,6 +160,17 @@ impl LoraAdapter {
         self.dropout > 0.0 && self.state.training.load(Ordering::Relaxed)
     }
 
+    /// The adapter's input with this micro-batch's dropout mask (seeded per adapter).
+    fn dropped(&self, xs: &Tensor) -> oxtune_models::Result<Tensor> {
+        let seed = self
+            .state
+            .seed
+            .load(Ordering::Relaxed)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            ^ self.index;
+        Ok(oxtune_tensor::ops::dropout(xs, self.dropout, seed)?)
+    }
+
     /// A and s B in `dtype`, as the forward multiplies them.
     fn factors(&self, dtype: DType) -> oxtune_models::Result<(Tensor, Tensor)> {
         let a = self.a.as_tensor().to_dtype(dtype)?;
@@ -172,24 +183,26 @@ impl LoraAdapter {
 
 impl Adapter for LoraAdapter {
     fn low_rank(&self, dtype: DType) -> oxtune_models::Result<Option<LowRank>> {
-        if self.magnitude.is_some() || self.dropping() {
+        if self.magnitude.is_some() {
             return Ok(None);
         }
         let (a, b) = self.factors(dtype)?;
         Ok(Some(LowRank { a, b }))
     }
 
+    fn low_rank_input(&self, xs: &Tensor) -> oxtune_models::Result<Option<Tensor>> {
+        Ok(if self.dropping() {
+            Some(self.dropped(xs)?)
+        } else {
+            None
+        })
+    }
+
     fn forward(&self, xs: &Tensor, base: &Linear) -> oxtune_models::Result<Tensor> {
         let result = base.base_forward(xs)?;
         let dropping = self.dropping();
         let x = if dropping {
-            let seed = self
-                .state
-                .seed
-                .load(Ordering::Relaxed)
-                .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-                ^ self.index;
-            oxtune_tensor::ops::dropout(xs, self.dropout, seed)?
+            self.dropped(xs)?
         } else {
             xs.clone()
         };
