@@ -26,9 +26,11 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda::CudaStorageSlice;
+use candle_core::cuda::cudarc::cublas::CudaBlas;
 use candle_core::cuda::cudarc::driver::{CudaSlice, CudaView, DevicePtr, DevicePtrMut};
 use candle_core::{
-    CpuStorage, CudaDevice, CudaStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor, bail,
+    CpuStorage, CudaDevice, CudaStorage, CustomOp3, Layout, Result, Shape, Storage, StorageRef,
+    Tensor, bail,
 };
 
 use super::blas::{Dims, Operand, gemm};
@@ -181,6 +183,50 @@ fn riding_view<'a, T: KernelFloat>(
     view(storage.as_cuda_slice::<T>()?, tensor.layout(), OP, what)
 }
 
+/// The frozen weights' elements as views of their read-locked storages (`guards`, one per
+/// weight; `takes` checked the storages are distinct, so none is locked twice).
+fn weight_views<'a, T: KernelFloat>(
+    weights: &[Tensor],
+    guards: &'a [(StorageRef<'a>, &'a Layout)],
+) -> Result<Vec<CudaView<'a, T>>> {
+    weights
+        .iter()
+        .zip(guards)
+        .map(|(w, (guard, _))| riding_view::<T>(guard, w, "a weight"))
+        .collect()
+}
+
+/// h (m, P r) = x (m, k) A^T, A (P r, k) stacked.
+///
+/// # Safety
+/// As [`gemm`]: the addresses hold those matrices on `blas`'s stream, alive for the call.
+unsafe fn project<T: KernelFloat>(
+    blas: &CudaBlas,
+    sizes: &Sizes,
+    x: u64,
+    a: u64,
+    h: u64,
+) -> Result<()> {
+    let (stacked, k) = (sizes.stacked_rank(), sizes.k);
+    let dims = Dims {
+        m: sizes.m,
+        n: stacked,
+        k,
+        out_stride: stacked,
+    };
+    // SAFETY: the caller's contract.
+    unsafe {
+        gemm::<T>(
+            blas,
+            dims,
+            Operand::plain(x, k),
+            Operand::transposed(a, k),
+            h,
+            0.0,
+        )
+    }
+}
+
 /// The shapes of one call: rows m of x, its width k, the projections' widths, the rank.
 struct Sizes {
     m: usize,
@@ -245,12 +291,7 @@ impl LoraLinear {
             .iter()
             .map(Tensor::storage_and_layout)
             .collect();
-        let weights = self
-            .weights
-            .iter()
-            .zip(&guards)
-            .map(|(w, (guard, _))| riding_view::<T>(guard, w, "a weight"))
-            .collect::<Result<Vec<_>>>()?;
+        let weights = weight_views::<T>(&self.weights, &guards)?;
         let stream = device.cuda_stream();
         let blas = device.cublas_handle();
         // SAFETY: y, and h when the op makes it, are written in full below (h by one product,
@@ -279,20 +320,7 @@ impl LoraLinear {
             // device's stream, which cuBLAS runs on, and outlive the calls.
             unsafe {
                 if made_h.is_some() {
-                    // h = x A^T
-                    gemm::<T>(
-                        &blas,
-                        Dims {
-                            m,
-                            n: stacked,
-                            k,
-                            out_stride: stacked,
-                        },
-                        x_rows,
-                        Operand::transposed(second_address, k),
-                        h_address,
-                        0.0,
-                    )?;
+                    project::<T>(&blas, sizes, x_address, second_address, h_address)?;
                 }
                 for (part, start, width) in sizes.starts() {
                     let out = Operand::plain(y_address, n).offset::<T>(start).address;
@@ -430,12 +458,7 @@ impl LoraLinearBackward {
             .iter()
             .map(Tensor::storage_and_layout)
             .collect();
-        let weights = self
-            .weights
-            .iter()
-            .zip(&guards)
-            .map(|(w, (guard, _))| riding_view::<T>(guard, w, "a weight"))
-            .collect::<Result<Vec<_>>>()?;
+        let weights = weight_views::<T>(&self.weights, &guards)?;
         let (b_guard, _) = self.b.storage_and_layout();
         let b = riding_view::<T>(&b_guard, &self.b, "B")?;
         let stream = device.cuda_stream();
@@ -485,20 +508,8 @@ impl LoraLinearBackward {
             // device's stream, alive for the calls.
             unsafe {
                 if factors {
-                    // h = x A^T again (cheaper than keeping it alive from the forward)
-                    gemm::<T>(
-                        &blas,
-                        Dims {
-                            m,
-                            n: stacked,
-                            k,
-                            out_stride: stacked,
-                        },
-                        x_rows,
-                        Operand::transposed(second_address, k),
-                        h_address,
-                        0.0,
-                    )?;
+                    // again: cheaper than keeping h alive from the forward
+                    project::<T>(&blas, sizes, x_address, second_address, h_address)?;
                 }
                 for (part, start, width) in sizes.starts() {
                     let dy_part = dy_rows.offset::<T>(start);
