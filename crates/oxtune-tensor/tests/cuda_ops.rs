@@ -32,6 +32,17 @@ fn compare(name: &str, cpu: &Tensor, gpu: &Tensor, dtype: DType) -> Result<()> {
     Ok(())
 }
 
+/// A tensor's values as the bits of their f32 conversion (exact for f32, bf16 and f16), for
+/// bit-for-bit comparisons.
+fn f32_bits(t: &Tensor) -> Result<Vec<u32>> {
+    Ok(t.to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .into_iter()
+        .map(f32::to_bits)
+        .collect())
+}
+
 #[test]
 fn ops_match_the_cpu() -> Result<()> {
     let gpu = oxtune_tensor::parse_device("cuda")?;
@@ -510,14 +521,6 @@ fn rms_norm_reads_head_views_as_their_copies() -> Result<()> {
     // or a row of 1), the kernels take the same path on the same values: output, dx and
     // dweight bit for bit equal to rms_norm of the contiguous copy.
     let gpu = oxtune_tensor::parse_device("cuda")?;
-    let bits = |t: &Tensor| -> Result<Vec<u32>> {
-        Ok(t.to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?
-            .into_iter()
-            .map(f32::to_bits)
-            .collect())
-    };
     for dtype in [DType::F32, DType::BF16, DType::F16] {
         for (b, t, all, from, heads, d, transposed) in HEAD_VIEWS {
             if d % 8 != 0 && d != 1 {
@@ -550,7 +553,7 @@ fn rms_norm_reads_head_views_as_their_copies() -> Result<()> {
                 let grads = (&out * &probe)?.sum_all()?.backward()?;
                 let dx = grads.get(full.as_tensor()).expect("dx");
                 let dweight = grads.get(weight.as_tensor()).expect("dweight");
-                Ok([bits(&out)?, bits(dx)?, bits(dweight)?])
+                Ok([f32_bits(&out)?, f32_bits(dx)?, f32_bits(dweight)?])
             };
             let (view, copy) = (run(false)?, run(true)?);
             for (k, what) in ["output", "dx", "dweight"].iter().enumerate() {
@@ -628,14 +631,6 @@ fn swiglu_packed_equals_swiglu_of_the_halves() -> Result<()> {
     // halves, bit for bit, and returns one contiguous (.., 2 * i) [dgate | dup] gradient; also
     // on a view starting at an odd element (every row unaligned: the scalar path).
     let gpu = oxtune_tensor::parse_device("cuda")?;
-    let bits = |t: &Tensor| -> Result<Vec<u32>> {
-        Ok(t.to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?
-            .into_iter()
-            .map(f32::to_bits)
-            .collect())
-    };
     // (rows, i, elements before the packed rows in their storage)
     for (rows, i, lead) in [(37, 64, 0), (5, 7, 0), (9, 24, 3), (2, 3072, 0)] {
         for dtype in [DType::F32, DType::BF16, DType::F16] {
@@ -662,11 +657,14 @@ fn swiglu_packed_equals_swiglu_of_the_halves() -> Result<()> {
             let dgate = grads.get(gate.as_tensor()).expect("dgate");
             let dup = grads.get(up.as_tensor()).expect("dup");
 
-            assert!(bits(&packed)? == bits(&halves)?, "{label}: forward differs");
+            assert!(
+                f32_bits(&packed)? == f32_bits(&halves)?,
+                "{label}: forward differs"
+            );
             let expected = Tensor::cat(&[dgate, dup], 1)?;
             let got = packed_grad.narrow(0, lead, rows * 2 * i)?;
             assert!(
-                bits(&got)? == bits(&expected)?,
+                f32_bits(&got)? == f32_bits(&expected)?,
                 "{label}: [dgate | dup] differs"
             );
 
@@ -674,7 +672,7 @@ fn swiglu_packed_equals_swiglu_of_the_halves() -> Result<()> {
             assert_eq!(direct.dims(), [rows, 2 * i], "{label}: gradient shape");
             assert!(direct.is_contiguous(), "{label}: gradient not contiguous");
             assert!(
-                bits(&direct)? == bits(&expected)?,
+                f32_bits(&direct)? == f32_bits(&expected)?,
                 "{label}: backward differs"
             );
             println!("{label}: output and gradient equal to swiglu of the halves");
@@ -750,14 +748,6 @@ fn rope_reads_strided_views_as_their_copies() -> Result<()> {
             let weights = randn(&[b, h, t, d], 1.0)?
                 .to_dtype(dtype)?
                 .to_device(&gpu)?;
-            let flat = |t: &Tensor| -> Result<Vec<u32>> {
-                Ok(t.to_dtype(DType::F32)?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?
-                    .into_iter()
-                    .map(f32::to_bits)
-                    .collect())
-            };
             // the same weights in (b, t, h, d) order, contiguous
             let weights_positions_first = weights.transpose(1, 2)?.contiguous()?;
             // 0: rope of the contiguous copy, 1: rope of the transposed view, 2: rope_to_heads,
@@ -789,7 +779,7 @@ fn rope_reads_strided_views_as_their_copies() -> Result<()> {
                     }
                 };
                 let grad = grads.get(full.as_tensor()).expect("x has a gradient");
-                Ok((flat(&out)?, flat(grad)?))
+                Ok((f32_bits(&out)?, f32_bits(grad)?))
             };
             let label = format!(
                 "rope of strided rows, b {b} t {t} h {h}+{extra} d {d} per-row tables {per_row} \
