@@ -1298,7 +1298,7 @@ impl CausalLm {
         } else {
             None
         };
-        let mut summed: Option<(Tensor, GradStore)> = None;
+        let mut summed = ChunkSum::default();
         for start in (0..rows).step_by(chunk) {
             let end = (start + chunk).min(rows);
             let rows_in = flat.narrow(0, start, end - start)?;
@@ -1310,18 +1310,9 @@ impl CausalLm {
             if let Some(sum) = grad_weight.take() {
                 grad_weight = Some(ops::add_transposed_product(sum, &grad, &rows_in)?);
             }
-            let value = value.detach();
-            summed = Some(match summed {
-                Some((total, mut grads)) => {
-                    grads.extend(chunk_grads)?;
-                    ((total + value)?, grads)
-                }
-                None => (value, chunk_grads),
-            });
+            summed.add(&value, chunk_grads)?;
         }
-        let (total, mut grads) = summed.ok_or_else(|| {
-            oxtune_tensor::candle::Error::Msg("a training batch without tokens".into())
-        })?;
+        let (total, mut grads) = summed.finish()?;
         if let Some(sum) = grad_weight {
             // The chunks' logits were leaves, so no other gradient of the weight exists yet.
             grads.insert(weight, sum.to_dtype(weight.dtype())?);
@@ -1338,24 +1329,15 @@ impl CausalLm {
     ) -> Result<(Tensor, GradStore, Tensor)> {
         let rows = flat.dim(0)?;
         let flat = Var::from_tensor(flat)?;
-        let mut summed: Option<(Tensor, GradStore)> = None;
+        let mut summed = ChunkSum::default();
         for start in (0..rows).step_by(chunk) {
             let end = (start + chunk).min(rows);
             let logits = self.lm_head(&flat.as_tensor().narrow(0, start, end - start)?)?;
             let value = loss(&logits, start..end)?;
             let chunk_grads = value.backward()?;
-            let value = value.detach();
-            summed = Some(match summed {
-                Some((total, mut grads)) => {
-                    grads.extend(chunk_grads)?;
-                    ((total + value)?, grads)
-                }
-                None => (value, chunk_grads),
-            });
+            summed.add(&value, chunk_grads)?;
         }
-        let (total, mut grads) = summed.ok_or_else(|| {
-            oxtune_tensor::candle::Error::Msg("a training batch without tokens".into())
-        })?;
+        let (total, mut grads) = summed.finish()?;
         let grad_flat = take_grad(&mut grads, flat.as_tensor())?;
         Ok((total, grads, grad_flat))
     }
@@ -1520,6 +1502,30 @@ impl CausalLm {
         let t = hidden.dim(1)?;
         let last = hidden.narrow(1, t - 1, 1)?.squeeze(1)?;
         Ok(self.lm_head(&last)?.to_dtype(DType::F32)?)
+    }
+}
+
+/// The loss summed over a batch's chunks, and the gradients their backward passes left.
+#[derive(Default)]
+struct ChunkSum(Option<(Tensor, GradStore)>);
+
+impl ChunkSum {
+    fn add(&mut self, value: &Tensor, grads: GradStore) -> Result<()> {
+        let value = value.detach();
+        self.0 = Some(match self.0.take() {
+            Some((total, mut sum)) => {
+                sum.extend(grads)?;
+                ((total + value)?, sum)
+            }
+            None => (value, grads),
+        });
+        Ok(())
+    }
+
+    fn finish(self) -> Result<(Tensor, GradStore)> {
+        self.0.ok_or_else(|| {
+            oxtune_tensor::candle::Error::Msg("a training batch without tokens".into()).into()
+        })
     }
 }
 
