@@ -548,8 +548,8 @@ pub fn lora_linear(xs: &Tensor, weights: &[&Tensor], a: &Tensor, b: &Tensor) -> 
     lora_linear_reference(xs, weights, a, b)
 }
 
-/// The composition [`lora_linear`] stands for: per projection the base product plus
-/// `(xs A_i^T) B_i^T`, each a candle matmul, then a concatenation (none for one projection).
+/// The composition [`lora_linear`] stands for: h = xs A^T (every projection's r columns at
+/// once), then [`lora_linear_projected_reference`].
 pub fn lora_linear_reference(
     xs: &Tensor,
     weights: &[&Tensor],
@@ -575,23 +575,7 @@ pub fn lora_linear_reference(
             b.dims()
         );
     }
-    let rank = stacked / parts;
-    let mut start = 0;
-    let mut outputs = Vec::with_capacity(parts);
-    for (part, (&weight, &width)) in weights.iter().zip(&widths).enumerate() {
-        let a_i = a.narrow(0, part * rank, rank)?;
-        let b_i = b.narrow(0, start, width)?;
-        let base = xs.broadcast_matmul(&weight.t()?)?;
-        let update = xs
-            .broadcast_matmul(&a_i.t()?)?
-            .broadcast_matmul(&b_i.t()?)?;
-        outputs.push((base + update)?);
-        start += width;
-    }
-    match outputs.as_slice() {
-        [one] => Ok(one.clone()),
-        _ => Tensor::cat(&outputs, D::Minus1),
-    }
+    lora_linear_projected_reference(xs, weights, &xs.broadcast_matmul(&a.t()?)?, b)
 }
 
 /// [`lora_linear`] whose updates read the projected input `h` (.., P r): `xs W_i^T + h_i
