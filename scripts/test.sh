@@ -28,4 +28,5 @@ venv="${OXTUNE_TEST_VENV:-$HOME/.cache/oxtune-deploy-venv}"
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 "$venv/bin/pip" install --quiet -r tests/python/requirements.txt
 cargo build -p oxtune --quiet
+"$venv/bin/python" -m pytest -q tools/bench  # the benchmark tools' own tests (no GPU)
 OXTUNE_BIN="$PWD/target/debug/oxtune" "$venv/bin/python" -m pytest -q tests/python
