@@ -175,11 +175,11 @@ impl Linear {
     /// The adapted output when an adapter is attached, else the base output.
     /// (.., in) -> (.., out)
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        if let Some(ys) = Self::forward_low_rank(&[self], xs)? {
-            return Ok(ys);
-        }
         match &self.adapter {
-            Some(adapter) => adapter.forward(xs, self),
+            Some(adapter) => match Self::forward_low_rank(&[self], xs)? {
+                Some(ys) => Ok(ys),
+                None => adapter.forward(xs, self),
+            },
             None => self.base_forward(xs),
         }
     }
@@ -193,17 +193,17 @@ impl Linear {
         if linears.len() > 1 && linears.iter().any(|linear| linear.bias.is_some()) {
             return Ok(None);
         }
+        let mut adapters = Vec::with_capacity(linears.len());
         let mut updates = Vec::with_capacity(linears.len());
-        let mut inputs = Vec::with_capacity(linears.len());
         for linear in linears {
             let Some(adapter) = &linear.adapter else {
                 return Ok(None);
             };
-            match adapter.low_rank(xs.dtype())? {
-                Some(update) => updates.push(update),
-                None => return Ok(None),
-            }
-            inputs.push(adapter.low_rank_input(xs)?);
+            let Some(update) = adapter.low_rank(xs.dtype())? else {
+                return Ok(None);
+            };
+            adapters.push(adapter);
+            updates.push(update);
         }
         if updates
             .windows(2)
@@ -211,6 +211,11 @@ impl Linear {
         {
             return Ok(None);
         }
+        // Only now that the layers run as one op: the dropped inputs (dropout while training).
+        let inputs = adapters
+            .iter()
+            .map(|adapter| adapter.low_rank_input(xs))
+            .collect::<Result<Vec<_>>>()?;
         let stack = |parts: Vec<&Tensor>, dim: usize| -> Result<Tensor> {
             match parts.as_slice() {
                 [one] => Ok((*one).clone()),
